@@ -1,0 +1,133 @@
+"""Byte-level header work on a raw RFC 5322 message: find, read, remove and add header fields
+without re-serializing anything else (the body and every other header stay byte-identical).
+
+Pure functions, bytes in and bytes out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email.header import decode_header, make_header
+from email.utils import getaddresses
+
+_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+
+
+def normalize_crlf(raw: bytes) -> bytes:
+    """Bare CR or LF become CRLF (the upstream would do the same); CRLF stays."""
+    if b"\r" not in raw.replace(b"\r\n", b"") and b"\n" not in raw.replace(b"\r\n", b""):
+        return raw
+    return _LINE_ENDS.sub(b"\r\n", raw)
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str  # lower-cased
+    start: int  # offset of the field's first byte
+    end: int  # offset just past its final CRLF
+    raw: bytes  # the whole field, folded lines and final CRLF included
+
+    @property
+    def value(self) -> str:
+        """Unfolded value, 8-bit bytes kept as surrogates, RFC 2047 words left encoded."""
+        _, _, value = self.raw.partition(b":")
+        text = value.decode("utf-8", "surrogateescape")
+        return re.sub(r"\r\n(?=[ \t])", "", text).strip()
+
+
+def header_end(raw: bytes) -> int:
+    """Offset where the body starts (just past the blank line), or len(raw) with no body."""
+    if raw.startswith(b"\r\n"):
+        return 2
+    i = raw.find(b"\r\n\r\n")
+    return len(raw) if i < 0 else i + 4
+
+
+def fields(raw: bytes) -> list[Field]:
+    """The header fields in order. A line that is neither a field nor a continuation is kept
+    as a nameless field so that nothing is lost when fields are removed around it."""
+    end = header_end(raw)
+    head = raw[:end]
+    out: list[Field] = []
+    pos = 0
+    n = len(head)
+    while pos < n:
+        nl = head.find(b"\r\n", pos)
+        line_end = n if nl < 0 else nl + 2
+        if head[pos:line_end] == b"\r\n":
+            break
+        start = pos
+        pos = line_end
+        while pos < n and head[pos:pos + 1] in (b" ", b"\t"):
+            nl = head.find(b"\r\n", pos)
+            pos = n if nl < 0 else nl + 2
+        chunk = head[start:pos]
+        colon = chunk.find(b":")
+        name = chunk[:colon].strip().lower().decode("latin-1") if colon > 0 else ""
+        if name and not re.fullmatch(r"[!-9;-~]+", name):
+            name = ""
+        out.append(Field(name, start, pos, chunk))
+    return out
+
+
+def get(raw_or_fields: bytes | list[Field], name: str) -> str | None:
+    fs = fields(raw_or_fields) if isinstance(raw_or_fields, bytes) else raw_or_fields
+    name = name.lower()
+    for f in fs:
+        if f.name == name:
+            return f.value
+    return None
+
+
+def count(fs: list[Field], name: str) -> int:
+    return sum(1 for f in fs if f.name == name.lower())
+
+
+def remove(raw: bytes, names: set[str]) -> bytes:
+    """Remove every field with one of these (lower-case) names; all else byte-identical."""
+    fs = fields(raw)
+    doomed = [f for f in fs if f.name in names]
+    if not doomed:
+        return raw
+    parts = []
+    pos = 0
+    for f in doomed:
+        parts.append(raw[pos:f.start])
+        pos = f.end
+    parts.append(raw[pos:])
+    return b"".join(parts)
+
+
+def prepend(raw: bytes, *header_lines: bytes) -> bytes:
+    """Add fields at the top (each given without its CRLF)."""
+    return b"".join(line + b"\r\n" for line in header_lines) + raw
+
+
+def insert_after_head(raw: bytes, *header_lines: bytes) -> bytes:
+    """Add fields at the end of the header block."""
+    end = header_end(raw)
+    if end == len(raw) and not raw.endswith(b"\r\n\r\n"):
+        # No body separator: the message is all header (or malformed). Add ours and a separator.
+        sep = b"" if raw.endswith(b"\r\n") or not raw else b"\r\n"
+        return raw + sep + b"".join(line + b"\r\n" for line in header_lines)
+    body_sep = end - 2
+    return raw[:body_sep] + b"".join(line + b"\r\n" for line in header_lines) + raw[body_sep:]
+
+
+def decoded(value: str | None) -> str:
+    """Human text of a header value: RFC 2047 decoded, never raising."""
+    if not value:
+        return ""
+    try:
+        return str(make_header(decode_header(value)))
+    except Exception:  # malformed encoded words: show what came
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def addresses(value: str | None) -> list[str]:
+    """The addr-specs of an address header, lower-cased; unparsable entries are dropped."""
+    if not value:
+        return []
+    text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return [addr.lower() for _, addr in getaddresses([text]) if "@" in addr]

@@ -1,0 +1,322 @@
+"""The submission listener: a thin aiosmtpd edge that authenticates, refuses what is wrong, decides
+per recipient, spools durably and only then answers 250.
+
+aiosmtpd's own replies that lack an enhanced status code, or that would carry exception text, are
+rewritten on their way out (``relay.replies.rewrite``); every 421 closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import secrets
+import ssl
+import time
+import weakref
+from collections import deque
+from email.utils import formatdate
+from typing import Callable
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from relay import message as m
+from relay import replies
+from relay.policy import MessageFacts, decide
+from storage.spool import Batcher, SpoolEntry, SpoolRecipient
+from trackrelay.config import Config
+from trackrelay.passwords import verify_password
+
+log = logging.getLogger("trackrelay.relay")
+
+#: Removed before delivery (SPEC §3): they steer us, not the recipient.
+CONTROL_HEADERS = {"x-track", "x-log", "x-log-associate"}
+MAX_RECEIVED = 100
+LOCKOUT_WINDOW = 600.0
+
+
+class _QuietAiosmtpd(logging.Filter):
+    """aiosmtpd logs every envelope address at INFO and the TLS warning per connection."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and "login_data is deprecated" not in record.getMessage()
+
+
+logging.getLogger("mail.log").addFilter(_QuietAiosmtpd())
+
+
+class Authenticator:
+    """AUTH PLAIN/LOGIN against the configured users, with a lockout per (address, user name)."""
+
+    def __init__(self, config: Config):
+        self._config = config
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+        self._locked_until: dict[tuple[str, str], float] = {}
+        self._verified: set[bytes] = set()  # digests of (user, password, hash) that verified
+
+    def locked(self, ip: str, name: str) -> bool:
+        until = self._locked_until.get((ip, name.lower()))
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            del self._locked_until[(ip, name.lower())]
+            self._failures.pop((ip, name.lower()), None)
+            return False
+        return True
+
+    def __call__(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
+                 auth_data: object) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        name = auth_data.login.decode("utf-8", "replace")
+        password = auth_data.password.decode("utf-8", "replace")
+        ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        if self.locked(ip, name):
+            return AuthResult(success=False, handled=False, message=replies.AUTH_LOCKED)
+        user = self._config.user(name)
+        if user is not None and self._check(name, password, user.password_hash):
+            self._failures.pop((ip, name.lower()), None)
+            return AuthResult(success=True, auth_data=user.name)
+        key = (ip, name.lower())
+        now = time.monotonic()
+        window = self._failures.setdefault(key, deque())
+        window.append(now)
+        while window and now - window[0] > LOCKOUT_WINDOW:
+            window.popleft()
+        if len(window) >= self._config.relay.auth_max_failures > 0:
+            self._locked_until[key] = now + LOCKOUT_WINDOW
+            log.warning("AUTH lockout for a user name from %s after %d failures", ip, len(window))
+            return AuthResult(success=False, handled=False, message=replies.AUTH_LOCKED)
+        return AuthResult(success=False, handled=False)
+
+    def _check(self, name: str, password: str, stored: str) -> bool:
+        # scrypt costs tens of milliseconds on the event loop: remember what verified before.
+        digest = hashlib.sha256("\0".join((name, password, stored)).encode("utf-8", "surrogatepass")).digest()
+        if digest in self._verified:
+            return True
+        if verify_password(password, stored):
+            self._verified.add(digest)
+            return True
+        return False
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with our replies, route checks on the raw command line, and 421 = close."""
+
+    def __init__(self, *args, plaintext_auth: bool = False, **kwargs):
+        super().__init__(*args, auth_require_tls=True, **kwargs)
+        # The configuration check has already decided whether AUTH without TLS is allowed here
+        # (loopback, or relay.allow_plaintext_auth); aiosmtpd would warn on every connection.
+        self._auth_require_tls = not plaintext_auth
+
+    async def push(self, status):  # type: ignore[override]
+        if isinstance(status, str):
+            status = replies.rewrite(status)
+        await super().push(status)
+        if isinstance(status, str) and status.startswith("421") and self.transport is not None:
+            self.transport.close()
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        if arg and _UNSAFE.search(arg):
+            await self.push(replies.BAD_SENDER_ADDRESS)
+            return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        if arg and self.session is not None and self.session.authenticated:
+            if _UNSAFE.search(arg):
+                await self.push(replies.BAD_ADDRESS)
+                return
+            if _SOURCE_ROUTE.search(arg):
+                await self.push(replies.RELAY_TRICK)
+                return
+        await super().smtp_RCPT(arg)
+
+
+_UNSAFE = re.compile(r"[\r\n\x00]")
+_SOURCE_ROUTE = re.compile(r"TO:\s*<\s*@", re.IGNORECASE)
+_DOMAIN = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+                     r"|^\[[0-9a-f:.]+\]$", re.IGNORECASE)
+
+
+def recipient_problem(address: str) -> str | None:
+    """Why an envelope recipient is refused, or None. Relay tricks get 5.7.1."""
+    if _UNSAFE.search(address) or address.count('"') % 2:
+        return replies.BAD_ADDRESS
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return replies.BAD_ADDRESS
+    if "@" in local or "%" in local or "!" in local or ":" in local.split('"')[0]:
+        return replies.RELAY_TRICK
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii") if not domain.isascii() else domain
+    except UnicodeError:
+        return replies.BAD_ADDRESS
+    if not _DOMAIN.match(ascii_domain):
+        return replies.BAD_ADDRESS
+    return None
+
+
+class SubmissionHandler:
+    """aiosmtpd handler hooks for the submission listener."""
+
+    def __init__(self, config: Config, spool: Batcher[SpoolEntry, int],
+                 on_accepted: Callable[[], None] | None = None):
+        self.config = config
+        self.spool = spool
+        self.on_accepted = on_accepted or (lambda: None)
+        self.accepted = 0
+        self.sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+
+    def close_sessions(self) -> None:
+        """At shutdown, after the spool has drained: hang up on idle clients."""
+        for proto in list(self.sessions):
+            if proto.transport is not None:
+                proto.transport.close()
+
+    def _user(self, session: Session):
+        name = session.auth_data if isinstance(session.auth_data, str) else None
+        return self.config.user(name) if name else None
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        user = self._user(session)
+        if user is None:
+            return replies.AUTH_REQUIRED
+        if address.lower() not in (a.lower() for a in user.addresses):
+            return replies.SENDER_NOT_OWNED
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.OK_SENDER
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        problem = recipient_problem(address)
+        if problem:
+            return problem
+        if len(envelope.rcpt_tos) >= self.config.relay.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return replies.OK_RECIPIENT
+
+    async def handle_DATA(self, server, session, envelope):
+        user = self._user(session)
+        if user is None:
+            return replies.AUTH_REQUIRED
+        raw = m.normalize_crlf(envelope.original_content or b"")
+        fs = m.fields(raw)
+        if m.count(fs, "received") >= MAX_RECEIVED:
+            return replies.LOOP
+        owned = {a.lower() for a in user.addresses}
+        for name in ("from", "sender"):
+            for f in fs:
+                if f.name == name and any(a not in owned for a in m.addresses(f.value)):
+                    return replies.FROM_NOT_OWNED
+        bcc = self.config.log_bcc_address
+        rcpts = [r for r in envelope.rcpt_tos if r.lower() != bcc]
+        log_bcc = len(rcpts) != len(envelope.rcpt_tos)
+        facts = MessageFacts(
+            user_addresses=self.config.user_addresses,
+            internal_domains=self.config.internal_domains,
+            x_track=m.get(fs, "x-track"),
+            x_log=m.get(fs, "x-log"),
+            log_bcc=log_bcc,
+        )
+        log_associate = m.get(fs, "x-log-associate")
+        spooled = m.remove(raw, CONTROL_HEADERS)
+        message_id = m.get(fs, "message-id")
+        if not message_id:
+            message_id = f"<{secrets.token_hex(16)}@{self.config.relay.hostname}>"
+            spooled = m.insert_after_head(spooled, f"Message-ID: {message_id}".encode())
+        spooled = m.prepend(spooled, self._received(server, session))
+        decisions = [decide(self.config, facts, r) for r in rcpts]
+        entry = SpoolEntry(
+            message_id=message_id[:998], user=user.name, mail_from=envelope.mail_from or "",
+            raw=spooled,
+            recipients=[SpoolRecipient(d.address, d.token, d.track_opens, d.track_clicks, d.log,
+                                       d.reasons) for d in decisions],
+            from_header=m.decoded(m.get(fs, "from"))[:2000],
+            subject=m.decoded(m.get(fs, "subject"))[:2000],
+            client_ip=session.peer[0] if isinstance(session.peer, tuple) else None,
+            log=any(d.log for d in decisions) or (log_bcc and not rcpts),
+            log_associate=log_associate,
+        )
+        try:
+            pk = await self.spool.submit(entry)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("spool commit failed, answered 451: %s", type(exc).__name__)
+            return replies.TEMP_FAILURE
+        self.accepted += 1
+        self.on_accepted()
+        return replies.OK_QUEUED.format(id=pk)
+
+    def _received(self, server: SMTP, session: Session) -> bytes:
+        helo = re.sub(r"[^\w.\-\[\]:]", "?", session.host_name or "unknown")[:100]
+        ip = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
+        proto = "ESMTPSA" if getattr(server, "_tls_protocol", None) else "ESMTPA"
+        return (f"Received: from {helo} ([{ip}])\r\n\tby {self.config.relay.hostname} (trackrelay) "
+                f"with {proto};\r\n\t{formatdate(localtime=False, usegmt=True)}").encode()
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("SMTP session error: %s", type(error).__name__, exc_info=(type(error), error, None))
+        return replies.TEMP_FAILURE
+
+
+CALL_LIMITS = {"*": 50, "MAIL": 1000, "RCPT": 100000, "DATA": 1000, "RSET": 1000, "NOOP": 200,
+               "AUTH": 20, "EHLO": 20, "HELO": 20, "STARTTLS": 3}
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    if not config.relay.tls_cert_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(config.relay.tls_cert_file, config.relay.tls_key_file)
+    return ctx
+
+
+class SizeLimit:
+    """relay.max_message_bytes, lowered to the upstream's advertised SIZE once known."""
+
+    def __init__(self, configured: int):
+        self.value = configured
+
+    def lower_to(self, advertised: int | None) -> None:
+        if advertised and advertised < self.value:
+            self.value = advertised
+
+
+def protocol_factory(config: Config, handler: SubmissionHandler, authenticator: Authenticator,
+                     size: SizeLimit) -> Callable[[], RelaySMTP]:
+    ctx = tls_context(config)
+
+    def factory() -> RelaySMTP:
+        proto = RelaySMTP(
+            handler,
+            hostname=config.relay.hostname,
+            ident="trackrelay",
+            decode_data=False,
+            data_size_limit=size.value,
+            enable_SMTPUTF8=True,
+            tls_context=ctx,
+            require_starttls=ctx is not None,
+            timeout=300,
+            auth_required=True,
+            plaintext_auth=ctx is None,
+            authenticator=authenticator,
+            command_call_limit=CALL_LIMITS,
+        )
+        handler.sessions.add(proto)
+        return proto
+
+    return factory
+
+
+async def start_submission(config: Config, handler: SubmissionHandler, authenticator: Authenticator,
+                           size: SizeLimit) -> asyncio.base_events.Server:
+    from trackrelay.config import parse_hostport
+    host, port = parse_hostport(config.relay.listen)
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(protocol_factory(config, handler, authenticator, size), host, port)
+

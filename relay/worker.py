@@ -1,0 +1,247 @@
+"""The delivery worker: claim → render → deliver → record, one copy per recipient.
+
+Lanes (one per upstream connection) claim small batches under a lease and deliver them one by
+one over their pooled connection; outcomes go to a group-commit writer so a commit serves every
+lane. A separate loop writes DSNs for bounced copies and purges old spooled bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from datetime import timedelta
+from typing import Callable, Protocol
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from relay import dsn
+from storage import queue as q
+from storage.models import Message, utcnow
+from storage.spool import Batcher, SpoolEntry, SpoolRecipient, add_entries
+from trackrelay.config import Config
+
+log = logging.getLogger("trackrelay.worker")
+
+CLAIM_BATCH = 8
+IDLE_POLL_SECONDS = 1.0
+MAINTENANCE_SECONDS = 30.0
+
+
+class Upstream(Protocol):
+    async def send(self, mail_from: str, rcpt: str, data: bytes): ...
+    async def close(self) -> None: ...
+
+
+#: (spooled bytes, message, claimed copy) -> (bytes to deliver, note on instrumentation or None)
+Renderer = Callable[[bytes, Message, q.Claimed], tuple[bytes, str | None]]
+
+
+def plain_renderer(raw: bytes, message: Message, copy: q.Claimed) -> tuple[bytes, str | None]:
+    return raw, None
+
+
+def backoff(config: Config, attempts_before: int) -> float:
+    delay = config.queue.retry_initial_seconds * (2 ** min(attempts_before, 30))
+    return min(delay, config.queue.retry_max_seconds)
+
+
+class DeliveryWorker:
+    def __init__(self, config: Config, sessionmaker: async_sessionmaker, upstream: Upstream,
+                 render: Renderer = plain_renderer, owner: str | None = None):
+        self.config = config
+        self.sessionmaker = sessionmaker
+        self.upstream = upstream
+        self.render = render
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._wake = asyncio.Event()
+        self._dsn_wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task] = []
+        self._recorder: Batcher[q.Outcome, None] = Batcher(self._record, name="outcome-writer")
+        self.delivered = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._recorder.start()
+        lanes = getattr(self.upstream, "_cfg", None)
+        n = lanes.max_connections if lanes is not None else self.config.upstream.max_connections
+        self._tasks = [asyncio.create_task(self._lane(i), name=f"delivery-lane-{i}") for i in range(n)]
+        self._tasks.append(asyncio.create_task(self._maintenance(), name="delivery-maintenance"))
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Finish the copies in hand (up to ``grace`` seconds), then stop."""
+        self._stopping = True
+        self._wake.set()
+        self._dsn_wake.set()
+        lanes = self._tasks[:-1]
+        if lanes:
+            done, pending = await asyncio.wait(lanes, timeout=grace)
+            for t in pending:
+                t.cancel()
+        if self._tasks:
+            self._tasks[-1].cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._recorder.stop()
+        await self.upstream.close()
+
+    # -- the lanes ---------------------------------------------------------------------------
+
+    async def _lane(self, index: int) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                claimed = await self._claim()
+            except Exception as exc:
+                log.error("claim failed: %s", type(exc).__name__)
+                claimed = []
+                await asyncio.sleep(IDLE_POLL_SECONDS)
+            if not claimed:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            await self._deliver_batch(claimed)
+
+    async def _claim(self) -> list[q.Claimed]:
+        async with self.sessionmaker() as session:
+            async with session.begin():
+                return await q.claim(session, self.owner, utcnow(), self.config.queue.lease_seconds,
+                                     CLAIM_BATCH)
+
+    async def _deliver_batch(self, claimed: list[q.Claimed]) -> None:
+        async with self.sessionmaker() as session:
+            messages = await q.load_messages(session, {c.message_pk for c in claimed})
+        unsettled = {c.id for c in claimed}
+        renewer = asyncio.create_task(self._renew(unsettled))
+        pending: list[asyncio.Future] = []
+        try:
+            for c in claimed:
+                outcome = await self._deliver_one(c, messages.get(c.message_pk))
+                unsettled.discard(c.id)
+                pending.append(asyncio.ensure_future(self._recorder.submit(outcome)))
+                if outcome.status == "bounced" and outcome.dsn_wanted:
+                    self._dsn_wake.set()
+        finally:
+            renewer.cancel()
+            results = await asyncio.gather(*pending, return_exceptions=True)
+            for r in results:
+                if isinstance(r, Exception):
+                    # The copy stays claimed; once its lease lapses it is delivered again
+                    # (at least once) and the reclaim is counted.
+                    log.error("recording a delivery outcome failed: %s", type(r).__name__)
+
+    async def _renew(self, ids: set[int]) -> None:
+        period = max(1.0, self.config.queue.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(period)
+            until = utcnow() + timedelta(seconds=self.config.queue.lease_seconds)
+            try:
+                async with self.sessionmaker() as session:
+                    async with session.begin():
+                        await q.renew(session, self.owner, sorted(ids), until)
+            except Exception as exc:
+                log.warning("lease renewal failed: %s", type(exc).__name__)
+
+    async def _deliver_one(self, c: q.Claimed, msg: Message | None) -> q.Outcome:
+        now = utcnow()
+        if msg is None or msg.raw is None:
+            return q.Outcome(c.id, c.message_pk, msg.user if msg else None, "bounced",
+                             "554 5.3.0 Spooled message is missing", dsn_wanted=False)
+        wants_dsn = msg.kind == "mail" and bool(msg.mail_from)
+        expiry = msg.accepted_at + timedelta(hours=self.config.queue.max_age_hours)
+        if now >= expiry:
+            return q.Outcome(c.id, c.message_pk, msg.user, "bounced",
+                             "4.4.7 Message expired in queue" + _last(c), dsn_wanted=wants_dsn)
+        try:
+            data, note = self.render(msg.raw, msg, c)
+        except Exception as exc:  # fail open: deliver as it came
+            data, note = msg.raw, f"render failed: {type(exc).__name__}"
+        result = await self.upstream.send(msg.mail_from, c.address, data)
+        if result.status == "sent":
+            self.delivered += 1
+            return q.Outcome(c.id, c.message_pk, msg.user, "sent", result.reply, render_note=note)
+        if result.status == "bounced":
+            return q.Outcome(c.id, c.message_pk, msg.user, "bounced", result.reply,
+                             dsn_wanted=wants_dsn, render_note=note)
+        retry_at = now + timedelta(seconds=backoff(self.config, c.attempts))
+        if retry_at >= expiry:
+            return q.Outcome(c.id, c.message_pk, msg.user, "bounced",
+                             f"4.4.7 Message expired in queue; last reply: {result.reply}",
+                             dsn_wanted=wants_dsn, render_note=note)
+        return q.Outcome(c.id, c.message_pk, msg.user, "deferred", result.reply,
+                         next_attempt_at=retry_at, render_note=note)
+
+    async def _record(self, outcomes: list[q.Outcome]) -> list[None]:
+        async with self.sessionmaker() as session:
+            async with session.begin():
+                await q.record(session, outcomes, utcnow())
+        return [None] * len(outcomes)
+
+    # -- DSNs and purge ----------------------------------------------------------------------
+
+    async def _maintenance(self) -> None:
+        last_purge = 0.0
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            try:
+                if await self.write_dsns():
+                    self.wake()
+                if loop.time() - last_purge > 3600:
+                    await self.purge()
+                    last_purge = loop.time()
+            except Exception as exc:
+                log.error("maintenance failed: %s", type(exc).__name__)
+            self._dsn_wake.clear()
+            try:
+                await asyncio.wait_for(self._dsn_wake.wait(), MAINTENANCE_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+
+    async def write_dsns(self) -> int:
+        """Queue one DSN per message for its bounced copies; returns how many were written."""
+        written = 0
+        async with self.sessionmaker() as session:
+            async with session.begin():
+                pending = await q.pending_dsns(session)
+                if not pending:
+                    return 0
+                messages = await q.load_messages(session, set(pending))
+                for pk, copies in pending.items():
+                    orig = messages[pk]
+                    failed = [dsn.Failed(r.address, r.last_reply or "") for r in copies]
+                    raw = dsn.build(hostname=self.config.relay.hostname,
+                                    dsn_from=self.config.queue.dsn_from, to=orig.mail_from,
+                                    original=orig.raw, message_id=orig.message_id,
+                                    arrival=orig.accepted_at, failed=failed)
+                    await add_entries(session, [SpoolEntry(
+                        kind="dsn", message_id=_message_id(raw), user=orig.user,
+                        mail_from=self.config.queue.dsn_from, raw=raw,
+                        recipients=[SpoolRecipient(orig.mail_from, None, False, False, False, ["dsn"])],
+                        subject="Undelivered Mail Returned to Sender")])
+                    await q.mark_dsn(session, [r.id for r in copies], "sent")
+                    written += 1
+        return written
+
+    async def purge(self) -> int:
+        cutoff = utcnow() - timedelta(days=self.config.queue.keep_delivered_days)
+        async with self.sessionmaker() as session:
+            async with session.begin():
+                return await q.purge_delivered(session, cutoff)
+
+
+def _last(c: q.Claimed) -> str:
+    return f" after {c.attempts} attempts" if c.attempts else ""
+
+
+def _message_id(raw: bytes) -> str:
+    from relay.message import get
+    return get(raw, "message-id") or ""
+

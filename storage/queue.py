@@ -1,0 +1,193 @@
+"""The delivery queue: claiming copies under a lease, recording outcomes, DSN bookkeeping, purge.
+
+A copy is claimed with one ``UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING``;
+no lock is held while the worker talks SMTP. A claim that finds an earlier claim never settled
+(status still ``sending`` with a lapsed lease) counts a *reclaim*: the earlier worker may have
+delivered it before it died, so each reclaim is a possible duplicate delivery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import undefer
+
+from storage.models import Event, Message, Recipient, utcnow
+
+ACTIVE = ("queued", "deferred", "sending")
+FINAL = ("sent", "bounced")
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    message_pk: int
+    address: str
+    token: str | None
+    track_opens: bool
+    track_clicks: bool
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    recipient_id: int
+    message_pk: int
+    user: str | None
+    status: str  # sent | deferred | bounced
+    reply: str
+    next_attempt_at: datetime | None = None
+    dsn_wanted: bool = False
+    render_note: str | None = None
+
+
+async def claim(session: AsyncSession, owner: str, now: datetime, lease_seconds: float,
+                limit: int) -> list[Claimed]:
+    lapsed = or_(Recipient.lease_until.is_(None), Recipient.lease_until < now)
+    due = (select(Recipient.id)
+           .where(Recipient.status.in_(ACTIVE), Recipient.next_attempt_at <= now, lapsed)
+           .order_by(Recipient.next_attempt_at, Recipient.id)
+           .limit(limit)
+           .with_for_update(skip_locked=True)
+           .scalar_subquery())
+    stmt = (update(Recipient)
+            .where(Recipient.id.in_(due), Recipient.status.in_(ACTIVE), lapsed)
+            .values(status="sending", lease_owner=owner,
+                    lease_until=now + timedelta(seconds=lease_seconds),
+                    reclaims=Recipient.reclaims + case((Recipient.status == "sending", 1), else_=0))
+            .returning(Recipient.id, Recipient.message_pk, Recipient.address, Recipient.token,
+                       Recipient.track_opens, Recipient.track_clicks, Recipient.attempts)
+            .execution_options(synchronize_session=False))
+    rows = (await session.execute(stmt)).all()
+    return sorted((Claimed(*row) for row in rows), key=lambda c: (c.message_pk, c.id))
+
+
+async def renew(session: AsyncSession, owner: str, ids: list[int], until: datetime) -> None:
+    if ids:
+        await session.execute(update(Recipient)
+                              .where(Recipient.id.in_(ids), Recipient.lease_owner == owner,
+                                     Recipient.status == "sending")
+                              .values(lease_until=until)
+                              .execution_options(synchronize_session=False))
+
+
+async def load_messages(session: AsyncSession, pks: set[int]) -> dict[int, Message]:
+    rows = (await session.execute(
+        select(Message).where(Message.id.in_(pks)).options(undefer(Message.raw)))).scalars().all()
+    return {m.id: m for m in rows}
+
+
+async def record(session: AsyncSession, outcomes: list[Outcome], now: datetime) -> None:
+    """Settle delivered, deferred and bounced copies and write their events."""
+    touched: set[int] = set()
+    for o in outcomes:
+        values: dict = {"status": o.status, "last_reply": o.reply[:2000], "lease_owner": None,
+                        "lease_until": None, "attempts": Recipient.attempts + 1}
+        if o.render_note is not None:
+            values["render_note"] = o.render_note
+        if o.status == "sent":
+            values["sent_at"] = now
+        elif o.status == "deferred":
+            values["next_attempt_at"] = o.next_attempt_at or now
+        elif o.status == "bounced":
+            values["dsn"] = "pending" if o.dsn_wanted else "suppressed"
+        await session.execute(update(Recipient).where(Recipient.id == o.recipient_id).values(**values)
+                              .execution_options(synchronize_session=False))
+        session.add(Event(type=o.status, at=now, message_pk=o.message_pk, recipient_pk=o.recipient_id,
+                          user=o.user, reason=o.reply[:500], first=False, inferred=False))
+        if o.status in FINAL:
+            touched.add(o.message_pk)
+    if touched:
+        open_left = (select(Recipient.id)
+                     .where(Recipient.message_pk == Message.id, Recipient.status.in_(ACTIVE))
+                     .exists())
+        await session.execute(update(Message)
+                              .where(Message.id.in_(touched), Message.done_at.is_(None), ~open_left)
+                              .values(done_at=now)
+                              .execution_options(synchronize_session=False))
+
+
+async def pending_dsns(session: AsyncSession, limit: int = 50) -> dict[int, list[Recipient]]:
+    """Bounced copies whose DSN is still to be written, grouped by message."""
+    rows = (await session.execute(
+        select(Recipient).where(Recipient.dsn == "pending").order_by(Recipient.message_pk)
+        .limit(limit).with_for_update(skip_locked=True))).scalars().all()
+    out: dict[int, list[Recipient]] = {}
+    for r in rows:
+        out.setdefault(r.message_pk, []).append(r)
+    return out
+
+
+async def mark_dsn(session: AsyncSession, recipient_ids: list[int], state: str) -> None:
+    await session.execute(update(Recipient).where(Recipient.id.in_(recipient_ids)).values(dsn=state)
+                          .execution_options(synchronize_session=False))
+
+
+async def next_due(session: AsyncSession) -> datetime | None:
+    """When the earliest waiting copy becomes due (or its lease lapses)."""
+    t1 = (await session.execute(select(func.min(Recipient.next_attempt_at))
+                                .where(Recipient.status.in_(("queued", "deferred"))))).scalar()
+    t2 = (await session.execute(select(func.min(Recipient.lease_until))
+                                .where(Recipient.status == "sending"))).scalar()
+    times = [t for t in (t1, t2) if t is not None]
+    if not times:
+        return None
+    # SQLite's MIN() comes back as text or naive: normalise through the column type.
+    return min(_aware(t) for t in times)
+
+
+def _aware(t) -> datetime:
+    from datetime import timezone
+    if isinstance(t, str):
+        t = datetime.fromisoformat(t)
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+async def purge_delivered(session: AsyncSession, older_than: datetime) -> int:
+    """Drop the spooled bytes of messages that reached a final state long enough ago."""
+    result = await session.execute(
+        update(Message).where(Message.done_at.is_not(None), Message.done_at < older_than,
+                              Message.raw.is_not(None))
+        .values(raw=None, purged_at=utcnow()).execution_options(synchronize_session=False))
+    return result.rowcount or 0
+
+
+# -- operator commands (trackrelay queue …) -----------------------------------------------------
+
+async def list_waiting(session: AsyncSession) -> list[tuple]:
+    rows = await session.execute(
+        select(Recipient.id, Recipient.message_pk, Message.message_id, Recipient.address,
+               Recipient.status, Recipient.attempts, Recipient.next_attempt_at, Recipient.last_reply)
+        .join(Message, Message.id == Recipient.message_pk)
+        .where(Recipient.status.in_(ACTIVE)).order_by(Recipient.next_attempt_at))
+    return list(rows.all())
+
+
+async def retry_now(session: AsyncSession, ids: list[int] | None, now: datetime) -> int:
+    cond = [Recipient.status.in_(("queued", "deferred"))]
+    if ids:
+        cond.append(Recipient.id.in_(ids))
+    res = await session.execute(update(Recipient).where(and_(*cond)).values(next_attempt_at=now)
+                                .execution_options(synchronize_session=False))
+    return res.rowcount or 0
+
+
+async def force_bounce(session: AsyncSession, ids: list[int], now: datetime) -> int:
+    """Bounce waiting copies by hand: each gets a `bounced` event and its sender a DSN."""
+    rows = (await session.execute(
+        select(Recipient.id, Recipient.message_pk, Message.user, Message.mail_from, Message.kind)
+        .join(Message, Message.id == Recipient.message_pk)
+        .where(Recipient.id.in_(ids), Recipient.status.in_(("queued", "deferred"))))).all()
+    outcomes = [Outcome(rid, mpk, user, "bounced", "554 5.0.0 Bounced by the operator",
+                        dsn_wanted=bool(mail_from) and kind == "mail")
+                for rid, mpk, user, mail_from, kind in rows]
+    # Ordinary records, so the attempt counter moves like any other settlement.
+    await record(session, outcomes, now)
+    return len(outcomes)
+
+
+async def count_reclaims(session: AsyncSession) -> int:
+    return int((await session.execute(select(func.coalesce(func.sum(Recipient.reclaims), 0)))).scalar() or 0)

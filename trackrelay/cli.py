@@ -1,0 +1,192 @@
+"""The ``trackrelay`` command. Errors go to stderr as one line: exit 2 for usage, 1 for failures."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import signal
+import sys
+from datetime import datetime, timezone
+
+from trackrelay import config as config_mod
+from trackrelay.config import Config, ConfigError
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="trackrelay", description="Self-hosted email tracking relay.")
+    p.add_argument("-c", "--config", help="config file (default: $TRACKRELAY_CONFIG, else ./trackrelay.toml, "
+                                          "else built-in defaults)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("serve", help="run the relay, the delivery worker and the tracker")
+    s.add_argument("--only", choices=("relay", "worker", "tracker"), help="run one role (needs PostgreSQL)")
+    sub.add_parser("check-config", help="validate the config file")
+    db = sub.add_parser("db", help="database schema")
+    db.add_argument("action", choices=("upgrade",))
+    sub.add_parser("hash-password", help="read a password from stdin (or prompt), print its hash")
+    sub.add_parser("new-token", help="print a fresh API token and its api_token_hash")
+    qp = sub.add_parser("queue", help="inspect and steer the delivery queue")
+    qp.add_argument("action", choices=("list", "retry", "bounce"))
+    qp.add_argument("ids", nargs="*", type=int, help="recipient copy ids (retry: none means all)")
+    return p
+
+
+def _load(args) -> Config:
+    return config_mod.load(config_mod.locate(args.config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"trackrelay: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"trackrelay: config error: {e}", file=sys.stderr)
+        return 1
+    except UsageError as e:
+        print(f"trackrelay: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Failure as e:
+        print(f"trackrelay: {e}", file=sys.stderr)
+        return 1
+
+
+class Failure(Exception):
+    pass
+
+
+def _dispatch(args) -> int:
+    if args.command == "hash-password":
+        return _hash_password()
+    if args.command == "new-token":
+        from trackrelay.passwords import new_api_token
+        token, digest = new_api_token()
+        print(f"token: {token}")
+        print(f'api_token_hash = "{digest}"')
+        return 0
+    cfg = _load(args)
+    if args.command == "check-config":
+        for w in config_mod.warnings_for(cfg):
+            print(f"warning: {cfg.source}: {w}", file=sys.stderr)
+        print(f"{cfg.source}: OK")
+        return 0
+    if args.command == "db":
+        return asyncio.run(_db_upgrade(cfg))
+    if args.command == "queue":
+        return asyncio.run(_queue(cfg, args.action, args.ids))
+    if args.command == "serve":
+        return _serve(cfg, args.only)
+    raise UsageError(f"unknown command {args.command}")  # pragma: no cover
+
+
+def _hash_password() -> int:
+    from trackrelay.passwords import hash_password
+    if sys.stdin.isatty():
+        pw = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != pw:
+            raise Failure("passwords differ")
+    else:
+        pw = sys.stdin.readline().rstrip("\r\n")
+    if not pw:
+        raise Failure("empty password")
+    print(hash_password(pw))
+    return 0
+
+
+async def _db_upgrade(cfg: Config) -> int:
+    from storage import migrate
+    from storage.engine import make_engine
+    engine = make_engine(cfg.storage.url)
+    try:
+        print("upgrading the database schema…", file=sys.stderr)
+        await migrate.upgrade(engine)
+        print("database schema is up to date", file=sys.stderr)
+    except Exception as e:
+        raise Failure(f"database upgrade failed: {type(e).__name__}: {e}") from None
+    finally:
+        await engine.dispose()
+    return 0
+
+
+async def _queue(cfg: Config, action: str, ids: list[int]) -> int:
+    from storage import migrate
+    from storage import queue as q
+    from storage.engine import make_engine, make_sessionmaker
+    engine = make_engine(cfg.storage.url)
+    try:
+        await migrate.upgrade(engine)
+        sm = make_sessionmaker(engine)
+        now = datetime.now(timezone.utc)
+        async with sm() as session:
+            async with session.begin():
+                if action == "list":
+                    rows = await q.list_waiting(session)
+                    print(f"{'copy':>8}  {'msg':>6}  {'status':<9} {'tries':>5}  {'next attempt':<20} address / last reply")
+                    for rid, mpk, _mid, addr, status, attempts, nxt, reply in rows:
+                        when = nxt.strftime("%Y-%m-%d %H:%M:%S") if nxt else "-"
+                        print(f"{rid:>8}  {mpk:>6}  {status:<9} {attempts:>5}  {when:<20} {addr}  {reply or ''}")
+                    print(f"{len(rows)} copies waiting", file=sys.stderr)
+                elif action == "retry":
+                    n = await q.retry_now(session, ids or None, now)
+                    print(f"{n} copies due now", file=sys.stderr)
+                else:
+                    if not ids:
+                        raise UsageError("queue bounce needs the ids of the copies to bounce")
+                    n = await q.force_bounce(session, ids, now)
+                    print(f"{n} copies bounced; their senders get a DSN", file=sys.stderr)
+    finally:
+        await engine.dispose()
+    return 0
+
+
+def _serve(cfg: Config, only: str | None) -> int:
+    from trackrelay import logs
+    logs.setup(cfg.log)
+    log = logging.getLogger("trackrelay")
+    if only and not cfg.storage.url.startswith("postgresql"):
+        raise Failure("serve --only needs PostgreSQL (storage.url = postgresql+asyncpg://…): "
+                      "several processes cannot share one SQLite file safely")
+    for w in config_mod.warnings_for(cfg):
+        log.warning("%s: %s", cfg.source, w)
+    return asyncio.run(_run(cfg, only))
+
+
+async def _run(cfg: Config, only: str | None) -> int:
+    from trackrelay.service import ROLES, Service
+    log = logging.getLogger("trackrelay")
+    service = Service(cfg, roles=(only,) if only else ROLES)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+    except OSError as e:
+        await service.stop()
+        raise Failure(f"cannot start: {e.strerror or e}") from None
+    log.info("trackrelay running (%s); SIGTERM stops it", ", ".join(service.roles))
+    await stop.wait()
+    log.info("stopping: draining sessions and deliveries")
+    await service.stop()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

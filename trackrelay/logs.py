@@ -1,0 +1,40 @@
+"""Logging to standard error, as text lines or JSON, per the [log] section.
+
+Nothing we log carries a token, a password or a recipient address: aiosmtpd's per-envelope INFO
+lines are filtered in relay.smtp, and aiohttp's access log is not enabled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+from trackrelay.config import LogSection
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup(cfg: LogSection) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if cfg.format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.level.upper())
+    for noisy in ("aiosqlite", "asyncio", "alembic", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

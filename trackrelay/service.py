@@ -1,0 +1,94 @@
+"""One running trackrelay: the roles it plays (relay, worker, tracker), started and stopped in order.
+
+``serve`` runs all roles in one process; ``serve --only ROLE`` runs one of them (scale-out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from relay.smtp import Authenticator, SizeLimit, SubmissionHandler, start_submission
+from relay.upstream import make_upstream
+from relay.worker import DeliveryWorker, Renderer, plain_renderer
+from storage import migrate
+from storage.engine import make_engine, make_sessionmaker
+from storage.spool import spool_writer
+from trackrelay.config import Config
+
+log = logging.getLogger("trackrelay")
+
+ROLES = ("relay", "worker", "tracker")
+
+
+@dataclass
+class Service:
+    config: Config
+    roles: tuple[str, ...] = ROLES
+    render: Renderer = plain_renderer
+    engine: AsyncEngine | None = None
+    sessionmaker: async_sessionmaker | None = None
+    worker: DeliveryWorker | None = None
+    handler: SubmissionHandler | None = None
+    _servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    _spool = None
+    _size: SizeLimit | None = None
+    _probe: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        c = self.config
+        self.engine = make_engine(c.storage.url)
+        await migrate.upgrade(self.engine)
+        self.sessionmaker = make_sessionmaker(self.engine)
+        if "worker" in self.roles:
+            upstream = make_upstream(c.upstream, c.relay.hostname)
+            self.worker = DeliveryWorker(c, self.sessionmaker, upstream, render=self.render)
+            self.worker.start()
+            log.info("delivery worker started: upstream %s", upstream.describe())
+        if "relay" in self.roles:
+            self._spool = spool_writer(self.sessionmaker)
+            self._spool.start()
+            self._size = SizeLimit(c.relay.max_message_bytes)
+            self._probe = asyncio.create_task(self._probe_upstream_size())
+            self.handler = SubmissionHandler(c, self._spool,
+                                             on_accepted=self.worker.wake if self.worker else None)
+            server = await start_submission(c, self.handler, Authenticator(c), self._size)
+            self._servers.append(server)
+            log.info("submission listener on %s", c.relay.listen)
+
+    async def _probe_upstream_size(self) -> None:
+        """Never accept more than the upstream advertises (its SIZE, asked once at start)."""
+        upstream = make_upstream(self.config.upstream, self.config.relay.hostname)
+        try:
+            advertised = await asyncio.wait_for(upstream.advertised_size(), 15)
+        except asyncio.TimeoutError:
+            advertised = None
+        if advertised and self._size is not None and advertised < self._size.value:
+            log.info("upstream advertises SIZE %d: lowering relay.max_message_bytes to it", advertised)
+            self._size.lower_to(advertised)
+
+    async def stop(self) -> None:
+        """Stop listening, let sessions in DATA finish their commit, drain the worker, close."""
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        if self._probe:
+            self._probe.cancel()
+        # A session that already read DATA is waiting on the spool writer: give it time to commit.
+        await asyncio.sleep(0)
+        if self._spool is not None:
+            for _ in range(100):
+                if self._spool._queue.empty():
+                    break
+                await asyncio.sleep(0.05)
+            await self._spool.stop()
+        if self.handler is not None:
+            self.handler.close_sessions()
+        if self.worker is not None:
+            await self.worker.stop()
+        if self.engine is not None:
+            await self.engine.dispose()
