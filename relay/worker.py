@@ -127,8 +127,6 @@ class DeliveryWorker:
                 outcome = await self._deliver_one(c, messages.get(c.message_pk))
                 unsettled.discard(c.id)
                 pending.append(asyncio.ensure_future(self._recorder.submit(outcome)))
-                if outcome.status == "bounced" and outcome.dsn_wanted:
-                    self._dsn_wake.set()
         finally:
             renewer.cancel()
             results = await asyncio.gather(*pending, return_exceptions=True)
@@ -183,6 +181,8 @@ class DeliveryWorker:
         async with self.sessionmaker() as session:
             async with session.begin():
                 await q.record(session, outcomes, utcnow())
+        if any(o.status == "bounced" and o.dsn_wanted for o in outcomes):
+            self._dsn_wake.set()  # only now is the bounce committed for the DSN writer to see
         return [None] * len(outcomes)
 
     # -- DSNs and purge ----------------------------------------------------------------------
@@ -238,7 +238,8 @@ class DeliveryWorker:
 
 
 def _last(c: q.Claimed) -> str:
-    return f" after {c.attempts} attempts" if c.attempts else ""
+    tries = f" after {c.attempts} attempts" if c.attempts else ""
+    return f"{tries}; last reply: {c.last_reply}" if c.last_reply else tries
 
 
 def _message_id(raw: bytes) -> str:

@@ -30,6 +30,7 @@ class Claimed:
     track_opens: bool
     track_clicks: bool
     attempts: int
+    last_reply: str | None
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ async def claim(session: AsyncSession, owner: str, now: datetime, lease_seconds:
                     lease_until=now + timedelta(seconds=lease_seconds),
                     reclaims=Recipient.reclaims + case((Recipient.status == "sending", 1), else_=0))
             .returning(Recipient.id, Recipient.message_pk, Recipient.address, Recipient.token,
-                       Recipient.track_opens, Recipient.track_clicks, Recipient.attempts)
+                       Recipient.track_opens, Recipient.track_clicks, Recipient.attempts,
+                       Recipient.last_reply)
             .execution_options(synchronize_session=False))
     rows = (await session.execute(stmt)).all()
     return sorted((Claimed(*row) for row in rows), key=lambda c: (c.message_pk, c.id))

@@ -1,0 +1,196 @@
+"""Delivery to a real aiosmtpd upstream that answers 4xx, 421, 5xx or drops the connection."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+from email import policy
+
+import pytest
+
+from helpers import client, simple_message
+
+
+async def send(relay, rcpts, msg=None):
+    c = await client(relay.port)
+    await c.sendmail("alice@example.com", rcpts, msg or simple_message())
+    await c.quit()
+
+
+def dsn_parts(data: bytes):
+    msg = email.message_from_bytes(data, policy=policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    parts = list(msg.iter_parts())
+    return msg, parts
+
+
+async def events(relay, kind):
+    return await relay.rows("SELECT r.address, e.type FROM events e JOIN recipients r ON r.id = e.recipient_pk "
+                            "WHERE e.type = :t ORDER BY e.id", t=kind)
+
+
+async def test_sent_event_recorded_per_recipient(relay, sink):
+    await relay.start()
+    await send(relay, ["carol@ext.test", "dave@ext.test"])
+    await relay.wait_status({"sent"}, 2)
+    assert sorted(a for a, _ in await events(relay, "queued")) == ["carol@ext.test", "dave@ext.test"]
+    assert sorted(a for a, _ in await events(relay, "sent")) == ["carol@ext.test", "dave@ext.test"]
+
+
+async def test_4xx_defers_and_retries_until_delivered(relay, sink):
+    sink.behaviour.data_replies.extend(["451 4.3.0 Try again", "452 4.7.1 Throttled, slow down"])
+    await relay.start()
+    await send(relay, ["carol@ext.test"])
+    (r,) = await sink.wait_for(1)
+    assert r.rcpt_tos == ["carol@ext.test"]
+    await relay.wait_status({"sent"}, 1)
+    assert [t for _, t in await events(relay, "deferred")] == ["deferred", "deferred"]
+    (attempts,) = (await relay.rows("SELECT attempts FROM recipients"))[0]
+    assert attempts == 3
+
+
+async def test_421_at_rcpt_defers_and_retries_on_a_new_connection(relay, sink):
+    await relay.start()
+    sink.behaviour.rcpt_replies["carol@ext.test"] = "421 4.7.0 Closing, too busy"
+    await send(relay, ["carol@ext.test"])
+    await asyncio.sleep(0.5)
+    assert await events(relay, "deferred")
+    del sink.behaviour.rcpt_replies["carol@ext.test"]
+    await sink.wait_for(1)
+    assert sink.handler.connections >= 2
+
+
+async def test_connection_dropped_after_final_dot_defers_and_delivers_later(relay, sink):
+    sink.behaviour.drop_after_dot = 1
+    await relay.start()
+    await send(relay, ["carol@ext.test"])
+    await sink.wait_for(1)
+    await relay.wait_status({"sent"}, 1)
+    assert len(await events(relay, "deferred")) == 1
+
+
+async def test_upstream_down_defers_then_delivers_when_it_is_back(relay, sink):
+    port = sink.port
+    await sink.stop()
+    await relay.start()
+    await send(relay, ["carol@ext.test"])
+    await asyncio.sleep(0.6)
+    assert await events(relay, "deferred")
+    await sink.start(port)
+    await sink.wait_for(1)
+
+
+async def test_5xx_for_some_recipients_bounces_just_those_with_one_dsn(relay, sink):
+    sink.behaviour.rcpt_replies["nobody@ext.test"] = "550 5.1.1 No such user"
+    sink.behaviour.rcpt_replies["gone@ext.test"] = "551 5.1.6 Moved"
+    await relay.start()
+    await send(relay, ["carol@ext.test", "nobody@ext.test", "gone@ext.test"],
+               simple_message(extra="Message-ID: <orig-1@example.com>\r\n"))
+    got = await sink.wait_for(2, timeout=15)
+    dsn = [r for r in got if r.rcpt_tos == ["alice@example.com"]]
+    assert len(dsn) == 1
+    assert dsn[0].mail_from in ("", "<>")  # from <>
+    msg, parts = dsn_parts(dsn[0].data)
+    assert msg["Auto-Submitted"] == "auto-replied"
+    status = parts[1].get_payload()[0].as_string() if parts[1].is_multipart() else parts[1].get_payload()
+    text = dsn[0].data.decode()
+    assert "Final-Recipient: rfc822; nobody@ext.test" in text and "Status: 5.1.1" in text
+    assert "Final-Recipient: rfc822; gone@ext.test" in text and "Status: 5.1.6" in text
+    assert "carol@ext.test" not in text.split("message/delivery-status")[1].split("text/rfc822-headers")[0]
+    assert "Message-ID: <orig-1@example.com>" in text  # original headers are returned
+    del status
+    assert sorted(a for a, _ in await events(relay, "bounced")) == ["gone@ext.test", "nobody@ext.test"]
+    assert [r.rcpt_tos for r in got if r.rcpt_tos != ["alice@example.com"]] == [["carol@ext.test"]]
+
+
+async def test_dsn_from_setting_is_the_envelope_sender_of_dsns(relay, sink):
+    sink.behaviour.rcpt_replies["nobody@ext.test"] = "550 5.1.1 No such user"
+    await relay.start(queue={"dsn_from": "postmaster@relay.example.test"})
+    await send(relay, ["nobody@ext.test"])
+    (dsn,) = await sink.wait_for(1)
+    assert dsn.mail_from == "postmaster@relay.example.test" and dsn.rcpt_tos == ["alice@example.com"]
+
+
+async def test_no_dsn_about_a_dsn(relay, sink):
+    sink.behaviour.rcpt_replies["nobody@ext.test"] = "550 5.1.1 No such user"
+    sink.behaviour.rcpt_replies["alice@example.com"] = "550 5.1.1 Sender mailbox gone too"
+    await relay.start()
+    await send(relay, ["nobody@ext.test"])
+    await relay.wait_status({"bounced"}, 2)  # the copy, then the DSN about it
+    await asyncio.sleep(1.0)
+    rows = await relay.rows("SELECT kind, count(*) FROM messages GROUP BY kind ORDER BY kind")
+    assert rows == [("dsn", 1), ("mail", 1)]
+    assert sink.received == []
+
+
+async def test_message_past_max_age_bounces_with_dsn(relay, sink):
+    sink.behaviour.rcpt_replies["slow@ext.test"] = "450 4.2.0 Mailbox busy"
+    # 0.0005 h = 1.8 s: a couple of retries, then the age is exceeded.
+    await relay.start(queue={"max_age_hours": 0.0005})
+    await send(relay, ["slow@ext.test"])
+    (dsn,) = await sink.wait_for(1, timeout=15)
+    assert dsn.rcpt_tos == ["alice@example.com"]
+    text = dsn.data.decode()
+    assert "Final-Recipient: rfc822; slow@ext.test" in text and "Status: 4.4.7" in text
+    assert "450 4.2.0 Mailbox busy" in text
+
+
+async def test_copies_to_one_upstream_reuse_pooled_connections(relay, sink):
+    await relay.start(upstream={"max_connections": 2})
+    await send(relay, [f"r{i}@ext.test" for i in range(20)])
+    await sink.wait_for(20)
+    assert sink.handler.connections <= 3  # two lanes plus the start-up SIZE probe
+
+
+async def test_max_messages_per_minute_paces_sending(relay, sink):
+    await relay.start(upstream={"max_messages_per_minute": 300})  # one every 0.2 s
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await send(relay, [f"r{i}@ext.test" for i in range(6)])
+    await sink.wait_for(6)
+    assert loop.time() - t0 >= 0.9
+
+
+async def test_purge_drops_spooled_bytes_of_delivered_messages(relay, sink):
+    await relay.start(queue={"keep_delivered_days": 0})
+    await send(relay, ["carol@ext.test"])
+    await relay.wait_status({"sent"}, 1)
+    await asyncio.sleep(0.2)
+    purged = await relay.service.worker.purge()
+    assert purged == 1
+    assert await relay.rows("SELECT raw IS NULL, purged_at IS NOT NULL FROM messages") == [(True, True)]
+
+
+async def test_crm_job_committed_with_the_message(relay, sink):
+    await relay.start()
+    await send(relay, ["carol@ext.test"])
+    assert await relay.rows("SELECT state FROM crm_jobs") == [("pending",)]
+    await send(relay, ["carol@ext.test"], simple_message(extra="X-Log: no\r\n"))
+    assert len(await relay.rows("SELECT id FROM crm_jobs")) == 1
+
+
+@pytest.mark.parametrize("action", ["retry", "bounce"])
+async def test_queue_cli_lists_retries_and_bounces(relay, sink, action, tmp_path):
+    from helpers import to_toml
+    from trackrelay.cli import main
+
+    sink.behaviour.rcpt_replies["slow@ext.test"] = "450 4.2.0 Mailbox busy"
+    await relay.start(queue={"retry_initial_seconds": 3600, "retry_max_seconds": 3600})
+    await send(relay, ["slow@ext.test"])
+    await relay.wait_status({"deferred"}, 1)
+    cfg = tmp_path / "trackrelay.toml"
+    cfg.write_text(to_toml(relay.config_dict(queue={"retry_initial_seconds": 3600, "retry_max_seconds": 3600})))
+    (rid,) = (await relay.rows("SELECT id FROM recipients"))[0]
+    assert await asyncio.to_thread(main, ["-c", str(cfg), "queue", "list"]) == 0
+    if action == "retry":
+        del sink.behaviour.rcpt_replies["slow@ext.test"]
+        assert await asyncio.to_thread(main, ["-c", str(cfg), "queue", "retry", str(rid)]) == 0
+        relay.service.worker.wake()
+        (r,) = await sink.wait_for(1)
+        assert r.rcpt_tos == ["slow@ext.test"]
+    else:
+        assert await asyncio.to_thread(main, ["-c", str(cfg), "queue", "bounce", str(rid)]) == 0
+        relay.service.worker._dsn_wake.set()
+        (dsn,) = await sink.wait_for(1)
+        assert dsn.rcpt_tos == ["alice@example.com"]
