@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
+from relay.render import CopyRenderer
 from relay.smtp import Authenticator, SizeLimit, SubmissionHandler, start_submission
 from relay.upstream import make_upstream
 from relay.worker import DeliveryWorker, Renderer, plain_renderer
 from storage import migrate
 from storage.engine import make_engine, make_sessionmaker
 from storage.spool import spool_writer
-from trackrelay.config import Config
+from trackrelay.config import Config, ConfigError
+from trackrelay.links import keyring_for
 
 log = logging.getLogger("trackrelay")
 
@@ -45,6 +47,14 @@ class Service:
         self.sessionmaker = make_sessionmaker(self.engine)
         if "worker" in self.roles:
             upstream = make_upstream(c.upstream, c.relay.hostname)
+            try:
+                keyring, generated = keyring_for(c.tracker.secret_keys, c.storage.url,
+                                                 allow_generate=set(self.roles) == set(ROLES))
+            except ValueError as e:
+                raise ConfigError(c.source, "tracker.secret_keys", str(e)) from None
+            if generated:
+                log.info("tracker.secret_keys not set: signing with the generated key in %s", generated)
+            self.render = CopyRenderer(c, keyring)
             self.worker = DeliveryWorker(c, self.sessionmaker, upstream, render=self.render)
             self.worker.start()
             log.info("delivery worker started: upstream %s", upstream.describe())

@@ -1,0 +1,234 @@
+"""Relay throughput: trackrelay (spool + delivery) against a bare aiosmtpd → aiosmtplib pass-through.
+
+One run measures both, side by side, on this machine:
+- the server under test runs as a subprocess pinned to CPU 0;
+- the load generator (16 concurrent SMTP clients, 10 KB HTML messages) and the upstream sink run
+  in this process, pinned to CPU 1.
+Reported: messages per second until the sink has every message, and p50/p99 time from the start
+of a transaction to its final 250.
+
+    .venv/bin/python bench/relay_bench.py [--messages 2000] [--clients 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiosmtplib
+from aiosmtpd.smtp import SMTP
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+PASSWORD = "bench-password"
+
+
+def html_message(i: int, size: int = 10_000) -> bytes:
+    para = ('<p style="margin:0 0 12px">Hello, this is paragraph text for the benchmark with a '
+            '<a href="https://example.com/product?id=%d&amp;ref=mail">link</a>.</p>\r\n')
+    body = []
+    while sum(map(len, body)) < size:
+        body.append(para % len(body))
+    html = "<html><body>\r\n" + "".join(body) + "</body></html>\r\n"
+    return (f"From: Alice <alice@example.com>\r\nTo: carol{i}@ext.test\r\nSubject: bench {i}\r\n"
+            f"MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n{html}").encode()
+
+
+class CountingSink:
+    def __init__(self):
+        self.count = 0
+        self.done = asyncio.Event()
+        self.want = 0
+
+    async def handle_DATA(self, server, session, envelope):
+        self.count += 1
+        if self.count >= self.want:
+            self.done.set()
+        return "250 2.0.0 OK"
+
+
+# -- the bare pass-through relay (the baseline) ------------------------------------------------
+
+class PassThrough:
+    """aiosmtpd in, aiosmtplib out: answers 250 after the upstream's 250, nothing spooled."""
+
+    def __init__(self, upstream_port: int, pool: int = 4):
+        self.port = upstream_port
+        self.pool: asyncio.Queue = asyncio.Queue()
+        for _ in range(pool):
+            self.pool.put_nowait(None)
+
+    async def handle_DATA(self, server, session, envelope):
+        client = await self.pool.get()
+        try:
+            if client is None:
+                client = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.port, start_tls=False,
+                                         local_hostname="bare.test")
+                await client.connect()
+            await client.sendmail(envelope.mail_from, envelope.rcpt_tos, envelope.original_content)
+        finally:
+            self.pool.put_nowait(client)
+        return "250 2.0.0 OK"
+
+
+def run_bare(listen_port: int, upstream_port: int) -> None:
+    async def main():
+        handler = PassThrough(upstream_port)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: SMTP(handler, hostname="bare.test", decode_data=False, auth_required=False),
+            "127.0.0.1", listen_port)
+        await server.serve_forever()
+    asyncio.run(main())
+
+
+# -- load ----------------------------------------------------------------------------------------
+
+async def load(port: int, n: int, clients: int, auth: bool) -> list[float]:
+    latencies: list[float] = []
+    counter = iter(range(n))
+
+    async def worker():
+        c = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, local_hostname="load.test",
+                            timeout=60)
+        await c.connect()
+        if auth:
+            await c.login("alice", PASSWORD)
+        for i in counter:
+            msg = html_message(i)
+            t0 = time.perf_counter()
+            await c.sendmail("alice@example.com", [f"carol{i}@ext.test"], msg)
+            latencies.append(time.perf_counter() - t0)
+        await c.quit()
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return latencies
+
+
+async def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+async def measure(name: str, argv: list[str], port: int, sink: CountingSink, n: int, clients: int,
+                  auth: bool, env: dict | None = None) -> dict:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    try:
+        await wait_port(port)
+        await load(port, 50, 4, auth)  # warm up
+        await asyncio.wait_for(_until(sink, 50), 60)
+        sink.count, sink.want = 0, n
+        sink.done.clear()
+        t0 = time.perf_counter()
+        lat = await load(port, n, clients, auth)
+        t_accepted = time.perf_counter() - t0
+        await asyncio.wait_for(sink.done.wait(), 300)
+        t_delivered = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    lat.sort()
+    return {
+        "name": name, "messages": n,
+        "accepted_per_s": n / t_accepted,
+        "delivered_per_s": n / t_delivered,
+        "p50_ms": statistics.median(lat) * 1000,
+        "p99_ms": lat[int(len(lat) * 0.99) - 1] * 1000,
+    }
+
+
+async def _until(sink: CountingSink, n: int) -> None:
+    while sink.count < n:
+        await asyncio.sleep(0.01)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--clients", type=int, default=16)
+    args = ap.parse_args()
+    if os.cpu_count() and os.cpu_count() >= 2:
+        os.sched_setaffinity(0, {1})
+
+    sink = CountingSink()
+    loop = asyncio.get_running_loop()
+    sink_server = await loop.create_server(lambda: SMTP(sink, hostname="sink.test", decode_data=False),
+                                           "127.0.0.1", 0)
+    sink_port = sink_server.sockets[0].getsockname()[1]
+    results = []
+
+    port = free_port()
+    results.append(await measure("bare aiosmtpd → aiosmtplib pass-through",
+                                 [sys.executable, __file__, "--bare", str(port), str(sink_port)],
+                                 port, sink, args.messages, args.clients, auth=False))
+
+    from trackrelay.passwords import hash_password
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        cfg = Path(tmp) / "trackrelay.toml"
+        cfg.write_text(f"""
+[relay]
+listen = "127.0.0.1:{port}"
+hostname = "relay.bench.test"
+[upstream]
+url = "smtp://127.0.0.1:{sink_port}"
+starttls = false
+[storage]
+url = "sqlite+aiosqlite:///{tmp}/trackrelay.db"
+[tracker]
+secret_keys = ["bench-key-0123456789abcdef"]
+[tracking]
+allow = false
+[log]
+level = "warning"
+[[users]]
+name = "alice"
+password_hash = "{hash_password(PASSWORD)}"
+addresses = ["alice@example.com"]
+""")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        results.append(await measure("trackrelay (SQLite, fsync before 250, then delivery)",
+                                     [sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "serve"],
+                                     port, sink, args.messages, args.clients, auth=True, env=env))
+    sink_server.close()
+
+    print(f"{args.messages} messages of ~10 KB HTML, {args.clients} concurrent clients; "
+          f"server on CPU 0, load and sink on CPU 1\n")
+    print(f"| server | accepted msg/s | delivered msg/s | p50 to 250 (ms) | p99 to 250 (ms) |")
+    print(f"|---|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['name']} | {r['accepted_per_s']:.0f} | {r['delivered_per_s']:.0f} | "
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+    base, ours = results
+    print(f"\nratio trackrelay / bare (delivered msg/s): {ours['delivered_per_s'] / base['delivered_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--bare":
+        run_bare(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        asyncio.run(main())

@@ -1,0 +1,299 @@
+"""Per-recipient instrumentation: the open pixel and wrapped links, and nothing else.
+
+A pure module: ``parse(raw)`` walks the MIME tree once (byte offsets, no re-serialization) and
+scans each HTML body part; ``render(parsed, plan)`` then produces one recipient's copy by splicing
+new ``href`` values, the pixel and the removals into the original text of those parts and the new
+part bodies into the original bytes. Every other byte — other parts, headers, boundaries,
+preambles — stays as it came. Anything unexpected (malformed MIME, bad base64, an unknown charset,
+signed or encrypted mail) leaves the whole message untouched, with the reason in the result.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import quopri
+import re
+from dataclasses import dataclass, field
+from email.message import Message as _HeaderParser
+
+from relay import message as m
+from relay.html_scan import Scan, looks_like_url, scan
+from trackrelay.links import Keyring, click_url, is_http_url, pixel_url
+
+MAX_DEPTH = 30
+MAX_PARTS = 500
+
+
+class Untouched(Exception):
+    """The message is delivered as it came; str() says why."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one recipient's copy gets."""
+
+    token: str | None
+    opens: bool
+    clicks: bool
+    public_url: str
+    keyring: Keyring | None
+    pixel_position: str = "top"
+    skip_url_text_links: bool = True
+
+
+@dataclass
+class HtmlPart:
+    headers_start: int  # the part's header block in the raw message
+    body_start: int
+    body_end: int
+    cte: str
+    charset: str
+    text: str  # the decoded HTML
+    scan: Scan
+
+
+@dataclass
+class Parsed:
+    raw: bytes
+    parts: list[HtmlPart] = field(default_factory=list)
+    untouched: str | None = None  # why the whole message stays as it came
+
+
+@dataclass
+class Result:
+    data: bytes
+    pixel: bool = False
+    links: list[tuple[int, str]] = field(default_factory=list)  # (index, target) wrapped
+    skipped: list[str] = field(default_factory=list)  # why links or the pixel were skipped
+    note: str | None = None  # why nothing changed, when nothing did
+
+
+def _content_type(fs: list[m.Field]) -> tuple[str, dict[str, str]]:
+    value = m.get(fs, "content-type")
+    if not value:
+        return "text/plain", {}
+    h = _HeaderParser()
+    h["Content-Type"] = value
+    ctype = h.get_content_type()
+    params = {k.lower(): v for k, v in (h.get_params() or [])[1:]}
+    return ctype, params
+
+
+def _disposition(fs: list[m.Field]) -> str:
+    value = m.get(fs, "content-disposition") or ""
+    return value.split(";")[0].strip().lower()
+
+
+def parse(raw: bytes, public_url: str) -> Parsed:
+    """Locate and scan every HTML body part. Never raises."""
+    parsed = Parsed(raw)
+    try:
+        if b"\x00" in raw:
+            raise Untouched("NUL bytes")
+        _walk(raw, 0, len(raw), parsed, depth=0, top=True, public_url=public_url)
+    except Untouched as e:
+        parsed.parts = []
+        parsed.untouched = str(e)
+    except Exception as e:  # fail open: anything unexpected leaves the message as it came
+        parsed.parts = []
+        parsed.untouched = f"parse error: {type(e).__name__}"
+    if parsed.untouched is None and not parsed.parts:
+        parsed.untouched = "no html part"
+    return parsed
+
+
+def _walk(raw: bytes, start: int, end: int, parsed: Parsed, depth: int, top: bool, public_url: str) -> None:
+    if depth > MAX_DEPTH:
+        raise Untouched("MIME nesting too deep")
+    entity = raw[start:end]
+    fs = m.fields(entity)
+    body_off = m.header_end(entity)
+    if not entity[:body_off].isascii():
+        raise Untouched("8-bit headers")
+    ctype, params = _content_type(fs)
+    if ctype in ("multipart/signed", "multipart/encrypted") or ctype in (
+            "application/pkcs7-mime", "application/x-pkcs7-mime"):
+        raise Untouched(f"signed or encrypted ({ctype})")
+    if ctype.startswith("multipart/"):
+        boundary = params.get("boundary")
+        if not boundary:
+            raise Untouched("multipart without boundary")
+        for s, e in _split_multipart(entity, body_off, boundary.encode("latin-1", "replace")):
+            if len(parsed.parts) > MAX_PARTS:
+                raise Untouched("too many parts")
+            _walk(raw, start + s, start + e, parsed, depth + 1, False, public_url)
+        return
+    if ctype != "text/html" or _disposition(fs) == "attachment":
+        return
+    cte = (m.get(fs, "content-transfer-encoding") or "7bit").strip().lower()
+    charset = (params.get("charset") or "us-ascii").strip().strip('"').lower()
+    body = entity[body_off:]
+    decoded = _decode_body(body, cte)
+    try:
+        codecs.lookup(charset)
+    except LookupError:
+        raise Untouched(f"unknown charset {charset}") from None
+    try:
+        text = decoded.decode(charset)
+    except UnicodeDecodeError:
+        if charset in ("us-ascii", "ascii"):
+            try:
+                text, charset = decoded.decode("utf-8"), "utf-8-as-ascii"
+            except UnicodeDecodeError:
+                raise Untouched(f"body is not {charset}") from None
+        else:
+            raise Untouched(f"body is not {charset}") from None
+    parsed.parts.append(HtmlPart(start, start + body_off, end, cte, charset, text,
+                                 scan(text, f"{public_url.rstrip('/')}/o/")))
+
+
+def _split_multipart(entity: bytes, body_off: int, boundary: bytes) -> list[tuple[int, int]]:
+    """Offsets (within entity) of each body part between the delimiters. Missing end → Untouched."""
+    delim = re.compile(rb"(?:^|(?<=\r\n))--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r\n|$)")
+    parts: list[tuple[int, int]] = []
+    cur: int | None = None
+    for mt in delim.finditer(entity, body_off):
+        if cur is not None:
+            # The CRLF before a delimiter belongs to the delimiter.
+            end = mt.start() - 2 if entity[mt.start() - 2:mt.start()] == b"\r\n" else mt.start()
+            parts.append((cur, max(cur, end)))
+        if mt.group(1):
+            return parts
+        cur = mt.end()
+    raise Untouched("missing end boundary")
+
+
+def _decode_body(body: bytes, cte: str) -> bytes:
+    if cte in ("7bit", "8bit", "binary", ""):
+        return body
+    if cte == "quoted-printable":
+        return quopri.decodestring(body)
+    if cte == "base64":
+        compact = re.sub(rb"\s+", b"", body)
+        try:
+            return base64.b64decode(compact, validate=True)
+        except (binascii.Error, ValueError):
+            raise Untouched("bad base64") from None
+    raise Untouched(f"unknown transfer encoding {cte}")
+
+
+def _encode_body(data: bytes, cte: str, original: bytes) -> tuple[bytes, str]:
+    """Encode a changed body like the original; 7bit/8bit with lines over 998 octets → QP."""
+    tail = b"\r\n" if original.endswith(b"\r\n") else b""
+    if cte == "base64":
+        enc = base64.encodebytes(data).replace(b"\n", b"\r\n")
+        return (enc if tail else enc.rstrip(b"\r\n")), cte
+    if cte == "quoted-printable":
+        return _qp(data, tail), cte
+    if any(len(line) > 998 for line in data.split(b"\r\n")):
+        return _qp(data, tail), "quoted-printable"
+    return data, cte
+
+
+def _qp(data: bytes, tail: bytes) -> bytes:
+    enc = quopri.encodestring(data.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n")
+    if tail and not enc.endswith(b"\r\n"):
+        enc += b"\r\n"
+    if not tail:
+        enc = enc.rstrip(b"\r\n") if not data.endswith(b"\r\n") else enc
+    return enc
+
+
+def _pixel_tag(src: str) -> str:
+    return (f'<img src="{src}" width="1" height="1" alt="" '
+            f'style="display:block;width:1px;height:1px;border:0;margin:0;padding:0" />')
+
+
+def render(parsed: Parsed, plan: Plan) -> Result:
+    """One recipient's copy. Without a token, or when the message is untouched: the original."""
+    if parsed.untouched is not None:
+        return Result(parsed.raw, note=parsed.untouched)
+    if not plan.token or not (plan.opens or plan.clicks) or plan.keyring is None:
+        return Result(parsed.raw, note="not tracked")
+    result = Result(parsed.raw)
+    pieces: list[bytes] = []
+    pos = 0
+    pixel_done = False
+    link_index = 0
+    public = plan.public_url.rstrip("/")
+    for part in parsed.parts:
+        edits: list[tuple[int, int, str]] = []
+        sc = part.scan
+        for a, b in sc.old_pixels:
+            edits.append((a, b, ""))
+        if plan.clicks:
+            for link in sc.links:
+                for opt in link.opt_out:
+                    s = opt.start
+                    while s > 0 and part.text[s - 1] in " \t\r\n":
+                        s -= 1
+                    edits.append((s, opt.end, ""))
+                if link.opt_out:
+                    result.skipped.append("opt_out")
+                    continue
+                if not is_http_url(link.target):
+                    continue
+                if link.target.startswith(public + "/"):
+                    continue  # ours already (quoted text): never wrapped twice
+                if plan.skip_url_text_links and looks_like_url(link.text):
+                    result.skipped.append("url_text")
+                    continue
+                url = click_url(public, plan.keyring, plan.token, link_index, link.target)
+                edits.append((link.href.value_start, link.href.value_end, url))
+                result.links.append((link_index, link.target))
+                link_index += 1
+        if plan.opens and not pixel_done and sc.visible:
+            tag = _pixel_tag(pixel_url(public, plan.token))
+            if plan.pixel_position == "bottom":
+                at = sc.body_close_start if sc.body_close_start is not None else len(part.text)
+            else:
+                at = sc.body_open_end if sc.body_open_end is not None else 0
+            edits.append((at, at, tag))
+            pixel_done = True
+        if not edits:
+            continue
+        text = _apply(part.text, edits)
+        charset = "utf-8" if part.charset == "utf-8-as-ascii" else part.charset
+        data = text.encode(charset)
+        original_body = parsed.raw[part.body_start:part.body_end]
+        body, cte = _encode_body(data, part.cte, original_body)
+        pieces.append(parsed.raw[pos:part.headers_start])
+        if cte != part.cte:
+            pieces.append(_set_cte(parsed.raw[part.headers_start:part.body_start], cte))
+        else:
+            pieces.append(parsed.raw[part.headers_start:part.body_start])
+        pieces.append(body)
+        pos = part.body_end
+    if plan.opens and not pixel_done:
+        result.skipped.append("no visible html for the pixel")
+    result.pixel = pixel_done
+    if not pieces:
+        result.note = "nothing to change"
+        return result
+    pieces.append(parsed.raw[pos:])
+    result.data = b"".join(pieces)
+    return result
+
+
+def _apply(text: str, edits: list[tuple[int, int, str]]) -> str:
+    out = []
+    pos = 0
+    for a, b, new in sorted(edits, key=lambda e: (e[0], e[1])):
+        if a < pos:  # overlapping edit (cannot happen with a sane scan): keep the first
+            continue
+        out.append(text[pos:a])
+        out.append(new)
+        pos = b
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _set_cte(head: bytes, cte: str) -> bytes:
+    line = f"Content-Transfer-Encoding: {cte}".encode()
+    fs = m.fields(head)
+    for f in fs:
+        if f.name == "content-transfer-encoding":
+            return head[:f.start] + line + b"\r\n" + head[f.end:]
+    return m.insert_after_head(head, line)

@@ -1,0 +1,86 @@
+"""Render one recipient's copy from the spooled message: instrument (per its plan), then DKIM-sign.
+
+Each message is parsed once (an LRU cache keyed by message id); every copy is spliced from that
+parse, so the hundredth copy costs a small fraction of the first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import dkim
+
+from relay import instrument
+from relay import message as m
+from storage.models import Message
+from storage.queue import Claimed
+from trackrelay.config import Config
+from trackrelay.links import Keyring
+
+CACHE_SIZE = 32
+
+
+class DkimSigner:
+    def __init__(self, config: Config):
+        self._keys = {d.domain.lower(): (d.selector.encode(), d.domain.encode(),
+                                         Path(d.private_key_file).read_bytes()) for d in config.dkim}
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def sign(self, data: bytes) -> bytes:
+        froms = m.addresses(m.get(data, "from"))
+        if not froms:
+            return data
+        key = self._keys.get(froms[0].rpartition("@")[2])
+        if key is None:
+            return data
+        selector, domain, private = key
+        signature = dkim.sign(data, selector, domain, private,
+                              include_headers=[b"from", b"to", b"cc", b"subject", b"date", b"message-id",
+                                               b"reply-to", b"in-reply-to", b"references", b"mime-version",
+                                               b"content-type", b"content-transfer-encoding"],
+                              linesep=b"\r\n")
+        return signature + data
+
+
+class CopyRenderer:
+    def __init__(self, config: Config, keyring: Keyring):
+        self.config = config
+        self.keyring = keyring
+        self.dkim = DkimSigner(config)
+        self._cache: OrderedDict[int, instrument.Parsed] = OrderedDict()
+        self.parses = 0
+
+    def _parsed(self, raw: bytes, message: Message) -> instrument.Parsed:
+        parsed = self._cache.get(message.id)
+        if parsed is None or parsed.raw is not raw and parsed.raw != raw:
+            parsed = instrument.parse(raw, self.config.tracker.public_url)
+            self.parses += 1
+            self._cache[message.id] = parsed
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(message.id)
+        return parsed
+
+    def __call__(self, raw: bytes, message: Message, copy: Claimed) -> tuple[bytes, str | None]:
+        note = None
+        data = raw
+        if copy.token and (copy.track_opens or copy.track_clicks):
+            t = self.config.tracking
+            result = instrument.render(self._parsed(raw, message), instrument.Plan(
+                token=copy.token, opens=copy.track_opens, clicks=copy.track_clicks,
+                public_url=self.config.tracker.public_url, keyring=self.keyring,
+                pixel_position=t.pixel_position, skip_url_text_links=t.skip_url_text_links))
+            data = result.data
+            note = result.note
+            if result.skipped:
+                note = "; ".join(filter(None, [note, "skipped: " + ", ".join(sorted(set(result.skipped)))]))
+            if data is not raw:
+                # A body change breaks every signature that came with the message.
+                data = m.remove(data, {"dkim-signature"})
+        if self.dkim:
+            data = self.dkim.sign(data)
+        return data, note
