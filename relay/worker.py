@@ -8,6 +8,7 @@ lane. A separate loop writes DSNs for bounced copies and purges old spooled byte
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -149,6 +150,10 @@ class DeliveryWorker:
                 log.warning("lease renewal failed: %s", type(exc).__name__)
 
     async def _deliver_one(self, c: q.Claimed, msg: Message | None) -> q.Outcome:
+        outcome = await self._attempt(c, msg)
+        return dataclasses.replace(outcome, attempts=c.attempts + 1)
+
+    async def _attempt(self, c: q.Claimed, msg: Message | None) -> q.Outcome:
         now = utcnow()
         if msg is None or msg.raw is None:
             return q.Outcome(c.id, c.message_pk, msg.user if msg else None, "bounced",

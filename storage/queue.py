@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, case, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
@@ -43,6 +43,7 @@ class Outcome:
     next_attempt_at: datetime | None = None
     dsn_wanted: bool = False
     render_note: str | None = None
+    attempts: int = 1  # the copy's attempts after this one
 
 
 async def claim(session: AsyncSession, owner: str, now: datetime, lease_seconds: float,
@@ -83,25 +84,24 @@ async def load_messages(session: AsyncSession, pks: set[int]) -> dict[int, Messa
 
 
 async def record(session: AsyncSession, outcomes: list[Outcome], now: datetime) -> None:
-    """Settle delivered, deferred and bounced copies and write their events."""
-    touched: set[int] = set()
+    """Settle delivered, deferred and bounced copies and write their events (bulk statements)."""
+    if not outcomes:
+        return
+    rows = []
     for o in outcomes:
-        values: dict = {"status": o.status, "last_reply": o.reply[:2000], "lease_owner": None,
-                        "lease_until": None, "attempts": Recipient.attempts + 1}
-        if o.render_note is not None:
-            values["render_note"] = o.render_note
-        if o.status == "sent":
-            values["sent_at"] = now
-        elif o.status == "deferred":
-            values["next_attempt_at"] = o.next_attempt_at or now
+        row = {"id": o.recipient_id, "status": o.status, "last_reply": o.reply[:2000],
+               "lease_owner": None, "lease_until": None, "attempts": o.attempts,
+               "render_note": o.render_note, "sent_at": now if o.status == "sent" else None}
+        if o.status == "deferred":
+            row["next_attempt_at"] = o.next_attempt_at or now
         elif o.status == "bounced":
-            values["dsn"] = "pending" if o.dsn_wanted else "suppressed"
-        await session.execute(update(Recipient).where(Recipient.id == o.recipient_id).values(**values)
-                              .execution_options(synchronize_session=False))
-        session.add(Event(type=o.status, at=now, message_pk=o.message_pk, recipient_pk=o.recipient_id,
-                          user=o.user, reason=o.reply[:500], first=False, inferred=False))
-        if o.status in FINAL:
-            touched.add(o.message_pk)
+            row["dsn"] = "pending" if o.dsn_wanted else "suppressed"
+        rows.append(row)
+    await session.execute(update(Recipient), rows)
+    await session.execute(insert(Event), [
+        dict(type=o.status, at=now, message_pk=o.message_pk, recipient_pk=o.recipient_id, user=o.user,
+             reason=o.reply[:500], first=False, inferred=False) for o in outcomes])
+    touched = {o.message_pk for o in outcomes if o.status in FINAL}
     if touched:
         open_left = (select(Recipient.id)
                      .where(Recipient.message_pk == Message.id, Recipient.status.in_(ACTIVE))
@@ -180,12 +180,13 @@ async def retry_now(session: AsyncSession, ids: list[int] | None, now: datetime)
 async def force_bounce(session: AsyncSession, ids: list[int], now: datetime) -> int:
     """Bounce waiting copies by hand: each gets a `bounced` event and its sender a DSN."""
     rows = (await session.execute(
-        select(Recipient.id, Recipient.message_pk, Message.user, Message.mail_from, Message.kind)
+        select(Recipient.id, Recipient.message_pk, Message.user, Message.mail_from, Message.kind,
+               Recipient.attempts)
         .join(Message, Message.id == Recipient.message_pk)
         .where(Recipient.id.in_(ids), Recipient.status.in_(("queued", "deferred"))))).all()
     outcomes = [Outcome(rid, mpk, user, "bounced", "554 5.0.0 Bounced by the operator",
-                        dsn_wanted=bool(mail_from) and kind == "mail")
-                for rid, mpk, user, mail_from, kind in rows]
+                        dsn_wanted=bool(mail_from) and kind == "mail", attempts=attempts)
+                for rid, mpk, user, mail_from, kind, attempts in rows]
     # Ordinary records, so the attempt counter moves like any other settlement.
     await record(session, outcomes, now)
     return len(outcomes)
