@@ -166,6 +166,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def measure_trackrelay(track: bool, sink: CountingSink, sink_port: int, n: int, clients: int) -> dict:
+    from trackrelay.passwords import hash_password
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        cfg = Path(tmp) / "trackrelay.toml"
+        cfg.write_text(f"""
+[relay]
+listen = "127.0.0.1:{port}"
+hostname = "relay.bench.test"
+[upstream]
+url = "smtp://127.0.0.1:{sink_port}"
+starttls = false
+[storage]
+url = "sqlite+aiosqlite:///{tmp}/trackrelay.db"
+[tracker]
+secret_keys = ["bench-key-0123456789abcdef"]
+[tracking]
+allow = {"true" if track else "false"}
+[log]
+level = "warning"
+[[users]]
+name = "alice"
+password_hash = "{hash_password(PASSWORD)}"
+addresses = ["alice@example.com"]
+""")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        label = "tracked (pixel + wrapped links per copy)" if track else "untracked"
+        return await measure(f"trackrelay, SQLite, fsync before 250, {label}",
+                             [sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "serve"],
+                             port, sink, n, clients, auth=True, env=env)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=2000)
@@ -186,34 +218,8 @@ async def main() -> None:
                                  [sys.executable, __file__, "--bare", str(port), str(sink_port)],
                                  port, sink, args.messages, args.clients, auth=False))
 
-    from trackrelay.passwords import hash_password
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        cfg = Path(tmp) / "trackrelay.toml"
-        cfg.write_text(f"""
-[relay]
-listen = "127.0.0.1:{port}"
-hostname = "relay.bench.test"
-[upstream]
-url = "smtp://127.0.0.1:{sink_port}"
-starttls = false
-[storage]
-url = "sqlite+aiosqlite:///{tmp}/trackrelay.db"
-[tracker]
-secret_keys = ["bench-key-0123456789abcdef"]
-[tracking]
-allow = false
-[log]
-level = "warning"
-[[users]]
-name = "alice"
-password_hash = "{hash_password(PASSWORD)}"
-addresses = ["alice@example.com"]
-""")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        results.append(await measure("trackrelay (SQLite, fsync before 250, then delivery)",
-                                     [sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "serve"],
-                                     port, sink, args.messages, args.clients, auth=True, env=env))
+    for track in (False, True):
+        results.append(await measure_trackrelay(track, sink, sink_port, args.messages, args.clients))
     sink_server.close()
 
     print(f"{args.messages} messages of ~10 KB HTML, {args.clients} concurrent clients; "
@@ -223,8 +229,10 @@ addresses = ["alice@example.com"]
     for r in results:
         print(f"| {r['name']} | {r['accepted_per_s']:.0f} | {r['delivered_per_s']:.0f} | "
               f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
-    base, ours = results
-    print(f"\nratio trackrelay / bare (delivered msg/s): {ours['delivered_per_s'] / base['delivered_per_s']:.2f}")
+    base = results[0]
+    for ours in results[1:]:
+        print(f"\nratio {ours['name']} / bare (delivered msg/s): "
+              f"{ours['delivered_per_s'] / base['delivered_per_s']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Find what instrumentation changes in an HTML text, without building a tree.
 
-The scanner walks the text once and records offsets: the opening ``<body>`` tag, the last
-``</body>``, each ``<a>``/``<area>`` href (value span, decoded target, opt-out attributes, the
-visible text of the link) and our own old pixels. Comments — conditional comments with everything
-inside them included — and the contents of ``<script>``/``<style>`` are skipped whole. Nothing is
-re-serialized: the caller replaces spans in the original text. Runs in linear time.
+One regular-expression pass jumps from one interesting place to the next — comments, ``<a>``,
+``<area>``, ``<img>``, ``<body>``, ``</body>``, ``</a>`` and raw-text elements — and records
+offsets: the opening ``<body>`` tag, the last ``</body>``, each link's href value span with its
+decoded target, opt-out attributes and visible text, and our own old pixels. Every other tag is
+skipped inside the regex engine. Comments — conditional comments with everything inside them —
+and the contents of ``<script>``/``<style>`` are skipped whole. Nothing is re-serialized: the
+caller replaces spans in the original text. Linear time; quoted values are bounded so hostile
+input cannot make it quadratic.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ import html
 import re
 from dataclasses import dataclass, field
 
-# A start or end tag: name, then the attribute area up to the closing '>' (quotes respected).
-# Quoted values are bounded and '<' ends an unquoted attribute area, so hostile input (unclosed
-# quotes, runs of '<a') costs linear time, not quadratic.
-_TAG = re.compile(r"""<(/?)([A-Za-z][A-Za-z0-9:-]*)((?:[^<>"']|"[^"]{0,8192}"|'[^']{0,8192}')*)>""", re.S)
+_NEXT = re.compile(r"<!--|<(/?)(a|area|img|body|script|style|textarea|title|xmp)(?=[\s/>])", re.I)
+# The attribute area of a start tag up to its '>' (quotes respected, bounded).
+_TAG_REST = re.compile(r"""((?:[^<>"']|"[^"]{0,8192}"|'[^']{0,8192}')*)>""", re.S)
+_HREF = re.compile(r"""(?:^|(?<=[\s"'/]))href\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'=<>`]+))""", re.I)
 _ATTR = re.compile(r"""([^\s"'>/=]+)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'=<>`]+)))?""", re.S)
-_RAWTEXT = {"script", "style", "textarea", "title", "xmp"}
+# Comments, raw-text elements and tags, each consumed to its end (or the end of the text when it
+# is unterminated) in one linear pass.
+_INVISIBLE = re.compile(r"<!--.*?(?:-->|\Z)|<(script|style|title)\b.*?(?:</\1\s*>|\Z)|<[A-Za-z/!?][^<>]*>",
+                        re.S | re.I)
+_RAW_CLOSE = {name: re.compile(rf"</{name}\s*>", re.I) for name in ("script", "style", "textarea", "title", "xmp")}
 
 #: Attributes that opt a link out of click tracking (removed from the delivered copy).
 OPT_OUT = {"data-notrack", "clicktracking", "disable-tracking", "data-pm-no-track", "ses:no-track"}
@@ -43,7 +50,8 @@ class Link:
     href: Attr
     target: str  # decoded href
     opt_out: list[Attr] = field(default_factory=list)
-    text: str = ""  # visible text (filled when the closing tag is found)
+    text_start: int = -1  # span of the link's content (for <a>), to read its visible text
+    text_end: int = -1
 
 
 @dataclass
@@ -52,19 +60,17 @@ class Scan:
     body_close_start: int | None = None  # offset of the last </body>
     links: list[Link] = field(default_factory=list)
     old_pixels: list[tuple[int, int]] = field(default_factory=list)
-    visible: bool = False  # any visible text or image
+    images: int = 0  # <img> other than our old pixels
 
 
 def _attrs(tag_text: str, offset: int) -> list[Attr]:
     out = []
     for m in _ATTR.finditer(tag_text):
         name = m.group(1).lower()
-        if m.group(2) is not None:
-            v, vs = m.group(2), m.start(2)
-        elif m.group(3) is not None:
-            v, vs = m.group(3), m.start(3)
-        elif m.group(4) is not None:
-            v, vs = m.group(4), m.start(4)
+        for g in (2, 3, 4):
+            if m.group(g) is not None:
+                v, vs = m.group(g), m.start(g)
+                break
         else:
             v, vs = None, -1
         out.append(Attr(name, offset + m.start(), offset + m.end(), v,
@@ -90,73 +96,84 @@ def scan(text: str, pixel_prefix: str) -> Scan:
     pos = 0
     n = len(text)
     open_link: Link | None = None
-    link_text: list[str] = []
     while pos < n:
-        lt = text.find("<", pos)
-        chunk = text[pos:lt if lt >= 0 else n]
-        if chunk:
-            if not s.visible and html.unescape(chunk).replace("\xa0", " ").strip():
-                s.visible = True
-            if open_link is not None:
-                link_text.append(chunk)
-        if lt < 0:
+        m = _NEXT.search(text, pos)
+        if m is None:
             break
-        if text.startswith("<!--", lt):
+        lt = m.start()
+        if m.group(2) is None:  # a comment: skipped whole, conditional comments included
             end = text.find("-->", lt + 4)
             pos = n if end < 0 else end + 3
             continue
-        if text.startswith("<!", lt) or text.startswith("<?", lt):
-            end = text.find(">", lt)
-            pos = n if end < 0 else end + 1
+        closing, name = m.group(1) == "/", m.group(2).lower()
+        rest = _TAG_REST.match(text, m.end())
+        if rest is None:
+            pos = m.end()
             continue
-        m = _TAG.match(text, lt)
-        if not m:
-            if open_link is not None:
-                link_text.append("<")
-            pos = lt + 1
-            continue
-        closing, name, rest = m.group(1) == "/", m.group(2).lower(), m.group(3)
-        pos = m.end()
+        pos = rest.end()
         if closing:
             if name == "body":
                 s.body_close_start = lt
-            elif name in ("a",) and open_link is not None:
-                open_link.text = html.unescape("".join(link_text)).replace("\xa0", " ").strip()
+            elif name == "a" and open_link is not None:
+                open_link.text_end = lt
                 open_link = None
             continue
-        if name == "body" and s.body_open_end is None:
-            s.body_open_end = m.end()
+        if name == "body":
+            if s.body_open_end is None:
+                s.body_open_end = pos
         elif name in ("a", "area"):
-            attrs = _attrs(rest, m.start(3))
-            href = next((a for a in attrs if a.name == "href"), None)
-            if name == "a":
-                if open_link is not None:  # an unclosed <a>: the new one closes it
-                    open_link.text = html.unescape("".join(link_text)).strip()
+            area = rest.group(1)
+            if name == "a" and open_link is not None:  # an unclosed <a>: the new one closes it
+                open_link.text_end = lt
                 open_link = None
-                link_text = []
+            low = area.lower()
+            if any(o in low for o in OPT_OUT):  # rare: parse every attribute
+                attrs = _attrs(area, rest.start(1))
+                href = next((a for a in attrs if a.name == "href"), None)
+                opt_out = [a for a in attrs if _opted_out(a)]
+            else:
+                hm = _HREF.search(area)
+                href = None
+                if hm:
+                    g = 1 if hm.group(1) is not None else 2 if hm.group(2) is not None else 3
+                    off = rest.start(1)
+                    href = Attr("href", off + hm.start(), off + hm.end(), hm.group(g),
+                                off + hm.start(g), off + hm.end(g))
+                opt_out = []
             if href is not None and href.value is not None:
-                link = Link(lt, href, html.unescape(href.value).strip(),
-                            [a for a in attrs if _opted_out(a)])
+                value = href.value
+                target = (html.unescape(value) if "&" in value else value).strip()
+                link = Link(lt, href, target, opt_out)
                 s.links.append(link)
-                if name == "a" and not rest.rstrip().endswith("/"):
+                if name == "a" and not rest.group(1).rstrip().endswith("/"):
+                    link.text_start = pos
                     open_link = link
-                    link_text = []
         elif name == "img":
-            attrs = _attrs(rest, m.start(3))
+            attrs = _attrs(rest.group(1), rest.start(1))
             src = next((a for a in attrs if a.name == "src"), None)
             if src is not None and src.value is not None and \
                     html.unescape(src.value).strip().startswith(pixel_prefix):
-                s.old_pixels.append((lt, m.end()))
+                s.old_pixels.append((lt, pos))
             else:
-                s.visible = True
-        elif name in _RAWTEXT:
-            close = re.compile(rf"</{name}\s*>", re.IGNORECASE).search(text, pos)
+                s.images += 1
+        else:  # raw text: its content is not markup
+            close = _RAW_CLOSE[name].search(text, pos)
             pos = n if close is None else close.start()
-            if name == "title":
-                continue
     if open_link is not None:
-        open_link.text = html.unescape("".join(link_text)).strip()
+        open_link.text_end = n
     return s
+
+
+def visible_text(fragment: str) -> str:
+    """The text a reader sees in a piece of HTML (tags and comments removed, entities decoded)."""
+    return html.unescape(_INVISIBLE.sub("", fragment)).replace("\xa0", " ").strip()
+
+
+def has_visible_content(text: str, sc: Scan) -> bool:
+    if sc.images:
+        return True
+    body = text[sc.body_open_end or 0: sc.body_close_start if sc.body_close_start is not None else len(text)]
+    return bool(visible_text(body))
 
 
 def looks_like_url(text: str) -> bool:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from email.message import Message as _HeaderParser
 
 from relay import message as m
-from relay.html_scan import Scan, looks_like_url, scan
-from trackrelay.links import Keyring, click_url, is_http_url, pixel_url
+from relay.html_scan import has_visible_content, looks_like_url, scan, visible_text
+from trackrelay.links import Keyring, encode_target, is_http_url, pixel_url, signed_click
 
 MAX_DEPTH = 30
 MAX_PARTS = 500
@@ -43,6 +43,17 @@ class Plan:
     skip_url_text_links: bool = True
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A link that may be wrapped: its href value span, target, and what could still skip it."""
+
+    start: int
+    end: int
+    target: str
+    target_b64: str
+    url_text: bool  # its visible text is a URL or domain (skipped under skip_url_text_links)
+
+
 @dataclass
 class HtmlPart:
     headers_start: int  # the part's header block in the raw message
@@ -51,7 +62,39 @@ class HtmlPart:
     cte: str
     charset: str
     text: str  # the decoded HTML
-    scan: Scan
+    visible: bool  # has visible content (else no pixel)
+    candidates: list[Candidate]
+    opt_out_removals: list[tuple[int, int]]  # attribute spans (with leading space), removed
+    opt_out_links: int
+    old_pixels: list[tuple[int, int]]
+    top: int  # pixel offsets
+    bottom: int
+
+
+def _prepare(text: str, public_url: str) -> tuple[bool, list[Candidate], list[tuple[int, int]], int,
+                                                    list[tuple[int, int]], int, int]:
+    """Everything a copy needs that does not depend on the recipient: computed once per message."""
+    public = public_url.rstrip("/")
+    sc = scan(text, f"{public}/o/")
+    candidates, removals, opted = [], [], 0
+    for link in sc.links:
+        if link.opt_out:
+            opted += 1
+            for opt in link.opt_out:
+                s = opt.start
+                while s > 0 and text[s - 1] in " \t\r\n":
+                    s -= 1
+                removals.append((s, opt.end))
+            continue
+        if not is_http_url(link.target) or link.target.startswith(public + "/"):
+            continue  # other schemes; ours already (quoted text): never wrapped twice
+        inner = text[link.text_start:link.text_end] if link.text_start >= 0 else ""
+        url_text = "." in inner and looks_like_url(visible_text(inner))  # a URL or domain has a dot
+        candidates.append(Candidate(link.href.value_start, link.href.value_end, link.target,
+                                    encode_target(link.target), url_text))
+    top = sc.body_open_end if sc.body_open_end is not None else 0
+    bottom = sc.body_close_start if sc.body_close_start is not None else len(text)
+    return has_visible_content(text, sc), candidates, removals, opted, sc.old_pixels, top, bottom
 
 
 @dataclass
@@ -146,7 +189,7 @@ def _walk(raw: bytes, start: int, end: int, parsed: Parsed, depth: int, top: boo
         else:
             raise Untouched(f"body is not {charset}") from None
     parsed.parts.append(HtmlPart(start, start + body_off, end, cte, charset, text,
-                                 scan(text, f"{public_url.rstrip('/')}/o/")))
+                                 *_prepare(text, public_url)))
 
 
 def _split_multipart(entity: bytes, body_off: int, boundary: bytes) -> list[tuple[int, int]]:
@@ -219,38 +262,21 @@ def render(parsed: Parsed, plan: Plan) -> Result:
     link_index = 0
     public = plan.public_url.rstrip("/")
     for part in parsed.parts:
-        edits: list[tuple[int, int, str]] = []
-        sc = part.scan
-        for a, b in sc.old_pixels:
-            edits.append((a, b, ""))
+        edits: list[tuple[int, int, str]] = [(a, b, "") for a, b in part.old_pixels]
         if plan.clicks:
-            for link in sc.links:
-                for opt in link.opt_out:
-                    s = opt.start
-                    while s > 0 and part.text[s - 1] in " \t\r\n":
-                        s -= 1
-                    edits.append((s, opt.end, ""))
-                if link.opt_out:
-                    result.skipped.append("opt_out")
-                    continue
-                if not is_http_url(link.target):
-                    continue
-                if link.target.startswith(public + "/"):
-                    continue  # ours already (quoted text): never wrapped twice
-                if plan.skip_url_text_links and looks_like_url(link.text):
+            edits += [(a, b, "") for a, b in part.opt_out_removals]
+            result.skipped += ["opt_out"] * part.opt_out_links
+            for c in part.candidates:
+                if plan.skip_url_text_links and c.url_text:
                     result.skipped.append("url_text")
                     continue
-                url = click_url(public, plan.keyring, plan.token, link_index, link.target)
-                edits.append((link.href.value_start, link.href.value_end, url))
-                result.links.append((link_index, link.target))
+                edits.append((c.start, c.end, signed_click(public, plan.keyring, plan.token, link_index,
+                                                           c.target_b64)))
+                result.links.append((link_index, c.target))
                 link_index += 1
-        if plan.opens and not pixel_done and sc.visible:
-            tag = _pixel_tag(pixel_url(public, plan.token))
-            if plan.pixel_position == "bottom":
-                at = sc.body_close_start if sc.body_close_start is not None else len(part.text)
-            else:
-                at = sc.body_open_end if sc.body_open_end is not None else 0
-            edits.append((at, at, tag))
+        if plan.opens and not pixel_done and part.visible:
+            at = part.bottom if plan.pixel_position == "bottom" else part.top
+            edits.append((at, at, _pixel_tag(pixel_url(public, plan.token))))
             pixel_done = True
         if not edits:
             continue
@@ -260,10 +286,8 @@ def render(parsed: Parsed, plan: Plan) -> Result:
         original_body = parsed.raw[part.body_start:part.body_end]
         body, cte = _encode_body(data, part.cte, original_body)
         pieces.append(parsed.raw[pos:part.headers_start])
-        if cte != part.cte:
-            pieces.append(_set_cte(parsed.raw[part.headers_start:part.body_start], cte))
-        else:
-            pieces.append(parsed.raw[part.headers_start:part.body_start])
+        head = parsed.raw[part.headers_start:part.body_start]
+        pieces.append(_set_cte(head, cte) if cte != part.cte else head)
         pieces.append(body)
         pos = part.body_end
     if plan.opens and not pixel_done:

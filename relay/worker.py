@@ -26,7 +26,7 @@ from trackrelay.config import Config
 
 log = logging.getLogger("trackrelay.worker")
 
-CLAIM_BATCH = 8
+CLAIM_BATCH = 32
 IDLE_POLL_SECONDS = 1.0
 MAINTENANCE_SECONDS = 30.0
 

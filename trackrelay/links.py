@@ -13,6 +13,7 @@ recipient's address: the token is random.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -57,8 +58,12 @@ class Keyring:
                 return k
         return None
 
+    @functools.cached_property
+    def signing_id(self) -> str:
+        return key_id(self.keys[0])
+
     def sign(self, payload: str, key: bytes | None = None) -> str:
-        mac = hmac.new(key or self.keys[0], payload.encode("ascii"), hashlib.sha256).digest()
+        mac = hmac.digest(key or self.keys[0], payload.encode("ascii"), "sha256")
         return _b64e(mac[:16])
 
 
@@ -73,10 +78,18 @@ def pixel_url(public_url: str, token: str) -> str:
     return f"{public_url.rstrip('/')}/o/{token}.gif"
 
 
+def encode_target(target: str) -> str:
+    return _b64e(target.encode("utf-8", "surrogatepass"))
+
+
 def click_url(public_url: str, keyring: Keyring, token: str, index: int, target: str) -> str:
-    kid = key_id(keyring.keys[0])
-    payload = f"{kid}.{token}.{index}.{_b64e(target.encode('utf-8', 'surrogatepass'))}"
-    return f"{public_url.rstrip('/')}/c/{payload}.{keyring.sign(payload)}"
+    return signed_click(public_url.rstrip("/"), keyring, token, index, encode_target(target))
+
+
+def signed_click(public_url: str, keyring: Keyring, token: str, index: int, target_b64: str) -> str:
+    """The hot path of rendering: ``target_b64`` is computed once per message, not per copy."""
+    payload = f"{keyring.signing_id}.{token}.{index}.{target_b64}"
+    return f"{public_url}/c/{payload}.{keyring.sign(payload)}"
 
 
 def verify_click(keyring: Keyring, path_part: str) -> Click | None:
@@ -100,8 +113,11 @@ def verify_click(keyring: Keyring, path_part: str) -> Click | None:
     return Click(token, int(index), target)
 
 
+_HTTP_URL = re.compile(r"^\s*https?://[^/?#\s]", re.IGNORECASE)
+
+
 def is_http_url(target: str) -> bool:
-    return bool(re.match(r"^https?://[^/?#\s]", target.strip(), re.IGNORECASE))
+    return bool(_HTTP_URL.match(target))
 
 
 def to_uri(target: str) -> str:
