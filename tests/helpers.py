@@ -17,10 +17,11 @@ import aiosmtplib
 from aiosmtpd.smtp import SMTP
 
 from trackrelay import config as config_mod
-from trackrelay.passwords import hash_password
+from trackrelay.passwords import hash_password, token_hash
 
 PASSWORD = "s3cret-pw"
 PASSWORD_HASH = hash_password(PASSWORD)
+API_TOKENS = {name: f"trk_test_token_for_{name}_0123456789" for name in ("alice", "bob", "carl")}
 
 
 def free_port() -> int:
@@ -126,17 +127,23 @@ class Sink:
 
 
 def base_config(*, db_url: str, relay_port: int, upstream_url: str, tmp: Path, **sections) -> dict:
+    tracker_port = free_port()
     cfg = {
         "relay": {"listen": f"127.0.0.1:{relay_port}", "hostname": "relay.example.test"},
         "upstream": {"url": upstream_url, "starttls": False, "timeout_seconds": 5},
         "queue": {"retry_initial_seconds": 0.2, "retry_max_seconds": 1, "lease_seconds": 30},
         "storage": {"url": db_url},
-        "tracker": {"listen": f"127.0.0.1:{free_port()}", "secret_keys": ["test-key-0123456789abcdef"]},
+        "tracker": {"listen": f"127.0.0.1:{tracker_port}", "public_url": f"http://127.0.0.1:{tracker_port}",
+                    "secret_keys": ["test-key-0123456789abcdef"]},
         "api": {"listen": f"127.0.0.1:{free_port()}"},
         "log": {"level": "warning"},
         "users": [
-            {"name": "alice", "password_hash": PASSWORD_HASH, "addresses": ["alice@example.com"]},
-            {"name": "bob", "password_hash": PASSWORD_HASH, "addresses": ["bob@example.com"], "admin": True},
+            {"name": "alice", "password_hash": PASSWORD_HASH, "addresses": ["alice@example.com"],
+             "api_token_hash": token_hash(API_TOKENS["alice"])},
+            {"name": "bob", "password_hash": PASSWORD_HASH, "addresses": ["bob@example.com"], "admin": True,
+             "api_token_hash": token_hash(API_TOKENS["bob"])},
+            {"name": "carl", "password_hash": PASSWORD_HASH, "addresses": ["carl@example.com"],
+             "api_token_hash": token_hash(API_TOKENS["carl"])},
         ],
     }
     for section, values in sections.items():
@@ -179,9 +186,10 @@ def to_toml(data: dict) -> str:
     return "\n".join(out)
 
 
-async def client(port: int, user: str | None = "alice", password: str = PASSWORD) -> aiosmtplib.SMTP:
+async def client(port: int, user: str | None = "alice", password: str = PASSWORD,
+                 source: str | None = None) -> aiosmtplib.SMTP:
     c = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, local_hostname="client.test",
-                        timeout=10)
+                        timeout=10, source_address=(source, 0) if source else None)
     await c.connect()
     await c.ehlo()
     if user:

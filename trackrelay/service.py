@@ -18,6 +18,7 @@ from relay.worker import DeliveryWorker, Renderer, plain_renderer
 from storage import migrate
 from storage.engine import make_engine, make_sessionmaker
 from storage.spool import spool_writer
+from tracker_http.app import Tracker
 from trackrelay.config import Config, ConfigError
 from trackrelay.links import keyring_for
 
@@ -35,6 +36,7 @@ class Service:
     sessionmaker: async_sessionmaker | None = None
     worker: DeliveryWorker | None = None
     handler: SubmissionHandler | None = None
+    tracker: Tracker | None = None
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
     _spool = None
     _size: SizeLimit | None = None
@@ -45,8 +47,8 @@ class Service:
         self.engine = make_engine(c.storage.url)
         await migrate.upgrade(self.engine)
         self.sessionmaker = make_sessionmaker(self.engine)
-        if "worker" in self.roles:
-            upstream = make_upstream(c.upstream, c.relay.hostname)
+        keyring = None
+        if "worker" in self.roles or "tracker" in self.roles:
             try:
                 keyring, generated = keyring_for(c.tracker.secret_keys, c.storage.url,
                                                  allow_generate=set(self.roles) == set(ROLES))
@@ -54,6 +56,11 @@ class Service:
                 raise ConfigError(c.source, "tracker.secret_keys", str(e)) from None
             if generated:
                 log.info("tracker.secret_keys not set: signing with the generated key in %s", generated)
+        if "tracker" in self.roles:
+            self.tracker = Tracker(c, self.sessionmaker, keyring)
+            await self.tracker.start()
+        if "worker" in self.roles:
+            upstream = make_upstream(c.upstream, c.relay.hostname)
             self.render = CopyRenderer(c, keyring)
             self.worker = DeliveryWorker(c, self.sessionmaker, upstream, render=self.render)
             self.worker.start()
@@ -100,5 +107,7 @@ class Service:
             self.handler.close_sessions()
         if self.worker is not None:
             await self.worker.stop()
+        if self.tracker is not None:
+            await self.tracker.stop()
         if self.engine is not None:
             await self.engine.dispose()

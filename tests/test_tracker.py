@@ -1,0 +1,323 @@
+"""The tracker over real HTTP: pixel, signed redirects, classification, buffered recording, events API."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import threading
+
+import aiohttp
+import pytest
+
+from helpers import API_TOKENS, client
+from tracker_http.public import GIF
+from trackrelay.links import Keyring, click_url
+
+SENDER_IP = "127.0.0.2"  # the mail is submitted from here; the reader opens from 127.0.0.1
+
+HTML_MSG = (b"From: Alice <alice@example.com>\r\nTo: carol@ext.test\r\nSubject: Offer\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+            b"<html><body><p>Hi Carol, see <a href=\"https://example.com/offer?a=1&amp;b=2\">the offer</a> "
+            b"and <a href=\"https://example.com/pricing\">pricing</a>.</p></body></html>\r\n")
+
+
+class Tracked:
+    """A message sent through the relay and delivered; its copies' pixel and click URLs."""
+
+    def __init__(self, relay, data_by_rcpt: dict[str, bytes]):
+        self.relay = relay
+        self.data = data_by_rcpt
+
+    def pixel(self, rcpt: str) -> str:
+        return re.search(rb'src="(http://[^"]+/o/[^"]+\.gif)"', self.data[rcpt]).group(1).decode()
+
+    def clicks(self, rcpt: str) -> list[str]:
+        return [u.decode() for u in re.findall(rb'href="(http://[^"]+/c/[^"]+)"', self.data[rcpt])]
+
+
+async def send_tracked(relay, rcpts=("carol@ext.test",), source=SENDER_IP, user="alice", msg=HTML_MSG) -> Tracked:
+    c = await client(relay.port, user=user, source=source)
+    frm = f"{user}@example.com"
+    await c.sendmail(frm, list(rcpts), msg.replace(b"alice@example.com", frm.encode()))
+    await c.quit()
+    got = await relay.sink.wait_for(len(relay.sink.received) + len(rcpts))
+    await relay.wait_status({"sent"}, len(rcpts))
+    return Tracked(relay, {r.rcpt_tos[0]: r.data for r in got})
+
+
+async def events(relay, timeout=10.0, want=1):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        rows = await relay.rows(
+            "SELECT e.type, r.address, e.classification, e.reason, e.url, e.ip, e.first, e.inferred, e.client "
+            "FROM events e JOIN recipients r ON r.id = e.recipient_pk "
+            "WHERE e.type IN ('opened', 'clicked') ORDER BY e.id")
+        if len(rows) >= want or loop.time() > deadline:
+            return rows
+        await asyncio.sleep(0.05)
+
+
+BROWSER_UA = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+              "Chrome/120.0 Safari/537.36")
+
+
+def browser() -> aiohttp.ClientSession:
+    """A client that looks like a reader's browser (aiohttp's own agent is a known scanner)."""
+    return aiohttp.ClientSession(headers={"User-Agent": BROWSER_UA})
+
+
+def public(relay) -> str:
+    return "http://" + relay.config.tracker.listen
+
+
+def api(relay) -> str:
+    return "http://" + relay.config.api.listen
+
+
+async def start(relay, **sections):
+    sections.setdefault("tracking", {}).setdefault("scanner_window_seconds", 0)
+    await relay.start(**sections)
+
+
+async def test_pixel_records_a_human_open_for_exactly_that_recipient(relay, sink):
+    await start(relay)
+    t = await send_tracked(relay, ("carol@ext.test", "dave@ext.test"))
+    async with browser() as s:
+        async with s.get(t.pixel("carol@ext.test"), headers={"User-Agent": "Mozilla/5.0 (Windows NT 10.0; "
+                         "Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"}) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "image/gif"
+            assert r.headers["Cache-Control"] == "no-store, no-cache, must-revalidate, private, max-age=0"
+            assert await r.read() == GIF and len(GIF) == 43
+    (row,) = await events(relay)
+    assert row[:4] == ("opened", "carol@ext.test", "human", None)
+    assert row[5] == "127.0.0.0"  # truncated per privacy.store_ip
+    assert row[6] in (True, 1) and row[8] == "Chrome/Windows"
+
+
+async def test_unknown_pixel_token_gets_the_gif_and_records_nothing(relay, sink):
+    await start(relay)
+    async with browser() as s:
+        async with s.get(public(relay) + "/o/UNKNOWNunknownUNKNOWNunknown.gif") as r:
+            assert r.status == 200 and await r.read() == GIF
+    await asyncio.sleep(0.5)
+    assert await events(relay, timeout=0.3) == []
+    assert relay.service.tracker.recorder.stats.unknown_tokens == 1
+
+
+async def test_click_redirects_to_the_original_and_records_click_with_inferred_open(relay, sink):
+    await start(relay)
+    t = await send_tracked(relay)
+    url = t.clicks("carol@ext.test")[0]
+    async with browser() as s:
+        async with s.get(url, allow_redirects=False) as r:
+            assert r.status == 302
+            assert r.headers["Location"] == "https://example.com/offer?a=1&b=2"
+            assert r.headers["Referrer-Policy"] == "no-referrer"
+    rows = await events(relay, want=2)
+    assert [(r[0], r[2], r[4], bool(r[6]), bool(r[7])) for r in rows] == [
+        ("opened", "human", None, True, True),
+        ("clicked", "human", "https://example.com/offer?a=1&b=2", True, False)]
+
+
+@pytest.mark.parametrize("mangle", ["tamper_target", "tamper_sig", "other_key", "javascript", "crlf", "truncated"])
+async def test_bad_click_urls_get_404_never_a_redirect(relay, sink, mangle):
+    await start(relay)
+    t = await send_tracked(relay)
+    good = t.clicks("carol@ext.test")[0]
+    base, rest = good.split("/c/")
+    kid, token, idx, target, sig = rest.split(".")
+    if mangle == "tamper_target":
+        bad = f"{base}/c/{kid}.{token}.{idx}.{target[:-2] + 'xx'}.{sig}"
+    elif mangle == "tamper_sig":
+        bad = f"{base}/c/{kid}.{token}.{idx}.{target}.{sig[:-1] + ('A' if sig[-1] != 'A' else 'B')}"
+    elif mangle == "other_key":
+        bad = click_url(base, Keyring.from_strings(["attacker-key-0123456789"]), token, 0, "https://evil.example/")
+    elif mangle == "javascript":
+        bad = click_url(base, Keyring.from_strings(["test-key-0123456789abcdef"]), token, 0, "javascript:alert(1)")
+    elif mangle == "crlf":
+        bad = click_url(base, Keyring.from_strings(["test-key-0123456789abcdef"]), token, 0,
+                        "https://example.com/\r\nSet-Cookie: x=1")
+    else:
+        bad = good[:-5]
+    async with browser() as s:
+        async with s.get(bad, allow_redirects=False) as r:
+            assert r.status == 404 and "Location" not in r.headers
+    await asyncio.sleep(0.4)
+    assert await events(relay, timeout=0.2) == []
+
+
+async def test_nothing_of_the_api_answers_on_the_public_listener(relay, sink):
+    await start(relay)
+    async with browser() as s:
+        for path in ("/api/v1/events", "/metrics", "/api/v1/openapi.json", "/", "/login"):
+            async with s.get(public(relay) + path,
+                             headers={"Authorization": f"Bearer {API_TOKENS['bob']}"}) as r:
+                assert r.status == 404, path
+        async with s.get(public(relay) + "/healthz") as r:
+            assert r.status == 200
+
+
+async def test_head_request_is_machine(relay, sink):
+    await start(relay)
+    t = await send_tracked(relay)
+    async with browser() as s:
+        async with s.head(t.clicks("carol@ext.test")[0], allow_redirects=False) as r:
+            assert r.status == 302
+    (row,) = await events(relay)
+    assert row[:4] == ("clicked", "carol@ext.test", "machine", "head_request")
+
+
+async def test_click_within_scanner_window_is_machine(relay, sink):
+    await relay.start(tracking={"scanner_window_seconds": 60})
+    t = await send_tracked(relay)
+    async with browser() as s:
+        async with s.get(t.clicks("carol@ext.test")[0], allow_redirects=False) as r:
+            assert r.status == 302
+    (row,) = await events(relay)
+    assert row[2:4] == ("machine", "scanner_window")
+
+
+async def test_burst_of_clicks_on_several_links_is_machine(relay, sink):
+    await start(relay)
+    t = await send_tracked(relay)
+    async with browser() as s:
+        for url in t.clicks("carol@ext.test"):
+            async with s.get(url, allow_redirects=False) as r:
+                assert r.status == 302
+    rows = await events(relay, want=3)
+    clicks = [r for r in rows if r[0] == "clicked"]
+    assert clicks[-1][2:4] == ("machine", "click_burst")
+
+
+async def test_apple_egress_address_via_trusted_proxy_is_machine(relay, sink):
+    await start(relay, tracker={"trusted_proxies": ["127.0.0.1"]})
+    t = await send_tracked(relay)
+    async with browser() as s:
+        async with s.get(t.pixel("carol@ext.test"), headers={"X-Forwarded-For": "203.0.113.9, 17.58.100.4"}) as r:
+            assert r.status == 200
+    (row,) = await events(relay)
+    assert row[2:4] == ("machine", "apple_privacy_proxy") and row[5] == "17.58.100.0"
+
+
+async def test_forged_forwarded_for_from_untrusted_peer_is_ignored(relay, sink):
+    await start(relay)  # no trusted proxies
+    t = await send_tracked(relay)
+    async with browser() as s:
+        async with s.get(t.pixel("carol@ext.test"), headers={"X-Forwarded-For": "17.58.100.4"}) as r:
+            assert r.status == 200
+    (row,) = await events(relay)
+    assert row[2] == "human" and row[5] == "127.0.0.0"
+
+
+async def test_open_from_the_submitting_address_is_self(relay, sink):
+    await start(relay)
+    t = await send_tracked(relay, source="127.0.0.1")
+    async with browser() as s:
+        async with s.get(t.pixel("carol@ext.test")) as r:
+            assert r.status == 200
+    (row,) = await events(relay)
+    assert row[2:4] == ("self", "sender_ip")
+
+
+async def test_gmail_image_proxy_is_a_human_open_from_gmail(relay, sink):
+    await start(relay)
+    t = await send_tracked(relay)
+    ua = "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+    async with browser() as s:
+        async with s.get(t.pixel("carol@ext.test"), headers={"User-Agent": ua}) as r:
+            assert r.status == 200
+    (row,) = await events(relay)
+    assert row[2] == "human" and row[8] == "Gmail"
+
+
+async def test_database_locked_clicks_still_redirect_and_events_are_written_once_after(relay, sink, db_url):
+    await start(relay)
+    t = await send_tracked(relay)
+    url = t.clicks("carol@ext.test")[1]
+    release = threading.Event()
+    locked = threading.Event()
+    pg_lock = None
+    if db_url.startswith("sqlite"):
+        path = db_url.split(":///", 1)[1]
+
+        def hold():
+            con = sqlite3.connect(path, timeout=30)
+            con.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            release.wait(30)
+            con.rollback()
+            con.close()
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        locked.wait(10)
+    else:
+        import asyncpg
+        from conftest import _pg_dsn, pg_test_url
+        pg_lock = await asyncpg.connect(_pg_dsn(pg_test_url()))
+        tr = pg_lock.transaction()
+        await tr.start()
+        await pg_lock.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+    try:
+        async with browser() as s:
+            for i in range(100):
+                async with s.get(url, allow_redirects=False, headers={"User-Agent": f"reader {i}"}) as r:
+                    assert r.status == 302 and r.headers["Location"] == "https://example.com/pricing"
+        await asyncio.sleep(0.5)
+        assert relay.service.tracker.recorder.depth > 0  # nothing could be written yet
+    finally:
+        if pg_lock is not None:
+            await tr.rollback()
+            await pg_lock.close()
+        else:
+            release.set()
+            holder.join()
+    rows = await events(relay, timeout=40, want=101)
+    clicks = [r for r in rows if r[0] == "clicked"]
+    assert len(clicks) == 100  # exactly once each
+    assert len(rows) == 101  # plus the one inferred open
+
+
+async def test_events_api_shows_own_events_only_and_admin_sees_all(relay, sink):
+    await start(relay)
+    t_alice = await send_tracked(relay, user="alice")
+    async with browser() as s:
+        async with s.get(t_alice.pixel("carol@ext.test")) as r:
+            assert r.status == 200
+        await events(relay)
+        await asyncio.sleep(0.2)
+
+        async def get(user, query=""):
+            async with s.get(api(relay) + "/api/v1/events" + query,
+                             headers={"Authorization": f"Bearer {API_TOKENS[user]}"}) as r:
+                return r.status, await r.json()
+
+        status, body = await get("alice")
+        assert status == 200
+        types = [e["type"] for e in body["events"]]
+        assert {"queued", "sent", "opened"} <= set(types)
+        opened = [e for e in body["events"] if e["type"] == "opened"][0]
+        assert opened["recipient"] == "carol@ext.test" and opened["classification"] == "human"
+        assert opened["message_id"] and opened["at"].endswith("Z") and opened["ip"] == "127.0.0.0"
+        assert set(opened) >= {"id", "type", "at", "message", "message_id", "recipient", "url", "user_agent",
+                               "ip", "client", "classification", "reason", "first", "inferred"}
+        status, body = await get("carl")
+        assert status == 200 and body["events"] == []
+        status, body = await get("bob")  # admin
+        assert {e["type"] for e in body["events"]} >= {"opened"}
+        # Paging with after= and limit=
+        status, page = await get("alice", "?limit=1")
+        assert len(page["events"]) == 1 and page["next"]
+        status, page2 = await get("alice", f"?after={page['next']}&limit=100")
+        assert page2["events"][0]["id"] > page["events"][0]["id"]
+        async with s.get(api(relay) + "/api/v1/events") as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized"
+        async with s.get(api(relay) + "/api/v1/events?limit=abc",
+                         headers={"Authorization": f"Bearer {API_TOKENS['alice']}"}) as r:
+            assert r.status == 400 and "limit" in (await r.json())["error"]["message"]
+        async with s.get(api(relay) + "/metrics") as r:
+            text = await r.text()
+            assert 'trackrelay_tracker_requests_total{route="pixel"} 1' in text
+            assert "trackrelay_events_dropped_total 0" in text

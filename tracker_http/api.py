@@ -1,0 +1,123 @@
+"""The team's listener: the JSON API under /api/v1, /metrics and /healthz.
+
+Every API call carries ``Authorization: Bearer <token>`` (the user's token from `new-token`);
+errors are JSON: ``{"error": {"code": "...", "message": "..."}}``. A user sees the tracking of
+their own messages only; admins see everybody's.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from aiohttp import web
+
+from storage import events as ev
+from tracker_http.state import CTX
+from trackrelay.config import User
+from trackrelay.passwords import token_hash
+
+USER = web.AppKey("user", User)
+MAX_LIMIT = 1000
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error(e.status, e.reason.lower().replace(" ", "_"), e.text or e.reason)
+    except Exception:
+        request.app.logger.exception("API error")
+        return error(500, "internal", "internal error")
+
+
+def authenticate(request: web.Request) -> User:
+    ctx = request.app[CTX]
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise web.HTTPUnauthorized(text="missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    digest = token_hash(token.strip())
+    for user in ctx.config.users:
+        if user.api_token_hash and hmac.compare_digest(user.api_token_hash, digest):
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            if peer:
+                ctx.signed_in.saw(peer[0])
+            return user
+    raise web.HTTPUnauthorized(text="unknown token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise web.HTTPBadRequest(text=f"{name} must be a whole number from {lo} to {hi}")
+    return int(raw)
+
+
+async def list_events(request: web.Request) -> web.Response:
+    user = authenticate(request)
+    after = int_param(request, "after", 0, 0, 2**62)
+    after = int_param(request, "cursor", after, 0, 2**62)
+    limit = int_param(request, "limit", 100, 1, MAX_LIMIT)
+    async with request.app[CTX].sessionmaker() as session:
+        rows = await ev.list_for_user(session, None if user.admin else user.name, after, limit)
+    events = [ev.event_json(e, mid, rcpt) for e, mid, rcpt in rows]
+    nxt = str(events[-1]["id"]) if len(events) == limit else None
+    return web.json_response({"events": events, "next": nxt}, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    st = ctx.recorder.stats
+    lines = [
+        "# HELP trackrelay_tracker_requests_total Requests to the public tracker, by route.",
+        "# TYPE trackrelay_tracker_requests_total counter",
+    ]
+    for route in ("pixel", "click", "click_rejected"):
+        lines.append(f'trackrelay_tracker_requests_total{{route="{route}"}} {ctx.metrics.requests[route]}')
+    lines += [
+        "# HELP trackrelay_events_written_total Events written to the database.",
+        "# TYPE trackrelay_events_written_total counter",
+        f"trackrelay_events_written_total {st.written}",
+        "# HELP trackrelay_event_buffer_depth Events waiting in memory to be written.",
+        "# TYPE trackrelay_event_buffer_depth gauge",
+        f"trackrelay_event_buffer_depth {ctx.recorder.depth}",
+        "# HELP trackrelay_events_dropped_total Events lost because the buffer was full.",
+        "# TYPE trackrelay_events_dropped_total counter",
+        f"trackrelay_events_dropped_total {st.dropped}",
+        "# HELP trackrelay_event_unknown_tokens_total Hits whose token the database does not know.",
+        "# TYPE trackrelay_event_unknown_tokens_total counter",
+        f"trackrelay_event_unknown_tokens_total {st.unknown_tokens}",
+        "# HELP trackrelay_event_write_failures_total Batches that failed to write and were kept.",
+        "# TYPE trackrelay_event_write_failures_total counter",
+        f"trackrelay_event_write_failures_total {st.failures}",
+    ]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return error(404, "not_found", "no such endpoint")
+
+
+def create_api_app(ctx) -> web.Application:
+    app = web.Application(middlewares=[json_errors], client_max_size=1024 * 1024)
+    app[CTX] = ctx
+    app.router.add_get("/api/v1/events", list_events)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_route("*", "/api/{tail:.*}", not_found)
+    return app

@@ -1,0 +1,98 @@
+"""Is an open or click a human reading, a machine (privacy proxy, link scanner) or the sender?
+
+Pure: facts in, (classification, reason) out. Rules are tried in order; the first that fires wins.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import lru_cache
+
+HUMAN, MACHINE, SELF = "human", "machine", "self"
+
+#: Link scanners and prefetchers by user agent (security gateways, previewers, HTTP libraries).
+SCANNER_AGENTS = re.compile(
+    r"Microsoft Office Protocol Discovery|BingPreview|SafeLinks|Mimecast|Proofpoint|urldefense|"
+    r"Barracuda|Symantec|MessageLabs|TrendMicro|Trend Micro|Forcepoint|Sophos|FireEye|Cisco|IronPort|"
+    r"Zscaler|Fortinet|FortiGuard|Palo ?Alto|Check ?Point|Avanan|Abnormal|Darktrace|Cloudmark|"
+    r"HeadlessChrome|PhantomJS|python-requests|python-urllib|aiohttp|curl/|Wget|Go-http-client|"
+    r"okhttp|Java/|libwww|Apache-HttpClient|facebookexternalhit|Slackbot|Twitterbot|Discordbot|"
+    r"\bbot\b|crawler|spider|scanner", re.IGNORECASE)
+#: Apple Mail Privacy Protection fetches with exactly this agent.
+APPLE_MPP_AGENT = "Mozilla/5.0"
+BURST_SECONDS = 2.0
+SELF_WINDOW = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Facts:
+    kind: str  # open | click
+    method: str  # GET | HEAD
+    ip: str
+    user_agent: str
+    at: datetime
+    delivered_at: datetime  # when the copy went out (or was accepted, until then)
+    sender_ip: str | None  # the address that submitted the message
+    accepted_at: datetime
+    apple_ip: bool
+    burst: bool  # another link of this copy was clicked within BURST_SECONDS
+    signed_in_ip: bool  # a team member signed in from this address recently
+
+
+def classify(f: Facts, scanner_window_seconds: float) -> tuple[str, str | None]:
+    if f.method == "HEAD":
+        return MACHINE, "head_request"
+    if f.user_agent and SCANNER_AGENTS.search(f.user_agent) and "GoogleImageProxy" not in f.user_agent \
+            and "YahooMailProxy" not in f.user_agent:
+        return MACHINE, "scanner_agent"
+    if f.kind == "open" and (f.apple_ip or f.user_agent.strip() == APPLE_MPP_AGENT):
+        return MACHINE, "apple_privacy_proxy"
+    if f.apple_ip:
+        return MACHINE, "apple_privacy_proxy"
+    if (f.at - f.delivered_at).total_seconds() < scanner_window_seconds:
+        return MACHINE, "scanner_window"
+    if f.kind == "click" and f.burst:
+        return MACHINE, "click_burst"
+    if f.sender_ip and f.ip == f.sender_ip and f.at - f.accepted_at < SELF_WINDOW:
+        return SELF, "sender_ip"
+    if f.signed_in_ip:
+        return SELF, "signed_in_ip"
+    return HUMAN, None
+
+
+@lru_cache(maxsize=4096)
+def client_of(user_agent: str) -> str | None:
+    """A short client name, e.g. "Gmail", "Outlook/Windows", "Apple Mail/iOS", "Chrome/Android"."""
+    if not user_agent:
+        return None
+    if "GoogleImageProxy" in user_agent:
+        return "Gmail"
+    if "YahooMailProxy" in user_agent:
+        return "Yahoo"
+    if user_agent.strip() == APPLE_MPP_AGENT:
+        return "Apple Mail Privacy Protection"
+    try:
+        from ua_parser import parse
+        r = parse(user_agent)
+    except Exception:
+        return None
+    family = r.user_agent.family if r.user_agent else None
+    os = r.os.family if r.os else None
+    if family in (None, "Other"):
+        if "Outlook" in user_agent or "ms-office" in user_agent:
+            family = "Outlook"
+        elif "Thunderbird" in user_agent:
+            family = "Thunderbird"
+        elif "AppleWebKit" in user_agent and os in ("iOS", "Mac OS X", "macOS"):
+            family = "Apple Mail"
+    if family in ("Mobile Safari UI/WKWebView",) and os == "iOS":
+        family = "Apple Mail"
+    if family == "Apple Mail" or (family and family.startswith("Apple Mail")):
+        family = "Apple Mail"
+    if os in ("Mac OS X",):
+        os = "macOS"
+    if family in (None, "Other"):
+        return os if os not in (None, "Other") else None
+    return f"{family}/{os}" if os not in (None, "Other") else family

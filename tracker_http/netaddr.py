@@ -1,0 +1,94 @@
+"""Client addresses: X-Forwarded-For believed only from trusted proxies; storage per privacy.store_ip."""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+from pathlib import Path
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(specs: tuple[str, ...] | list[str]) -> list[Network]:
+    return [ipaddress.ip_network(s, strict=False) for s in specs]
+
+
+def _in(ip: str, nets: list[Network]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in n for n in nets)
+
+
+def client_ip(peer: str | None, forwarded_for: str | None, trusted: list[Network]) -> str:
+    """The real client: walk X-Forwarded-For from the right while the hop is a trusted proxy."""
+    ip = peer or ""
+    if not forwarded_for or not trusted or not _in(ip, trusted):
+        return ip
+    for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return ip
+        ip = hop
+        if not _in(hop, trusted):
+            return hop
+    return ip
+
+
+def stored_ip(ip: str, mode: str) -> str | None:
+    """The IP as kept: full, truncated (IPv4 /24, IPv6 /48) or none."""
+    if mode == "none" or not ip:
+        return None
+    if mode == "full":
+        return ip
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    prefix = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False).network_address)
+
+
+class RangeSet:
+    """Many IPv4/IPv6 ranges with fast membership: merged into disjoint sorted runs, bisected."""
+
+    def __init__(self, nets: list[Network]):
+        self._runs: dict[int, tuple[list[int], list[int]]] = {}
+        for version in (4, 6):
+            spans = sorted((int(n.network_address), int(n.broadcast_address)) for n in nets if n.version == version)
+            merged: list[list[int]] = []
+            for a, b in spans:
+                if merged and a <= merged[-1][1] + 1:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            self._runs[version] = ([a for a, _ in merged], [b for _, b in merged])
+        self._count = len(nets)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        starts, ends = self._runs[addr.version]
+        i = bisect.bisect_right(starts, int(addr)) - 1
+        return i >= 0 and int(addr) <= ends[i]
+
+    @classmethod
+    def from_file(cls, path: Path) -> "RangeSet":
+        nets = []
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            spec = line.split(",", 1)[0].strip()
+            try:
+                nets.append(ipaddress.ip_network(spec, strict=False))
+            except ValueError:
+                continue
+        return cls(nets)

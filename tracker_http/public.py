@@ -1,0 +1,78 @@
+"""The public listener: the open pixel, the click redirect and /healthz — nothing else.
+
+It faces the internet. Handlers answer from memory: the GIF is a constant, the redirect target is
+in the signed URL; the event goes to the recorder's buffer. A GET here changes nothing but the
+event log.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from tracker_http.netaddr import client_ip
+from tracker_http.recorder import Hit
+from tracker_http.state import CTX, Context
+from trackrelay.links import to_uri, verify_click
+
+#: The 43-byte transparent 1×1 GIF.
+GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
+       b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+assert len(GIF) == 43
+
+NO_STORE = "no-store, no-cache, must-revalidate, private, max-age=0"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+def _who(request: web.Request, ctx: Context) -> tuple[str, str]:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    ip = client_ip(peer[0] if peer else None, request.headers.get("X-Forwarded-For"), ctx.trusted_proxies)
+    return ip, request.headers.get("User-Agent", "")
+
+
+async def pixel(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    ctx.metrics.inc("pixel")
+    token = request.match_info["token"]
+    if _TOKEN.match(token):
+        ip, ua = _who(request, ctx)
+        ctx.recorder.add(Hit("open", token, request.method, ip, ua))
+    return web.Response(body=GIF, content_type="image/gif",
+                        headers={"Cache-Control": NO_STORE, "Pragma": "no-cache", "Expires": "0",
+                                 "Referrer-Policy": "no-referrer"})
+
+
+async def click(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    ctx.metrics.inc("click")
+    found = verify_click(ctx.keyring, request.match_info["rest"])
+    if found is None:
+        ctx.metrics.inc("click_rejected")
+        raise web.HTTPNotFound(text="Not found\n", headers={"Cache-Control": NO_STORE})
+    location = to_uri(found.target)
+    if any(c in location for c in "\r\n\x00") or urlsplit(location).scheme.lower() not in ("http", "https"):
+        raise web.HTTPNotFound(text="Not found\n")
+    ip, ua = _who(request, ctx)
+    ctx.recorder.add(Hit("click", found.token, request.method, ip, ua, url=found.target,
+                         link_index=found.index))
+    return web.Response(status=302, headers={"Location": location, "Cache-Control": NO_STORE,
+                                             "Referrer-Policy": "no-referrer"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_public_app(ctx: Context) -> web.Application:
+    app = web.Application(client_max_size=1024)
+    app[CTX] = ctx
+    prefix = urlsplit(ctx.config.tracker.public_url).path.rstrip("/")
+    app.router.add_get("/healthz", healthz)
+    for base in {prefix, ""}:
+        app.router.add_route("GET", f"{base}/o/{{token}}.gif", pixel)
+        app.router.add_route("HEAD", f"{base}/o/{{token}}.gif", pixel)
+        app.router.add_route("GET", f"{base}/c/{{rest}}", click)
+        app.router.add_route("HEAD", f"{base}/c/{{rest}}", click)
+    return app

@@ -1,0 +1,205 @@
+"""Buffered, batched, idempotent recording of opens and clicks.
+
+The pixel and click handlers only append a ``Hit`` to a bounded in-memory buffer and answer at
+once; they never wait for the database. A flush loop resolves tokens, classifies, infers opens and
+writes batches. If the database is down, hits stay buffered and are written when it is back; each
+hit carries a unique key so a batch retried after an unclear failure writes nothing twice. What
+does not fit in the buffer is counted (``dropped``) and logged, never silently lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from storage import events as ev
+from storage.models import utcnow
+from tracker_http.classify import BURST_SECONDS, HUMAN, Facts, classify, client_of
+from tracker_http.netaddr import RangeSet, stored_ip
+from trackrelay.config import Config
+
+log = logging.getLogger("trackrelay.tracker")
+
+BUFFER_MAX = 100_000
+BATCH_MAX = 1000
+FLUSH_INTERVAL = 0.05
+
+
+@dataclass
+class Hit:
+    kind: str  # open | click
+    token: str
+    method: str
+    ip: str
+    user_agent: str
+    at: datetime = field(default_factory=utcnow)
+    url: str | None = None
+    link_index: int | None = None
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class Stats:
+    buffered: int = 0
+    dropped: int = 0
+    written: int = 0
+    unknown_tokens: int = 0
+    failures: int = 0
+
+
+class Recorder:
+    def __init__(self, config: Config, sessionmaker: async_sessionmaker, apple: RangeSet,
+                 signed_in_ips: "SignedInIps | None" = None, on_written=None):
+        self.config = config
+        self.sessionmaker = sessionmaker
+        self.apple = apple
+        self.signed_in = signed_in_ips or SignedInIps()
+        self.on_written = on_written
+        self._buf: deque[Hit] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._recent_clicks: dict[str, deque[tuple[float, int]]] = {}
+        self.stats = Stats()
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    def add(self, hit: Hit) -> None:
+        if len(self._buf) >= BUFFER_MAX:
+            self.stats.dropped += 1
+            if self.stats.dropped in (1, 10, 100) or self.stats.dropped % 1000 == 0:
+                log.error("event buffer full (%d): %d events dropped so far", BUFFER_MAX, self.stats.dropped)
+            return
+        self._buf.append(hit)
+        if len(self._buf) >= BATCH_MAX:
+            self._wake.set()
+
+    @property
+    def depth(self) -> int:
+        return len(self._buf)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-recorder")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        deadline = time.monotonic() + grace
+        while self._buf and time.monotonic() < deadline:
+            if not await self.flush_once():
+                await asyncio.sleep(0.2)
+        if self._buf:
+            log.error("stopping with %d events not written (database unavailable)", len(self._buf))
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            while self._buf:
+                if await self.flush_once():
+                    backoff = 0.5
+                else:
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    break
+
+    async def flush_once(self) -> bool:
+        """Write one batch from the front of the buffer; False (batch kept) when that failed."""
+        batch = [self._buf[i] for i in range(min(BATCH_MAX, len(self._buf)))]
+        if not batch:
+            return True
+        try:
+            written = await self._write(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.stats.failures += 1
+            if self.stats.failures in (1, 10) or self.stats.failures % 100 == 0:
+                log.warning("writing %d events failed (%s); kept for retry", len(batch), type(exc).__name__)
+            return False
+        for _ in batch:
+            self._buf.popleft()
+        self.stats.written += written
+        if written and self.on_written:
+            self.on_written()
+        return True
+
+    # -- the batch ---------------------------------------------------------------------------
+
+    async def _write(self, batch: list[Hit]) -> int:
+        cfg = self.config
+        async with self.sessionmaker() as session:
+            async with session.begin():
+                info = await ev.resolve_tokens(session, {h.token for h in batch})
+                history = await ev.human_history(session, {i.recipient_pk for i in info.values()})
+                rows = []
+                for h in batch:
+                    t = info.get(h.token)
+                    if t is None:
+                        self.stats.unknown_tokens += 1
+                        continue
+                    kind = "opened" if h.kind == "open" else "clicked"
+                    facts = Facts(kind=h.kind, method=h.method, ip=h.ip, user_agent=h.user_agent, at=h.at,
+                                  delivered_at=t.sent_at or t.accepted_at, sender_ip=t.client_ip,
+                                  accepted_at=t.accepted_at, apple_ip=h.ip in self.apple,
+                                  burst=self._burst(h), signed_in_ip=self.signed_in.recent(h.ip, h.at))
+                    cls, reason = classify(facts, cfg.tracking.scanner_window_seconds)
+                    base = dict(message_pk=t.message_pk, recipient_pk=t.recipient_pk, user=t.user, at=h.at,
+                                ip=stored_ip(h.ip, cfg.privacy.store_ip), user_agent=h.user_agent[:1000],
+                                client=client_of(h.user_agent[:1000]), classification=cls, reason=reason)
+                    human = cls == HUMAN
+                    if human and kind == "clicked" and (t.recipient_pk, "opened") not in history:
+                        rows.append(dict(base, type="opened", url=None, first=True, inferred=True,
+                                         reason="inferred_from_click", dedupe_key=h.key + ":open"))
+                        history.add((t.recipient_pk, "opened"))
+                    first = human and (t.recipient_pk, kind) not in history
+                    if human:
+                        history.add((t.recipient_pk, kind))
+                    rows.append(dict(base, type=kind, url=h.url, first=first, inferred=False, dedupe_key=h.key))
+                await ev.insert_idempotent(session, rows)
+        return len(rows)
+
+    def _burst(self, h: Hit) -> bool:
+        """Another link of the same copy clicked within BURST_SECONDS (scanners click them all)."""
+        if h.kind != "click":
+            return False
+        now = h.at.timestamp()
+        recent = self._recent_clicks.setdefault(h.token, deque(maxlen=50))
+        burst = any(now - t < BURST_SECONDS and idx != h.link_index for t, idx in recent)
+        recent.append((now, h.link_index if h.link_index is not None else -1))
+        if len(self._recent_clicks) > 10_000:  # forget the oldest copies
+            for k in list(self._recent_clicks)[:5000]:
+                del self._recent_clicks[k]
+        return burst
+
+
+class SignedInIps:
+    """Addresses from which team members used the API or pages recently (the `self` heuristic)."""
+
+    def __init__(self, window_seconds: float = 86400):
+        self._seen: dict[str, float] = {}
+        self._window = window_seconds
+
+    def saw(self, ip: str) -> None:
+        self._seen[ip] = time.time()
+
+    def recent(self, ip: str, at: datetime) -> bool:
+        t = self._seen.get(ip)
+        return t is not None and at.timestamp() - t < self._window

@@ -1,0 +1,36 @@
+"""What the tracker's handlers share: config, keys, the recorder, metrics (one ``web.AppKey``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from tracker_http.netaddr import Network
+from tracker_http.recorder import Recorder, SignedInIps
+from trackrelay.config import Config
+from trackrelay.links import Keyring
+
+
+@dataclass
+class Metrics:
+    requests: Counter = field(default_factory=Counter)
+
+    def inc(self, name: str) -> None:
+        self.requests[name] += 1
+
+
+@dataclass
+class Context:
+    config: Config
+    keyring: Keyring
+    sessionmaker: async_sessionmaker
+    recorder: Recorder
+    trusted_proxies: list[Network]
+    signed_in: SignedInIps
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+CTX = web.AppKey("ctx", Context)
