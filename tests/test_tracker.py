@@ -321,3 +321,88 @@ async def test_events_api_shows_own_events_only_and_admin_sees_all(relay, sink):
             text = await r.text()
             assert 'trackrelay_tracker_requests_total{route="pixel"} 1' in text
             assert "trackrelay_events_dropped_total 0" in text
+
+
+@pytest.mark.browser
+async def test_chromium_renders_the_copy_fetches_the_pixel_and_clicks_through(relay, sink):
+    from aiohttp import web
+
+    from browser import chromium_page
+
+    landed = []
+
+    async def landing(request):
+        landed.append(str(request.rel_url))
+        return web.Response(text="<html><body><h1>Landed</h1></body></html>", content_type="text/html")
+
+    target_app = web.Application()
+    target_app.router.add_get("/landing", landing)
+    runner = web.AppRunner(target_app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    target_port = runner.addresses[0][1]
+    try:
+        await start(relay)
+        msg = HTML_MSG.replace(b"https://example.com/offer?a=1&amp;b=2",
+                               f"http://127.0.0.1:{target_port}/landing?a=1&amp;b=%C5%BC".encode())
+        t = await send_tracked(relay, ("carol@ext.test", "dave@ext.test"), msg=msg)
+        html = t.data["carol@ext.test"].split(b"\r\n\r\n", 1)[1].decode()
+        async with chromium_page() as page:
+            await page.set_content(html, wait_until="networkidle")
+            (row,) = await events(relay)
+            assert row[:3] == ("opened", "carol@ext.test", "human")
+            async with page.expect_navigation(url=f"http://127.0.0.1:{target_port}/landing?a=1&b=%C5%BC"):
+                await page.click("text=the offer")
+            assert await page.inner_text("h1") == "Landed"
+        assert landed == ["/landing?a=1&b=%C5%BC"]
+        rows = await events(relay, want=2)
+        clicked = [r for r in rows if r[0] == "clicked"]
+        assert [(r[1], r[2], r[4]) for r in clicked] == [
+            ("carol@ext.test", "human", f"http://127.0.0.1:{target_port}/landing?a=1&b=%C5%BC")]
+        assert all(r[1] == "carol@ext.test" for r in rows)  # dave's copy was never opened
+    finally:
+        await runner.cleanup()
+
+
+async def test_refresh_apple_ranges_command_replaces_the_shipped_list(tmp_path):
+    from aiohttp import web
+
+    from tracker_http.app import apple_ranges_path
+    from trackrelay.cli import main
+    from trackrelay.config import from_dict
+
+    async def csv(request):
+        return web.Response(text="104.28.0.0/24,US,US-CA,Los Angeles,\n2a02:26f7:b3c0:4000::/64,DE,DE-BE,Berlin,\nbogus\n")
+
+    app = web.Application()
+    app.router.add_get("/egress.csv", csv)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'[storage]\nurl = "sqlite+aiosqlite:///{tmp_path}/t.db"\n[relay]\nhostname = "h.example"\n')
+    try:
+        rc = await asyncio.to_thread(main, ["-c", str(cfg), "tracker", "refresh-apple-ranges",
+                                            "--url", f"http://127.0.0.1:{port}/egress.csv"])
+    finally:
+        await runner.cleanup()
+    assert rc == 0
+    path = apple_ranges_path(from_dict({"storage": {"url": f"sqlite+aiosqlite:///{tmp_path}/t.db"}}, "x", {}))
+    assert path == tmp_path / "apple_mpp_ranges.txt"
+    from tracker_http.netaddr import RangeSet
+    ranges = RangeSet.from_file(path)
+    assert "104.28.0.77" in ranges and "2a02:26f7:b3c0:4000::1" in ranges and "17.1.1.1" not in ranges
+
+
+def test_ip_storage_and_forwarded_for_rules():
+    from tracker_http.netaddr import client_ip, networks, stored_ip
+    assert stored_ip("203.0.113.77", "truncated") == "203.0.113.0"
+    assert stored_ip("2001:db8:1234:5678::1", "truncated") == "2001:db8:1234::"
+    assert stored_ip("203.0.113.77", "full") == "203.0.113.77"
+    assert stored_ip("203.0.113.77", "none") is None
+    trusted = networks(["10.0.0.0/8"])
+    assert client_ip("10.0.0.5", "198.51.100.7, 10.0.0.9", trusted) == "198.51.100.7"
+    assert client_ip("198.51.100.1", "1.2.3.4", trusted) == "198.51.100.1"  # untrusted peer: ignored
+    assert client_ip("10.0.0.5", "garbage", trusted) == "10.0.0.5"

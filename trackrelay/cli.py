@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("action", choices=("upgrade",))
     sub.add_parser("hash-password", help="read a password from stdin (or prompt), print its hash")
     sub.add_parser("new-token", help="print a fresh API token and its api_token_hash")
+    tp = sub.add_parser("tracker", help="tracker data")
+    tp.add_argument("action", choices=("refresh-apple-ranges",))
+    src = tp.add_mutually_exclusive_group()
+    src.add_argument("--url", help="where to download Apple's egress-ip-ranges.csv from")
+    src.add_argument("--file", help="read the list from this file instead of downloading it")
     qp = sub.add_parser("queue", help="inspect and steer the delivery queue")
     qp.add_argument("action", choices=("list", "retry", "bounce"))
     qp.add_argument("ids", nargs="*", type=int, help="recipient copy ids (retry: none means all)")
@@ -92,6 +97,8 @@ def _dispatch(args) -> int:
         return asyncio.run(_queue(cfg, args.action, args.ids))
     if args.command == "serve":
         return _serve(cfg, args.only)
+    if args.command == "tracker":
+        return asyncio.run(_refresh_apple(cfg, args.url, args.file))
     raise UsageError(f"unknown command {args.command}")  # pragma: no cover
 
 
@@ -152,6 +159,26 @@ async def _queue(cfg: Config, action: str, ids: list[int]) -> int:
                     print(f"{n} copies bounced; their senders get a DSN", file=sys.stderr)
     finally:
         await engine.dispose()
+    return 0
+
+
+async def _refresh_apple(cfg: Config, url: str | None, file: str | None) -> int:
+    from pathlib import Path
+
+    from tracker_http import apple
+    from trackrelay.links import key_file_path
+    source = file or url or apple.APPLE_EGRESS_URL
+    print(f"reading {source} …", file=sys.stderr)
+    try:
+        text = Path(file).read_text() if file else await apple.fetch(source)
+    except Exception as e:
+        raise Failure(f"cannot read {source}: {type(e).__name__}: {e}") from None
+    nets = apple.parse_ranges(text)
+    if not nets:
+        raise Failure(f"{source} holds no IP networks")
+    out = key_file_path(cfg.storage.url).parent / "apple_mpp_ranges.txt"
+    apple.write_ranges(out, nets, source)
+    print(f"{len(nets)} networks written to {out}; restart the tracker to use them", file=sys.stderr)
     return 0
 
 
