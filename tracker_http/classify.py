@@ -41,11 +41,18 @@ class Facts:
     signed_in_ip: bool  # a team member signed in from this address recently
 
 
+@lru_cache(maxsize=4096)
+def is_scanner_agent(user_agent: str) -> bool:
+    """Known scanners and HTTP libraries (the image proxies of Gmail and Yahoo are readers)."""
+    if not user_agent or "GoogleImageProxy" in user_agent or "YahooMailProxy" in user_agent:
+        return False
+    return bool(SCANNER_AGENTS.search(user_agent))
+
+
 def classify(f: Facts, scanner_window_seconds: float) -> tuple[str, str | None]:
     if f.method == "HEAD":
         return MACHINE, "head_request"
-    if f.user_agent and SCANNER_AGENTS.search(f.user_agent) and "GoogleImageProxy" not in f.user_agent \
-            and "YahooMailProxy" not in f.user_agent:
+    if is_scanner_agent(f.user_agent):
         return MACHINE, "scanner_agent"
     if f.kind == "open" and (f.apple_ip or f.user_agent.strip() == APPLE_MPP_AGENT):
         return MACHINE, "apple_privacy_proxy"

@@ -52,11 +52,12 @@ class Keyring:
     def from_strings(cls, keys: tuple[str, ...] | list[str]) -> "Keyring":
         return cls(tuple(k.encode("utf-8") for k in keys))
 
+    @functools.cached_property
+    def _ids(self) -> dict[str, bytes]:
+        return {key_id(k): k for k in reversed(self.keys)}
+
     def _by_id(self, kid: str) -> bytes | None:
-        for k in self.keys:
-            if key_id(k) == kid:
-                return k
-        return None
+        return self._ids.get(kid)
 
     @functools.cached_property
     def signing_id(self) -> str:

@@ -1,0 +1,190 @@
+"""Tracker throughput: trackrelay's pixel and redirect against a bare aiohttp handler.
+
+One run, side by side: the server under test is a subprocess pinned to CPU 0 (a bare aiohttp app
+returning the same GIF or 302, then `trackrelay serve` on SQLite); the load generator (aiohttp
+client, 32 concurrent connections, keep-alive) runs here on CPU 1. For trackrelay, every request's
+event is then counted in the database.
+
+    .venv/bin/python bench/tracker_bench.py [--requests 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
+BARE = r'''
+import sys
+from aiohttp import web
+GIF = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
+async def pixel(request):
+    return web.Response(body=GIF, content_type="image/gif", headers={"Cache-Control": "no-store"})
+async def click(request):
+    return web.Response(status=302, headers={"Location": "https://example.com/landing"})
+app = web.Application()
+app.router.add_get("/o/{token}.gif", pixel)
+app.router.add_get("/c/{rest}", click)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+'''
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            try:
+                async with s.get(url, allow_redirects=False):
+                    return
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} does not answer")
+
+
+async def load(urls: list[str], n: int, concurrency: int = 32) -> tuple[float, list[float]]:
+    lat: list[float] = []
+    it = iter(range(n))
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn, headers={"User-Agent": UA}) as s:
+        async def worker():
+            for i in it:
+                t0 = time.perf_counter()
+                async with s.get(urls[i % len(urls)], allow_redirects=False) as r:
+                    await r.read()
+                    assert r.status in (200, 302), r.status
+                lat.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - t0, lat
+
+
+def pin0():
+    os.sched_setaffinity(0, {0})
+
+
+def summary(name: str, elapsed: float, lat: list[float]) -> dict:
+    lat.sort()
+    return {"name": name, "rps": len(lat) / elapsed, "p99": lat[int(len(lat) * 0.99) - 1] * 1000,
+            "p50": lat[len(lat) // 2] * 1000}
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=20000)
+    args = ap.parse_args()
+    n = args.requests
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {1})
+    results = []
+
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)], preexec_fn=pin0)
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/o/x.gif")
+        for kind, urls in (("pixel", [f"http://127.0.0.1:{port}/o/T{i:026d}.gif" for i in range(50)]),
+                           ("redirect", [f"http://127.0.0.1:{port}/c/abc{i}" for i in range(50)])):
+            await load(urls, 1000)
+            results.append(summary(f"bare aiohttp {kind}", *await load(urls, n)))
+    finally:
+        bare.terminate()
+        bare.wait()
+
+    from trackrelay.passwords import hash_password
+    with tempfile.TemporaryDirectory() as tmp:
+        relay_port, t_port, a_port = free_port(), free_port(), free_port()
+        cfg = Path(tmp) / "t.toml"
+        cfg.write_text(f"""
+[relay]
+listen = "127.0.0.1:{relay_port}"
+hostname = "relay.bench.test"
+[upstream]
+url = "maildir://{tmp}/outbox"
+[storage]
+url = "sqlite+aiosqlite:///{tmp}/t.db"
+[tracker]
+listen = "127.0.0.1:{t_port}"
+public_url = "http://127.0.0.1:{t_port}"
+secret_keys = ["bench-key-0123456789abcdef"]
+[api]
+listen = "127.0.0.1:{a_port}"
+[tracking]
+scanner_window_seconds = 0
+[log]
+level = "warning"
+[[users]]
+name = "alice"
+password_hash = "{hash_password('pw')}"
+addresses = ["alice@example.com"]
+""")
+        proc = subprocess.Popen([sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "serve"],
+                                preexec_fn=pin0, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        try:
+            await wait_http(f"http://127.0.0.1:{t_port}/healthz")
+            import aiosmtplib
+            links = "".join(f'<a href="https://example.com/p/{i}">product {i}</a><br>' for i in range(5))
+            msg = ("From: alice@example.com\r\nTo: carol@ext.test\r\nSubject: b\r\nMIME-Version: 1.0\r\n"
+                   "Content-Type: text/html; charset=utf-8\r\n\r\n<html><body><p>Hello</p>" + links +
+                   "</body></html>\r\n")
+            rcpts = [f"r{i}@ext.test" for i in range(50)]
+            await aiosmtplib.send(msg, sender="alice@example.com", recipients=rcpts, hostname="127.0.0.1",
+                                  port=relay_port, username="alice", password="pw", start_tls=False,
+                                  source_address=("127.0.0.2", 0))
+            outbox = Path(tmp) / "outbox" / "new"
+            deadline = time.monotonic() + 30
+            while len(list(outbox.glob("*"))) < len(rcpts) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            pixels, clicks = [], []
+            for f in outbox.glob("*"):
+                data = f.read_bytes()
+                pixels += [u.decode() for u in re.findall(rb'src="(http://[^"]+/o/[^"]+)"', data)]
+                clicks += [u.decode() for u in re.findall(rb'href="(http://[^"]+/c/[^"]+)"', data)]
+            for kind, urls in (("pixel", pixels), ("redirect", clicks)):
+                await load(urls, 1000)
+                results.append(summary(f"trackrelay {kind}", *await load(urls, n)))
+            total = 2 * (n + 1000)
+
+            def count() -> int:
+                with sqlite3.connect(f"{tmp}/t.db") as db:
+                    return db.execute("SELECT count(*) FROM events WHERE type IN ('opened','clicked') "
+                                      "AND inferred = 0").fetchone()[0]
+            deadline = time.monotonic() + 120
+            while (c := await asyncio.to_thread(count)) < total and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    print(f"{n} requests per row after 1,000 warm-up requests, 32 concurrent keep-alive connections; "
+          "server on CPU 0, load on CPU 1\n")
+    print("| server | requests/s | p50 (ms) | p99 (ms) |\n|---|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['name']} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} |")
+    for kind in ("pixel", "redirect"):
+        b = next(r for r in results if r["name"] == f"bare aiohttp {kind}")
+        o = next(r for r in results if r["name"] == f"trackrelay {kind}")
+        print(f"\n{kind}: trackrelay / bare = {o['rps'] / b['rps']:.2f}")
+    print(f"\nevents persisted: {c} of {total} requests")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
