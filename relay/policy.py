@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from trackrelay.config import Config
+from trackrelay.neverlog import matches
+
+
+@dataclass(frozen=True)
+class ContactFacts:
+    legal_basis: str | None
+    do_not_track: bool
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,12 @@ class MessageFacts:
     x_track: str | None  # raw header value, or None
     x_log: str | None
     log_bcc: bool  # the sender added relay.log_bcc_address
+    sender: str = ""  # the envelope sender
+    #: Existing contacts among the recipients (lower-cased address -> facts), read at acceptance.
+    contacts: dict[str, ContactFacts] = field(default_factory=dict)
+    never_log_team: frozenset[str] = frozenset()
+    never_log_personal: frozenset[str] = frozenset()
+    team_addresses: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -33,6 +46,7 @@ class Decision:
     log: bool = False
     reasons: list[str] = field(default_factory=list)
     token: str | None = None
+    never_log: bool = False
 
     @property
     def tracked(self) -> bool:
@@ -102,11 +116,45 @@ def rule_internal(config: Config, facts: MessageFacts, d: Decision) -> None:
     d.reasons.append(reason)
 
 
+def rule_do_not_track(config: Config, facts: MessageFacts, d: Decision) -> None:
+    """A contact marked do_not_track is never tracked, whatever else is set."""
+    contact = facts.contacts.get(d.address.lower())
+    if contact is not None and contact.do_not_track:
+        if d.tracked:
+            d.track_opens = d.track_clicks = False
+        d.reasons.append("do_not_track")
+
+
+def rule_gdpr_basis(config: Config, facts: MessageFacts, d: Decision) -> None:
+    """Under privacy.gdpr only existing contacts with an accepted legal basis are tracked."""
+    if not config.privacy.gdpr or not d.tracked:
+        return
+    contact = facts.contacts.get(d.address.lower())
+    if contact is None or contact.legal_basis not in config.privacy.tracking_bases:
+        d.track_opens = d.track_clicks = False
+        d.reasons.append("gdpr_no_basis")
+
+
+def rule_never_log(config: Config, facts: MessageFacts, d: Decision) -> None:
+    """Team and personal Never Log lists: not logged (still delivered and tracked). Mail from or to
+    a team address ignores the lists."""
+    if facts.sender.lower() in facts.team_addresses or d.address.lower() in facts.team_addresses:
+        return
+    if matches(d.address, facts.never_log_team) or matches(d.address, facts.never_log_personal):
+        d.never_log = True
+        if d.log:
+            d.log = False
+        d.reasons.append("never_log")
+
+
 #: The rules in order; later rules may only take away what earlier ones gave.
 RULES: list[Rule] = [
     rule_tracking_choice,
     rule_logging_choice,
     rule_admin_switch,
+    rule_do_not_track,
+    rule_gdpr_basis,
+    rule_never_log,
     rule_internal,
 ]
 

@@ -17,13 +17,13 @@ import time
 import weakref
 from collections import deque
 from email.utils import formatdate
-from typing import Callable
+from typing import Awaitable, Callable
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay import message as m
 from relay import replies
-from relay.policy import MessageFacts, decide
+from relay.policy import ContactFacts, MessageFacts, decide
 from storage.spool import Batcher, SpoolEntry, SpoolRecipient
 from trackrelay.config import Config
 from trackrelay.passwords import verify_password
@@ -162,9 +162,10 @@ class SubmissionHandler:
     """aiosmtpd handler hooks for the submission listener."""
 
     def __init__(self, config: Config, spool: Batcher[SpoolEntry, int],
-                 on_accepted: Callable[[], None] | None = None):
+                 on_accepted: Callable[[], None] | None = None, crm_lookup: CrmLookup | None = None):
         self.config = config
         self.spool = spool
+        self.crm_lookup = crm_lookup
         self.on_accepted = on_accepted or (lambda: None)
         self.accepted = 0
         self.sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
@@ -215,12 +216,26 @@ class SubmissionHandler:
         bcc = self.config.log_bcc_address
         rcpts = [r for r in envelope.rcpt_tos if r.lower() != bcc]
         log_bcc = len(rcpts) != len(envelope.rcpt_tos)
+        try:
+            contacts, never_team, never_personal = (
+                await self.crm_lookup(user.name, {r.lower() for r in rcpts}) if self.crm_lookup
+                else ({}, frozenset(), frozenset()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("CRM lookup failed, answered 451: %s", type(exc).__name__)
+            return replies.TEMP_FAILURE
         facts = MessageFacts(
             user_addresses=self.config.user_addresses,
             internal_domains=self.config.internal_domains,
             x_track=m.get(fs, "x-track"),
             x_log=m.get(fs, "x-log"),
             log_bcc=log_bcc,
+            sender=envelope.mail_from or "",
+            contacts=contacts,
+            never_log_team=never_team,
+            never_log_personal=never_personal,
+            team_addresses=frozenset(a.lower() for a in self.config.crm.team_addresses),
         )
         log_associate = m.get(fs, "x-log-associate")
         spooled = m.remove(raw, CONTROL_HEADERS)
@@ -234,7 +249,7 @@ class SubmissionHandler:
             message_id=message_id[:998], user=user.name, mail_from=envelope.mail_from or "",
             raw=spooled,
             recipients=[SpoolRecipient(d.address, d.token, d.track_opens, d.track_clicks, d.log,
-                                       d.reasons) for d in decisions],
+                                       d.reasons, d.never_log) for d in decisions],
             from_header=m.decoded(m.get(fs, "from"))[:2000],
             subject=m.decoded(m.get(fs, "subject"))[:2000],
             client_ip=session.peer[0] if isinstance(session.peer, tuple) else None,
@@ -263,6 +278,9 @@ class SubmissionHandler:
         log.error("SMTP session error: %s", type(error).__name__, exc_info=(type(error), error, None))
         return replies.TEMP_FAILURE
 
+
+#: (user name, recipient addresses) -> (their existing contacts, team list, the user's list)
+CrmLookup = Callable[[str, set[str]], Awaitable[tuple[dict[str, ContactFacts], frozenset[str], frozenset[str]]]]
 
 CALL_LIMITS = {"*": 50, "MAIL": 1000, "RCPT": 100000, "DATA": 1000, "RSET": 1000, "NOOP": 200,
                "AUTH": 20, "EHLO": 20, "HELO": 20, "STARTTLS": 3}

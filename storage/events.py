@@ -21,6 +21,7 @@ class TokenInfo:
     client_ip: str | None
     accepted_at: datetime
     sent_at: datetime | None
+    never_log: bool
 
 
 async def resolve_tokens(session: AsyncSession, tokens: set[str]) -> dict[str, TokenInfo]:
@@ -28,7 +29,7 @@ async def resolve_tokens(session: AsyncSession, tokens: set[str]) -> dict[str, T
         return {}
     rows = await session.execute(
         select(Recipient.token, Recipient.id, Recipient.message_pk, Recipient.address, Message.user,
-               Message.client_ip, Message.accepted_at, Recipient.sent_at)
+               Message.client_ip, Message.accepted_at, Recipient.sent_at, Recipient.never_log)
         .join(Message, Message.id == Recipient.message_pk)
         .where(Recipient.token.in_(tokens)))
     return {r[0]: TokenInfo(*r[1:]) for r in rows.all()}

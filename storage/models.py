@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer,
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, false,
                         LargeBinary, String, Text, TypeDecorator)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -98,6 +98,8 @@ class Recipient(Base):
     #: Claims that found an earlier claim never settled: each may be a duplicate delivery.
     reclaims: Mapped[int] = mapped_column(Integer, default=0)
     last_reply: Mapped[str | None] = mapped_column(Text)
+    #: On a Never Log list when accepted: never logged, never updates contact dates.
+    never_log: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     #: Why instrumentation was skipped or failed (fail open), when it was.
     render_note: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -141,3 +143,121 @@ class CrmJob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+# -- the CRM (migration 0002) ---------------------------------------------------------------------
+
+class Company(Base):
+    """A company, one per email domain (free-mail domains have none)."""
+
+    __tablename__ = "companies"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    domain: Mapped[str] = mapped_column(String(253), unique=True)
+    name: Mapped[str] = mapped_column(String(253), default="")
+
+
+class Contact(Base):
+    __tablename__ = "contacts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)  # lower-cased
+    owner: Mapped[str | None] = mapped_column(String(200))
+    marketing: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: One of the six GDPR bases, or NULL.
+    legal_basis: Mapped[str | None] = mapped_column(String(32))
+    do_not_track: Mapped[bool] = mapped_column(Boolean, default=False)
+    company_pk: Mapped[int | None] = mapped_column(ForeignKey("companies.id", ondelete="SET NULL"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_open_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_click_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_engagement_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Deal(Base):
+    """A deal or a ticket (``kind``), linked to contacts; open ones get new logged emails."""
+
+    __tablename__ = "deals"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), default="deal")  # deal | ticket
+    name: Mapped[str] = mapped_column(String(500), default="")
+    is_open: Mapped[bool] = mapped_column(Boolean, default=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DealContact(Base):
+    __tablename__ = "deal_contacts"
+
+    deal_pk: Mapped[int] = mapped_column(ForeignKey("deals.id", ondelete="CASCADE"), primary_key=True)
+    contact_pk: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True,
+                                            index=True)
+
+
+class LoggedEmail(Base):
+    """A copy of an email on the CRM: the original as sent or received, never our pixel or links."""
+
+    __tablename__ = "logged_emails"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    direction: Mapped[str] = mapped_column(String(8))  # outgoing | incoming
+    message_pk: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"), index=True)
+    user: Mapped[str | None] = mapped_column(String(200), index=True)  # the sender (outgoing) or log owner
+    message_id: Mapped[str] = mapped_column(String(998), index=True)
+    in_reply_to: Mapped[str | None] = mapped_column(Text)
+    references: Mapped[str | None] = mapped_column(Text)
+    thread_key: Mapped[str] = mapped_column(String(998), index=True)  # the thread's root Message-ID
+    subject: Mapped[str] = mapped_column(Text, default="")
+    from_: Mapped[str] = mapped_column("from_addr", Text, default="")
+    to: Mapped[str] = mapped_column("to_addr", Text, default="")
+    cc: Mapped[str] = mapped_column("cc_addr", Text, default="")
+    date: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    text: Mapped[str | None] = mapped_column(Text, deferred=True)
+    html: Mapped[str | None] = mapped_column(Text, deferred=True)
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    omitted_attachments: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class LoggedAssociation(Base):
+    """A logged email on a record's timeline: a contact, company, deal or ticket."""
+
+    __tablename__ = "logged_associations"
+
+    logged_pk: Mapped[int] = mapped_column(ForeignKey("logged_emails.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # contact | company | deal | ticket
+    target_pk: Mapped[int] = mapped_column(BigId, primary_key=True)
+
+
+class Attachment(Base):
+    """Attachment bytes, stored once per content hash."""
+
+    __tablename__ = "attachments"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+
+
+class LoggedAttachment(Base):
+    __tablename__ = "logged_attachments"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    logged_pk: Mapped[int] = mapped_column(ForeignKey("logged_emails.id", ondelete="CASCADE"), index=True)
+    attachment_pk: Mapped[int] = mapped_column(ForeignKey("attachments.id", ondelete="RESTRICT"), index=True)
+    filename: Mapped[str] = mapped_column(Text, default="")
+    content_type: Mapped[str] = mapped_column(String(200), default="application/octet-stream")
+
+
+class NeverLog(Base):
+    """A Never Log entry (``name@domain`` or ``*@domain``), of the team or of one user."""
+
+    __tablename__ = "never_log"
+    __table_args__ = (Index("ux_never_log_entry", "scope", "user", "entry", unique=True),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(8))  # team | user
+    user: Mapped[str] = mapped_column(String(200), default="")  # "" for the team list
+    entry: Mapped[str] = mapped_column(String(320))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

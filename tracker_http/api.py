@@ -117,6 +117,8 @@ def create_api_app(ctx) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=1024 * 1024)
     app[CTX] = ctx
     app.router.add_get("/api/v1/events", list_events)
+    from tracker_http import crm_api
+    crm_api.add_routes(app)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_route("*", "/api/{tail:.*}", not_found)

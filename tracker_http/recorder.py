@@ -19,11 +19,13 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from storage import crm
 from storage import events as ev
 from storage.models import utcnow
 from tracker_http.classify import BURST_SECONDS, HUMAN, Facts, classify, client_of
 from tracker_http.netaddr import RangeSet, stored_ip
 from trackrelay.config import Config
+from trackrelay.aio import cancel
 
 log = logging.getLogger("trackrelay.tracker")
 
@@ -90,13 +92,8 @@ class Recorder:
         self._task = asyncio.create_task(self._run(), name="event-recorder")
 
     async def stop(self, grace: float = 5.0) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         deadline = time.monotonic() + grace
         while self._buf and time.monotonic() < deadline:
             if not await self.flush_once():
@@ -174,7 +171,24 @@ class Recorder:
                         history.add((t.recipient_pk, kind))
                     rows.append(dict(base, type=kind, url=h.url, first=first, inferred=False, dedupe_key=h.key))
                 await ev.insert_idempotent(session, rows)
+                await crm.touch_contacts(session, self._contact_dates(rows, info))
         return len(rows)
+
+    @staticmethod
+    def _contact_dates(rows: list[dict], info: dict[str, ev.TokenInfo]) -> dict[str, dict[str, datetime]]:
+        """Human opens and clicks move the contact's dates — never for a Never Log recipient."""
+        by_rcpt = {t.recipient_pk: t for t in info.values()}
+        out: dict[str, dict[str, datetime]] = {}
+        for r in rows:
+            t = by_rcpt[r["recipient_pk"]]
+            if r["classification"] != HUMAN or t.never_log:
+                continue
+            dates = out.setdefault(t.address.lower(), {})
+            name = "last_open_at" if r["type"] == "opened" else "last_click_at"
+            for key in (name, "last_engagement_at"):
+                if key not in dates or dates[key] < r["at"]:
+                    dates[key] = r["at"]
+        return out
 
     def _burst(self, h: Hit) -> bool:
         """Another link of the same copy clicked within BURST_SECONDS (scanners click them all)."""

@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("action", choices=("upgrade",))
     sub.add_parser("hash-password", help="read a password from stdin (or prompt), print its hash")
     sub.add_parser("new-token", help="print a fresh API token and its api_token_hash")
+    nl = sub.add_parser("never-log", help="the Never Log lists (team, or a user's with --user)")
+    nl.add_argument("action", choices=("add", "remove", "list"))
+    nl.add_argument("--user", help="a user's personal list (default: the team list)")
+    nl.add_argument("entries", nargs="*", help="name@domain or *@domain")
+    cp = sub.add_parser("contacts", help="CRM contacts")
+    cp.add_argument("action", choices=("show", "set-basis", "forget"))
+    cp.add_argument("email")
+    cp.add_argument("basis", nargs="?", help="set-basis: one of the six GDPR bases, or none")
     tp = sub.add_parser("tracker", help="tracker data")
     tp.add_argument("action", choices=("refresh-apple-ranges",))
     src = tp.add_mutually_exclusive_group()
@@ -53,7 +61,13 @@ def _load(args) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        # argparse stops filling a trailing list of positionals at an option: `never-log add
+        # --user NAME a@b c@d` leaves the entries over. They are entries all the same.
+        if extra and getattr(args, "command", None) == "never-log" and not any(x.startswith("-") for x in extra):
+            args.entries += extra
+        elif extra:
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
     except UsageError as e:
         print(f"trackrelay: {e}", file=sys.stderr)
         return 2
@@ -97,6 +111,10 @@ def _dispatch(args) -> int:
         return asyncio.run(_queue(cfg, args.action, args.ids))
     if args.command == "serve":
         return _serve(cfg, args.only)
+    if args.command == "never-log":
+        return asyncio.run(_never_log(cfg, args.action, args.user, args.entries))
+    if args.command == "contacts":
+        return asyncio.run(_contacts(cfg, args.action, args.email, args.basis))
     if args.command == "tracker":
         return asyncio.run(_refresh_apple(cfg, args.url, args.file))
     raise UsageError(f"unknown command {args.command}")  # pragma: no cover
@@ -159,6 +177,90 @@ async def _queue(cfg: Config, action: str, ids: list[int]) -> int:
                     print(f"{n} copies bounced; their senders get a DSN", file=sys.stderr)
     finally:
         await engine.dispose()
+    return 0
+
+
+async def _with_session(cfg: Config, fn):
+    from storage import migrate
+    from storage.engine import make_engine, make_sessionmaker
+    engine = make_engine(cfg.storage.url)
+    try:
+        await migrate.upgrade(engine)
+        async with make_sessionmaker(engine)() as session:
+            async with session.begin():
+                return await fn(session)
+    finally:
+        await engine.dispose()
+
+
+async def _never_log(cfg: Config, action: str, user: str | None, entries: list[str]) -> int:
+    from storage import crm
+    from trackrelay.neverlog import normalise_entry
+    if user is not None and cfg.user(user) is None:
+        raise UsageError(f"no user named {user!r} in {cfg.source}")
+    scope, owner = ("user", user) if user else ("team", "")
+    managed = tuple(normalise_entry(e) for e in (cfg.user(user).never_log if user else cfg.never_log.team))
+    if action == "list":
+        async def show(session):
+            db = await crm.never_log_db_entries(session, scope, owner)
+            for e in managed:
+                print(f"{e}\t(config)")
+            for e in db:
+                if e not in managed:
+                    print(e)
+            print(f"{len(set(db) | set(managed))} entries on the {'list of ' + user if user else 'team list'}",
+                  file=sys.stderr)
+        await _with_session(cfg, show)
+        return 0
+    if not entries:
+        raise UsageError(f"never-log {action} needs one or more entries")
+
+    async def change(session):
+        return await crm.never_log_change(session, action=action, scope=scope, user=owner,
+                                          raw_entries=entries, config_entries=managed)
+    try:
+        changed = await _with_session(cfg, change)
+    except crm.NeverLogRefused as e:
+        raise Failure(str(e)) from None
+    print(f"{len(changed)} entries {'added' if action == 'add' else 'removed'}", file=sys.stderr)
+    return 0
+
+
+async def _contacts(cfg: Config, action: str, email: str, basis: str | None) -> int:
+    from storage import crm
+    from trackrelay.config import GDPR_BASES
+    email = email.strip().lower()
+    if action == "show":
+        async def show(session):
+            c = await crm.get_contact(session, email)
+            if c is None:
+                raise Failure(f"no contact {email}")
+            domain = await crm.company_domain(session, c.company_pk)
+            for k, v in (("email", c.email), ("owner", c.owner), ("company", domain),
+                         ("legal_basis", c.legal_basis), ("do_not_track", c.do_not_track),
+                         ("marketing", c.marketing), ("last_open_at", c.last_open_at),
+                         ("last_click_at", c.last_click_at), ("last_engagement_at", c.last_engagement_at)):
+                print(f"{k}: {v if v is not None else '-'}")
+        await _with_session(cfg, show)
+        return 0
+    if action == "set-basis":
+        if basis is None or (basis != "none" and basis not in GDPR_BASES):
+            raise UsageError(f"set-basis needs one of: {', '.join(GDPR_BASES)}, none")
+
+        async def set_basis(session):
+            c = await crm.get_contact(session, email)
+            if c is None:
+                raise Failure(f"no contact {email}")
+            c.legal_basis = None if basis == "none" else basis
+        await _with_session(cfg, set_basis)
+        print(f"{email}: legal basis {basis}", file=sys.stderr)
+        return 0
+
+    async def forget(session):
+        return await crm.erase_contact(session, email)
+    if not await _with_session(cfg, forget):
+        raise Failure(f"no contact or tracking data for {email}")
+    print(f"{email}: erased (contact, events, tracking data, sole-contact logged emails)", file=sys.stderr)
     return 0
 
 

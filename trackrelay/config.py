@@ -457,6 +457,16 @@ def _validate(c: Config, src: str) -> None:
         for j, a in enumerate(u.addresses):
             if a.count("@") != 1 or not a.split("@")[0] or "." not in a.split("@")[1]:
                 bad(f"{where}.addresses[{j}]", f"not an email address: {a!r}")
+    from trackrelay.neverlog import MAX_ENTRIES, EntryError, normalise_entry
+    for key, entries in [("never_log.team", c.never_log.team)] + [
+            (f"users[{i}].never_log", u.never_log) for i, u in enumerate(c.users)]:
+        if len(entries) > MAX_ENTRIES:
+            bad(key, f"at most {MAX_ENTRIES} entries, got {len(entries)}")
+        for j, e in enumerate(entries):
+            try:
+                normalise_entry(e)
+            except EntryError as err:
+                bad(f"{key}[{j}]", str(err))
     for i, w in enumerate(c.webhooks):
         if urlsplit(w.url).scheme not in ("http", "https"):
             bad(f"webhooks[{i}].url", "must be an http(s) URL")

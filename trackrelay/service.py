@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
+from relay.crm import CrmLogger, make_lookup
+from relay.inbound import InboundHandler, start_inbound
 from relay.render import CopyRenderer
 from relay.smtp import Authenticator, SizeLimit, SubmissionHandler, start_submission
 from relay.upstream import make_upstream
@@ -37,6 +39,7 @@ class Service:
     worker: DeliveryWorker | None = None
     handler: SubmissionHandler | None = None
     tracker: Tracker | None = None
+    crm: CrmLogger | None = None
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
     _spool = None
     _size: SizeLimit | None = None
@@ -64,17 +67,28 @@ class Service:
             self.render = CopyRenderer(c, keyring)
             self.worker = DeliveryWorker(c, self.sessionmaker, upstream, render=self.render)
             self.worker.start()
+            self.crm = CrmLogger(c, self.sessionmaker)
+            self.crm.start()
             log.info("delivery worker started: upstream %s", upstream.describe())
         if "relay" in self.roles:
             self._spool = spool_writer(self.sessionmaker)
             self._spool.start()
             self._size = SizeLimit(c.relay.max_message_bytes)
             self._probe = asyncio.create_task(self._probe_upstream_size())
-            self.handler = SubmissionHandler(c, self._spool,
-                                             on_accepted=self.worker.wake if self.worker else None)
+            self.handler = SubmissionHandler(c, self._spool, on_accepted=self._accepted,
+                                             crm_lookup=make_lookup(c, self.sessionmaker))
             server = await start_submission(c, self.handler, Authenticator(c), self._size)
             self._servers.append(server)
             log.info("submission listener on %s", c.relay.listen)
+            if c.relay.inbound_listen:
+                self._servers.append(await start_inbound(c, InboundHandler(c, self.sessionmaker)))
+                log.info("inbound listener on %s", c.relay.inbound_listen)
+
+    def _accepted(self) -> None:
+        if self.worker is not None:
+            self.worker.wake()
+        if self.crm is not None:
+            self.crm.wake()
 
     async def _probe_upstream_size(self) -> None:
         """Never accept more than the upstream advertises (its SIZE, asked once at start)."""
@@ -107,6 +121,8 @@ class Service:
             self.handler.close_sessions()
         if self.worker is not None:
             await self.worker.stop()
+        if self.crm is not None:
+            await self.crm.stop()
         if self.tracker is not None:
             await self.tracker.stop()
         if self.engine is not None:

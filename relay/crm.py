@@ -1,0 +1,278 @@
+"""Logging to the CRM: the look-up the policy needs at acceptance, and the logger that works through
+the CRM jobs committed with each message (and logs incoming mail from the inbound listener).
+
+A logged email is the message as the sender wrote it (the spooled form: never our pixel or
+wrapped links), with its thread and attachments, associated with the recipient contacts, their
+companies and each contact's three most recent open deals and tickets — or, with
+``X-Log-Associate``, with the listed deals and tickets instead of those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from email import policy as email_policy
+from email.utils import getaddresses, parsedate_to_datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from relay.policy import ContactFacts
+from storage import crm as q
+from storage.models import CrmJob, Deal, LoggedAttachment, LoggedEmail, Message, Recipient, utcnow
+from trackrelay.config import Config
+from trackrelay.neverlog import normalise_entry
+from trackrelay.aio import cancel
+
+log = logging.getLogger("trackrelay.crm")
+
+MAX_JOB_ATTEMPTS = 5
+_MSGID = re.compile(r"<[^<>\s]+>")
+
+
+# -- at acceptance ------------------------------------------------------------------------------
+
+def make_lookup(config: Config, sessionmaker: async_sessionmaker):
+    """The relay's CRM look-up: existing contacts among the recipients, and the Never Log lists."""
+    team_cfg = tuple(normalise_entry(e) for e in config.never_log.team)
+    personal_cfg = {u.name: tuple(normalise_entry(e) for e in u.never_log) for u in config.users}
+
+    async def lookup(user: str, addresses: set[str]):
+        async with sessionmaker() as session:
+            contacts = await q.contacts_by_email(session, addresses)
+            lists = await q.never_log_lists(session, user, team_cfg, personal_cfg.get(user, ()))
+        return ({e: ContactFacts(c.legal_basis, bool(c.do_not_track)) for e, c in contacts.items()},
+                lists.team, lists.personal)
+
+    return lookup
+
+
+# -- parsing a message for the CRM --------------------------------------------------------------
+
+@dataclass
+class ParsedEmail:
+    message_id: str
+    subject: str = ""
+    from_: str = ""
+    to: str = ""
+    cc: str = ""
+    date: datetime | None = None
+    in_reply_to: str | None = None
+    references: list[str] = field(default_factory=list)
+    text: str | None = None
+    html: str | None = None
+    attachments: list[tuple[str, str, bytes]] = field(default_factory=list)  # filename, type, bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _h(msg, name: str) -> str:
+    try:
+        v = msg.get(name)
+        return str(v) if v is not None else ""
+    except Exception:  # a malformed header: keep what can be read
+        raw = msg.get_all(name, failobj=[])
+        return str(raw[0]) if raw else ""
+
+
+def parse_email(raw: bytes) -> ParsedEmail:
+    msg = email.message_from_bytes(raw, policy=email_policy.default)
+    ids = _MSGID.findall(_h(msg, "Message-ID"))
+    p = ParsedEmail(message_id=ids[0] if ids else "")
+    p.subject = _h(msg, "Subject")
+    p.from_, p.to, p.cc = _h(msg, "From"), _h(msg, "To"), _h(msg, "Cc")
+    try:
+        p.date = parsedate_to_datetime(_h(msg, "Date")) if _h(msg, "Date") else None
+        if p.date is not None and p.date.tzinfo is None:
+            p.date = None
+    except (TypeError, ValueError, IndexError):
+        p.date = None
+    irt = _MSGID.findall(_h(msg, "In-Reply-To"))
+    p.in_reply_to = irt[0] if irt else None
+    p.references = _MSGID.findall(_h(msg, "References"))
+    for name in ("Auto-Submitted", "X-Autoreply", "X-Autorespond", "Precedence", "Content-Type",
+                 "X-Auto-Response-Suppress"):
+        p.headers[name.lower()] = _h(msg, name)
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        disposition = (part.get_content_disposition() or "").lower()
+        ctype = part.get_content_type()
+        filename = part.get_filename()
+        if disposition == "attachment" or (filename and not ctype.startswith("text/")):
+            try:
+                data = part.get_payload(decode=True) or b""
+            except Exception:
+                data = b""
+            p.attachments.append((filename or "attachment", ctype, data))
+            continue
+        if ctype in ("text/plain", "text/html"):
+            try:
+                content = part.get_content()
+            except Exception:
+                payload = part.get_payload(decode=True) or b""
+                content = payload.decode("utf-8", "replace")
+            if ctype == "text/plain" and p.text is None:
+                p.text = content
+            elif ctype == "text/html" and p.html is None:
+                p.html = content
+    return p
+
+
+def addresses(header: str) -> list[str]:
+    return [a.lower() for _, a in getaddresses([header]) if "@" in a]
+
+
+def parse_associations(value: str | None) -> list[tuple[str, int]]:
+    """``deal:12, ticket:7`` -> [("deal", 12), ("ticket", 7)]; unknown words are ignored."""
+    out = []
+    for item in (value or "").split(","):
+        kind, _, ident = item.strip().partition(":")
+        if kind.strip().lower() in ("deal", "ticket") and ident.strip().isdigit():
+            out.append((kind.strip().lower(), int(ident.strip())))
+    return out
+
+
+# -- writing a logged email --------------------------------------------------------------------
+
+async def write_logged_email(session: AsyncSession, config: Config, parsed: ParsedEmail, *, direction: str,
+                             user: str | None, message_pk: int | None, contact_emails: list[str],
+                             owner: str | None, log_associate: str | None = None,
+                             fallback_date: datetime | None = None) -> LoggedEmail | None:
+    """Log one email to the records of these contacts (created when allowed). None: nobody to log to."""
+    contacts = []
+    for addr in dict.fromkeys(contact_emails):
+        c = await q.ensure_contact(session, addr, owner, config.crm.create_contacts)
+        if c is not None:
+            contacts.append(c)
+    if not contacts:
+        return None
+    thread_key = await q.thread_key_for(session, parsed.message_id, parsed.in_reply_to, parsed.references)
+    logged = LoggedEmail(
+        direction=direction, message_pk=message_pk, user=user, message_id=parsed.message_id or "",
+        in_reply_to=parsed.in_reply_to, references=" ".join(parsed.references), thread_key=thread_key or "",
+        subject=parsed.subject[:2000], from_=parsed.from_[:2000], to=parsed.to[:10000], cc=parsed.cc[:10000],
+        date=parsed.date or fallback_date or utcnow(), text=parsed.text, html=parsed.html, pinned=False,
+        omitted_attachments=[], created_at=utcnow())
+    session.add(logged)
+    await session.flush()
+    await q.associate(session, logged.id, "contact", {c.id for c in contacts})
+    await q.associate(session, logged.id, "company", {c.company_pk for c in contacts if c.company_pk})
+    chosen = parse_associations(log_associate)
+    if chosen:
+        existing = {(d.kind, d.id) for d in (await session.scalars(
+            select(Deal).where(Deal.id.in_([i for _, i in chosen])))).all()}
+        for kind in ("deal", "ticket"):
+            await q.associate(session, logged.id, kind, {i for k, i in chosen if (k, i) in existing and k == kind})
+    else:
+        deals: set[tuple[str, int]] = set()
+        for c in contacts:
+            deals |= {(d.kind, d.id) for d in await q.recent_open_deals(session, c.id)}
+        for kind in ("deal", "ticket"):
+            await q.associate(session, logged.id, kind, {i for k, i in deals if k == kind})
+    omitted = []
+    for filename, ctype, data in parsed.attachments:
+        if not config.crm.log_attachments:
+            omitted.append({"filename": filename, "size": len(data), "reason": "attachment logging is turned off"})
+            continue
+        if len(data) > config.crm.max_attachment_bytes:
+            omitted.append({"filename": filename, "size": len(data),
+                            "reason": f"larger than crm.max_attachment_bytes ({config.crm.max_attachment_bytes})"})
+            continue
+        apk = await q.store_attachment(session, hashlib.sha256(data).hexdigest(), data)
+        session.add(LoggedAttachment(logged_pk=logged.id, attachment_pk=apk, filename=filename[:500],
+                                     content_type=ctype[:200]))
+    logged.omitted_attachments = omitted
+    await session.flush()
+    return logged
+
+
+async def log_outgoing(session: AsyncSession, config: Config, message_pk: int) -> LoggedEmail | None:
+    msg = (await session.scalars(select(Message).where(Message.id == message_pk))).first()
+    if msg is None:
+        return None
+    await session.refresh(msg, ["raw"])
+    if msg.raw is None:
+        return None
+    rcpts = (await session.scalars(select(Recipient).where(Recipient.message_pk == message_pk,
+                                                           Recipient.log.is_(True)))).all()
+    emails = [r.address.lower() for r in rcpts]
+    if not emails:
+        return None
+    parsed = parse_email(msg.raw)
+    parsed.message_id = parsed.message_id or msg.message_id
+    return await write_logged_email(session, config, parsed, direction="outgoing", user=msg.user,
+                                    message_pk=msg.id, contact_emails=emails, owner=msg.user,
+                                    log_associate=msg.log_associate, fallback_date=msg.accepted_at)
+
+
+class CrmLogger:
+    """Works through the CRM jobs; one job per transaction, claimed with SKIP LOCKED."""
+
+    def __init__(self, config: Config, sessionmaker: async_sessionmaker):
+        self.config = config
+        self.sessionmaker = sessionmaker
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.logged = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="crm-logger")
+
+    async def stop(self) -> None:
+        await cancel(self._task)
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                while await self.process_one():
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("CRM logging failed: %s", type(exc).__name__)
+            try:
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def process_one(self) -> bool:
+        """Log one pending job; False when there is none."""
+        async with self.sessionmaker() as session:
+            job_id = message_pk = None
+            try:
+                async with session.begin():
+                    job = (await session.scalars(
+                        select(CrmJob).where(CrmJob.state == "pending").order_by(CrmJob.id).limit(1)
+                        .with_for_update(skip_locked=True))).first()
+                    if job is None:
+                        return False
+                    job_id, message_pk = job.id, job.message_pk
+                    if await log_outgoing(session, self.config, message_pk) is not None:
+                        self.logged += 1
+                    job.state = "done"
+                return True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if job_id is None:
+                    raise
+                log.error("CRM job %s failed: %s", job_id, type(exc).__name__)
+        async with self.sessionmaker() as session:
+            async with session.begin():
+                job = await session.get(CrmJob, job_id)
+                if job is not None:
+                    job.attempts += 1
+                    job.last_error = "logging failed"
+                    if job.attempts >= MAX_JOB_ATTEMPTS:
+                        job.state = "failed"
+        return True
