@@ -74,8 +74,9 @@ def dsn_failures(raw: bytes) -> tuple[list[str], list[str]] | None:
 
 
 class InboundHandler:
-    def __init__(self, config: Config, sessionmaker: async_sessionmaker):
+    def __init__(self, config: Config, sessionmaker: async_sessionmaker, on_events=None):
         self.config = config
+        self.on_events = on_events or (lambda: None)
         self.sessionmaker = sessionmaker
         self.users = {u.log_key: u for u in config.users if u.log_key}
         self.team_cfg = tuple(normalise_entry(e) for e in config.never_log.team)
@@ -104,6 +105,7 @@ class InboundHandler:
         except Exception as exc:
             log.error("inbound processing failed, answered 451: %s", type(exc).__name__)
             return replies.TEMP_FAILURE
+        self.on_events()
         return replies.OK
 
     async def handle_exception(self, error: Exception) -> str:

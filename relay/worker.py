@@ -51,11 +51,13 @@ def backoff(config: Config, attempts_before: int) -> float:
 
 class DeliveryWorker:
     def __init__(self, config: Config, sessionmaker: async_sessionmaker, upstream: Upstream,
-                 render: Renderer = plain_renderer, owner: str | None = None):
+                 render: Renderer = plain_renderer, owner: str | None = None,
+                 on_recorded: Callable[[], None] | None = None):
         self.config = config
         self.sessionmaker = sessionmaker
         self.upstream = upstream
         self.render = render
+        self.on_recorded = on_recorded or (lambda: None)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._dsn_wake = asyncio.Event()
@@ -186,6 +188,7 @@ class DeliveryWorker:
         async with self.sessionmaker() as session:
             async with session.begin():
                 await q.record(session, outcomes, utcnow())
+        self.on_recorded()
         if any(o.status == "bounced" and o.dsn_wanted for o in outcomes):
             self._dsn_wake.set()  # only now is the bounce committed for the DSN writer to see
         return [None] * len(outcomes)

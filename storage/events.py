@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -55,17 +55,71 @@ async def insert_idempotent(session: AsyncSession, rows: list[dict]) -> None:
     await session.execute(ins.on_conflict_do_nothing(index_elements=["dedupe_key"]), rows)
 
 
-async def list_for_user(session: AsyncSession, user: str | None, after: int, limit: int) -> list[tuple]:
-    """Events after ``after`` (id order), of ``user``'s messages (None: everybody's, for admins)."""
-    cond = [Event.id > after]
+@dataclass(frozen=True, order=True)
+class Cursor:
+    """A position in the event log in commit order: (writing transaction, id).
+
+    On PostgreSQL ids are handed out before commit, so several writers can commit them out of
+    order; a reader only sees events of transactions older than every one still running
+    (``txid_snapshot_xmin``) and orders by (txid, id), so nothing can later appear before a
+    cursor it has passed. On SQLite the single writer commits in id order: txid is 0."""
+
+    txid: int = 0
+    id: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.txid}.{self.id}"
+
+
+def parse_cursor(text: str | None) -> Cursor | None:
+    """``T.I`` (a cursor) or ``I`` (an event id, looked up later). None for malformed input."""
+    if text is None or text == "":
+        return Cursor()
+    t, dot, i = text.partition(".")
+    if dot and t.isdigit() and i.isdigit() and len(text) < 40:
+        return Cursor(int(t), int(i))
+    if not dot and t.isdigit() and len(t) < 20:
+        return Cursor(-1, int(t))  # an id: its txid is looked up
+    return None
+
+
+async def resolve_cursor(session: AsyncSession, cursor: Cursor) -> Cursor:
+    if cursor.txid != -1:
+        return cursor
+    if session.bind.dialect.name != "postgresql":
+        return Cursor(0, cursor.id)
+    txid = (await session.execute(select(Event.txid).where(Event.id == cursor.id))).scalar()
+    if txid is None:  # unknown id: everything committed up to it, by id
+        txid = (await session.execute(select(func.max(Event.txid)).where(Event.id <= cursor.id))).scalar() or 0
+    return Cursor(txid, cursor.id)
+
+
+async def list_after(session: AsyncSession, user: str | None, cursor: Cursor, limit: int,
+                     message_pk: int | None = None) -> list[tuple]:
+    """Events after ``cursor`` in commit order, of ``user``'s messages (None: everybody's)."""
+    cursor = await resolve_cursor(session, cursor)
+    cond = []
+    if session.bind.dialect.name == "postgresql":
+        order = (Event.txid, Event.id)
+        cond += [or_(Event.txid > cursor.txid, and_(Event.txid == cursor.txid, Event.id > cursor.id)),
+                 Event.txid < func.txid_snapshot_xmin(func.txid_current_snapshot())]
+    else:
+        order = (Event.id,)
+        cond.append(Event.id > cursor.id)
     if user is not None:
         cond.append(Event.user == user)
+    if message_pk is not None:
+        cond.append(Event.message_pk == message_pk)
     rows = await session.execute(
         select(Event, Message.message_id, Recipient.address)
         .join(Message, Message.id == Event.message_pk)
         .outerjoin(Recipient, Recipient.id == Event.recipient_pk)
-        .where(and_(*cond)).order_by(Event.id).limit(limit))
+        .where(and_(*cond)).order_by(*order).limit(limit))
     return list(rows.all())
+
+
+def cursor_of(event: Event) -> Cursor:
+    return Cursor(event.txid or 0, event.id)
 
 
 def event_json(event: Event, message_id: str, recipient: str | None) -> dict:
@@ -85,3 +139,15 @@ def event_json(event: Event, message_id: str, recipient: str | None) -> dict:
         "first": bool(event.first),
         "inferred": bool(event.inferred),
     }
+
+
+async def latest_cursor(session: AsyncSession, user: str | None) -> Cursor:
+    """The cursor after the last event visible now (where a new reader starts)."""
+    cond = [Event.user == user] if user is not None else []
+    if session.bind.dialect.name == "postgresql":
+        cond.append(Event.txid < func.txid_snapshot_xmin(func.txid_current_snapshot()))
+        row = (await session.execute(select(Event.txid, Event.id).where(*cond)
+                                     .order_by(Event.txid.desc(), Event.id.desc()).limit(1))).first()
+        return Cursor(row[0], row[1]) if row else Cursor()
+    last = (await session.execute(select(func.max(Event.id)).where(*cond))).scalar()
+    return Cursor(0, last or 0)

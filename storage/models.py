@@ -130,6 +130,26 @@ class Event(Base):
     inferred: Mapped[bool] = mapped_column(Boolean, default=False)
     #: Idempotency key of the writer (a retried batch writes nothing twice).
     dedupe_key: Mapped[str | None] = mapped_column(String(100), unique=True)
+    #: PostgreSQL: the writing transaction's id (server default txid_current()), for a cursor in
+    #: commit order. NULL on SQLite, whose single writer commits in id order.
+    txid: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class WebhookCursor(Base):
+    """How far each webhook has been delivered: its durable outbox is the event log after it."""
+
+    __tablename__ = "webhook_cursors"
+
+    url: Mapped[str] = mapped_column(String(2000), primary_key=True)
+    cursor: Mapped[str] = mapped_column(String(64), default="0.0")
+    failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered: Mapped[int] = mapped_column(BigInteger, default=0)
+    given_up: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: One worker delivers a webhook at a time (several worker processes share the table).
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class CrmJob(Base):

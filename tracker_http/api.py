@@ -13,6 +13,8 @@ import json
 from aiohttp import web
 
 from storage import events as ev
+from storage import feed
+from tracker_http import sessions
 from tracker_http.state import CTX
 from trackrelay.config import User
 from trackrelay.passwords import token_hash
@@ -38,10 +40,15 @@ async def json_errors(request: web.Request, handler):
         return error(500, "internal", "internal error")
 
 
-def authenticate(request: web.Request) -> User:
+def authenticate(request: web.Request, cookie_ok: bool = False) -> User:
+    """The user of a bearer token (or, where ``cookie_ok``, of the pages' session cookie)."""
     ctx = request.app[CTX]
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
+    if cookie_ok and not header:
+        user = sessions.verify(ctx.keyring, request.cookies.get(sessions.COOKIE), ctx.config)
+        if user is not None:
+            return user
     if scheme.lower() != "bearer" or not token.strip():
         raise web.HTTPUnauthorized(text="missing bearer token", headers={"WWW-Authenticate": "Bearer"})
     digest = token_hash(token.strip())
@@ -63,16 +70,53 @@ def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -
     return int(raw)
 
 
+def cursor_param(request: web.Request) -> ev.Cursor:
+    raw = request.query.get("cursor") or request.query.get("after")
+    cursor = ev.parse_cursor(raw)
+    if cursor is None:
+        raise web.HTTPBadRequest(text="after must be an event id, cursor a value from next")
+    return cursor
+
+
 async def list_events(request: web.Request) -> web.Response:
     user = authenticate(request)
-    after = int_param(request, "after", 0, 0, 2**62)
-    after = int_param(request, "cursor", after, 0, 2**62)
+    cursor = cursor_param(request)
     limit = int_param(request, "limit", 100, 1, MAX_LIMIT)
     async with request.app[CTX].sessionmaker() as session:
-        rows = await ev.list_for_user(session, None if user.admin else user.name, after, limit)
+        rows = await ev.list_after(session, None if user.admin else user.name, cursor, limit)
     events = [ev.event_json(e, mid, rcpt) for e, mid, rcpt in rows]
-    nxt = str(events[-1]["id"]) if len(events) == limit else None
+    nxt = str(ev.cursor_of(rows[-1][0])) if len(rows) == limit else None
     return web.json_response({"events": events, "next": nxt}, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    user = authenticate(request)
+    limit = int_param(request, "limit", 50, 1, MAX_LIMIT)
+    before = int_param(request, "cursor", 0, 0, 2**62) or None
+    tracked = request.query.get("tracked", "").lower()
+    if tracked not in ("", "true", "false", "1", "0"):
+        raise web.HTTPBadRequest(text="tracked must be true or false")
+    async with request.app[CTX].sessionmaker() as session:
+        msgs = await feed.list_messages(session, None if user.admin else user.name, before, limit,
+                                        tracked in ("true", "1"))
+        items = await feed.feed_json(session, msgs)
+    nxt = str(msgs[-1].id) if len(msgs) == limit else None
+    return web.json_response({"messages": items, "next": nxt}, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+async def get_message(request: web.Request) -> web.Response:
+    user = authenticate(request)
+    raw = request.match_info["id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise web.HTTPNotFound(text="no such message")
+    async with request.app[CTX].sessionmaker() as session:
+        msg = await feed.get_message(session, int(raw), None if user.admin else user.name)
+        if msg is None:
+            raise web.HTTPNotFound(text="no such message")
+        (item,) = await feed.feed_json(session, [msg])
+        rows = await ev.list_after(session, None, ev.Cursor(), 10000, message_pk=msg.id)
+    item["events"] = [ev.event_json(e, mid, rcpt) for e, mid, rcpt in rows]
+    return web.json_response(item, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -117,6 +161,10 @@ def create_api_app(ctx) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=1024 * 1024)
     app[CTX] = ctx
     app.router.add_get("/api/v1/events", list_events)
+    from tracker_http.stream import stream
+    app.router.add_get("/api/v1/events/stream", stream)
+    app.router.add_get("/api/v1/messages", list_messages)
+    app.router.add_get("/api/v1/messages/{id}", get_message)
     from tracker_http import crm_api
     crm_api.add_routes(app)
     app.router.add_get("/metrics", metrics)

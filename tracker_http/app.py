@@ -13,6 +13,7 @@ from tracker_http.netaddr import RangeSet, networks
 from tracker_http.public import create_public_app
 from tracker_http.recorder import Recorder, SignedInIps
 from tracker_http.state import Context
+from trackrelay.bus import EventBus
 from trackrelay.config import Config, parse_hostport
 from trackrelay.links import Keyring, key_file_path
 
@@ -28,12 +29,14 @@ def apple_ranges_path(config: Config) -> Path:
 
 
 class Tracker:
-    def __init__(self, config: Config, sessionmaker: async_sessionmaker, keyring: Keyring, on_written=None):
+    def __init__(self, config: Config, sessionmaker: async_sessionmaker, keyring: Keyring,
+                 bus: EventBus | None = None):
         signed_in = SignedInIps()
+        bus = bus or EventBus()
         apple = RangeSet.from_file(apple_ranges_path(config))
-        self.recorder = Recorder(config, sessionmaker, apple, signed_in, on_written=on_written)
+        self.recorder = Recorder(config, sessionmaker, apple, signed_in, on_written=bus.notify)
         self.ctx = Context(config, keyring, sessionmaker, self.recorder,
-                           networks(config.tracker.trusted_proxies), signed_in)
+                           networks(config.tracker.trusted_proxies), signed_in, bus)
         self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from tracker_http.netaddr import Network
 from tracker_http.recorder import Recorder, SignedInIps
+from trackrelay.bus import EventBus
 from trackrelay.config import Config
 from trackrelay.links import Keyring
 
@@ -30,6 +31,7 @@ class Context:
     recorder: Recorder
     trusted_proxies: list[Network]
     signed_in: SignedInIps
+    bus: EventBus = field(default_factory=EventBus)
     metrics: Metrics = field(default_factory=Metrics)
 
 

@@ -16,11 +16,13 @@ from relay.inbound import InboundHandler, start_inbound
 from relay.render import CopyRenderer
 from relay.smtp import Authenticator, SizeLimit, SubmissionHandler, start_submission
 from relay.upstream import make_upstream
+from relay.webhooks import WebhookSender
 from relay.worker import DeliveryWorker, Renderer, plain_renderer
 from storage import migrate
 from storage.engine import make_engine, make_sessionmaker
 from storage.spool import spool_writer
 from tracker_http.app import Tracker
+from trackrelay.bus import EventBus
 from trackrelay.config import Config, ConfigError
 from trackrelay.links import keyring_for
 
@@ -40,6 +42,8 @@ class Service:
     handler: SubmissionHandler | None = None
     tracker: Tracker | None = None
     crm: CrmLogger | None = None
+    webhooks: WebhookSender | None = None
+    bus: EventBus = field(default_factory=EventBus)
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
     _spool = None
     _size: SizeLimit | None = None
@@ -60,15 +64,18 @@ class Service:
             if generated:
                 log.info("tracker.secret_keys not set: signing with the generated key in %s", generated)
         if "tracker" in self.roles:
-            self.tracker = Tracker(c, self.sessionmaker, keyring)
+            self.tracker = Tracker(c, self.sessionmaker, keyring, self.bus)
             await self.tracker.start()
         if "worker" in self.roles:
             upstream = make_upstream(c.upstream, c.relay.hostname)
             self.render = CopyRenderer(c, keyring)
-            self.worker = DeliveryWorker(c, self.sessionmaker, upstream, render=self.render)
+            self.worker = DeliveryWorker(c, self.sessionmaker, upstream, render=self.render,
+                                         on_recorded=self.bus.notify)
             self.worker.start()
             self.crm = CrmLogger(c, self.sessionmaker)
             self.crm.start()
+            self.webhooks = WebhookSender(c, self.sessionmaker, self.bus)
+            self.webhooks.start()
             log.info("delivery worker started: upstream %s", upstream.describe())
         if "relay" in self.roles:
             self._spool = spool_writer(self.sessionmaker)
@@ -81,10 +88,12 @@ class Service:
             self._servers.append(server)
             log.info("submission listener on %s", c.relay.listen)
             if c.relay.inbound_listen:
-                self._servers.append(await start_inbound(c, InboundHandler(c, self.sessionmaker)))
+                self._servers.append(await start_inbound(c, InboundHandler(c, self.sessionmaker,
+                                                                           on_events=self.bus.notify)))
                 log.info("inbound listener on %s", c.relay.inbound_listen)
 
     def _accepted(self) -> None:
+        self.bus.notify()
         if self.worker is not None:
             self.worker.wake()
         if self.crm is not None:
@@ -123,6 +132,8 @@ class Service:
             await self.worker.stop()
         if self.crm is not None:
             await self.crm.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         if self.tracker is not None:
             await self.tracker.stop()
         if self.engine is not None:
