@@ -29,14 +29,17 @@ def error(status: int, code: str, message: str) -> web.Response:
 
 @web.middleware
 async def json_errors(request: web.Request, handler):
+    api = request.path.startswith("/api/")
     try:
         return await handler(request)
     except web.HTTPException as e:
-        if e.status < 400:
+        if e.status < 400 or not api:
             raise
         return error(e.status, e.reason.lower().replace(" ", "_"), e.text or e.reason)
     except Exception:
         request.app.logger.exception("API error")
+        if not api:
+            raise web.HTTPInternalServerError(text="internal error") from None
         return error(500, "internal", "internal error")
 
 
@@ -165,8 +168,9 @@ def create_api_app(ctx) -> web.Application:
     app.router.add_get("/api/v1/events/stream", stream)
     app.router.add_get("/api/v1/messages", list_messages)
     app.router.add_get("/api/v1/messages/{id}", get_message)
-    from tracker_http import crm_api
+    from tracker_http import crm_api, pages
     crm_api.add_routes(app)
+    pages.add_routes(app)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_route("*", "/api/{tail:.*}", not_found)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
+from urllib.parse import quote
+
 from aiohttp import web
 
 from storage import crm as q
@@ -189,9 +191,12 @@ async def get_attachment(request: web.Request) -> web.StreamResponse:
         found = await q.attachment_bytes(s, _pk(request))
     if found is None:
         return error(404, "not_found", "no such attachment")
-    filename, ctype, data = found
+    return attachment_response(*found)
+
+
+def attachment_response(filename: str, _content_type: str, data: bytes) -> web.Response:
+    """Always a download, never rendered: octet-stream, attachment, nosniff, sandboxed."""
     safe = "".join(c if c.isalnum() or c in "._- " else "_" for c in filename)[:200] or "attachment"
-    from urllib.parse import quote
     return web.Response(body=data, headers={
         "Content-Type": "application/octet-stream",
         "Content-Disposition": f"attachment; filename=\"{safe}\"; filename*=UTF-8''{quote(filename)}",
