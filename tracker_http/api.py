@@ -166,6 +166,8 @@ def create_api_app(ctx) -> web.Application:
     app.router.add_get("/api/v1/events", list_events)
     from tracker_http.stream import stream
     app.router.add_get("/api/v1/events/stream", stream)
+    from tracker_http.openapi import openapi
+    app.router.add_get("/api/v1/openapi.json", openapi)
     app.router.add_get("/api/v1/messages", list_messages)
     app.router.add_get("/api/v1/messages/{id}", get_message)
     from tracker_http import crm_api, pages

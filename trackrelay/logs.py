@@ -27,6 +27,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+class _NoBadRequestTracebacks(logging.Filter):
+    """aiohttp logs every malformed HTTP request with a traceback; it already answered 400."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            from aiohttp.http_exceptions import HttpProcessingError
+            return not isinstance(record.exc_info[1], HttpProcessingError)
+        return True
+
+
 def setup(cfg: LogSection) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if cfg.format == "json":
@@ -38,3 +48,4 @@ def setup(cfg: LogSection) -> None:
     root.setLevel(cfg.level.upper())
     for noisy in ("aiosqlite", "asyncio", "alembic", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_NoBadRequestTracebacks())
