@@ -207,3 +207,39 @@ async def test_webhooks_signed_retried_and_nothing_lost_across_a_restart(relay, 
         assert set(ids) >= {e["id"] for e in (await call(relay, "GET", "/events"))[1]["events"]}
     finally:
         await runner.cleanup()
+
+
+async def test_cli_feed_prints_the_table_and_follows_new_events(relay, sink, tmp_path):
+    import sys
+    from helpers import to_toml
+    await start(relay)
+    await send(relay, ["carol@ext.test"])
+    (r,) = await sink.wait_for(1)
+    await relay.wait_status({"sent"}, 1)
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(to_toml(relay.config_dict()))
+    out = await asyncio.create_subprocess_exec(sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "feed",
+                                               "--user", "alice", stdout=asyncio.subprocess.PIPE,
+                                               stderr=asyncio.subprocess.PIPE)
+    stdout, _ = await out.communicate()
+    assert out.returncode == 0
+    lines = stdout.decode().splitlines()
+    assert lines[0].split()[:4] == ["sent", "subject", "recipient", "status"]
+    assert "Offer" in lines[1] and "carol@ext.test" in lines[1] and " sent " in lines[1]
+    follow = await asyncio.create_subprocess_exec(sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "feed",
+                                                  "--follow", stdout=asyncio.subprocess.PIPE,
+                                                  stderr=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.wait_for(follow.stdout.readline(), 15)  # the header: it is running
+        await asyncio.sleep(1.0)
+        pixel, _ = urls(r.data)
+        async with browser() as b:
+            async with b.get(pixel) as px:
+                assert px.status == 200
+        line = b""
+        while b"opened" not in line:
+            line = await asyncio.wait_for(follow.stdout.readline(), 10)
+        assert b"carol@ext.test" in line and b"human" in line
+    finally:
+        follow.terminate()
+        await follow.wait()

@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("action", choices=("show", "set-basis", "forget"))
     cp.add_argument("email")
     cp.add_argument("basis", nargs="?", help="set-basis: one of the six GDPR bases, or none")
+    fp = sub.add_parser("feed", help="the activity feed in the terminal")
+    fp.add_argument("--user", help="one user's mail (default: everybody's)")
+    fp.add_argument("--follow", action="store_true", help="keep printing new events as they happen")
+    fp.add_argument("--limit", type=int, default=20, help="how many messages (default 20)")
     tp = sub.add_parser("tracker", help="tracker data")
     tp.add_argument("action", choices=("refresh-apple-ranges",))
     src = tp.add_mutually_exclusive_group()
@@ -115,6 +119,10 @@ def _dispatch(args) -> int:
         return asyncio.run(_never_log(cfg, args.action, args.user, args.entries))
     if args.command == "contacts":
         return asyncio.run(_contacts(cfg, args.action, args.email, args.basis))
+    if args.command == "feed":
+        if args.user is not None and cfg.user(args.user) is None:
+            raise UsageError(f"no user named {args.user!r} in {cfg.source}")
+        return asyncio.run(_feed(cfg, args.user, args.follow, args.limit))
     if args.command == "tracker":
         return asyncio.run(_refresh_apple(cfg, args.url, args.file))
     raise UsageError(f"unknown command {args.command}")  # pragma: no cover
@@ -262,6 +270,52 @@ async def _contacts(cfg: Config, action: str, email: str, basis: str | None) -> 
         raise Failure(f"no contact or tracking data for {email}")
     print(f"{email}: erased (contact, events, tracking data, sole-contact logged emails)", file=sys.stderr)
     return 0
+
+
+def _feed_table(items: list[dict]) -> list[str]:
+    def when(t):
+        return t[:16].replace("T", " ") if t else "-"
+    lines = [f"{'sent':<16}  {'subject':<28}  {'recipient':<30}  {'status':<8}  {'opens':>5}  "
+             f"{'machine':>7}  {'last open':<16}  clicks"]
+    for m in items:
+        for r in m["recipients"]:
+            clicks = ", ".join(f"{c['url']} x{c['count']}" for c in r["clicks"])
+            lines.append(f"{when(m['accepted_at']):<16}  {(m['subject'] or '(no subject)')[:28]:<28}  "
+                         f"{r['address'][:30]:<30}  {r['status']:<8}  {r['opens']:>5}  {r['machine_opens']:>7}  "
+                         f"{when(r['last_opened_at']):<16}  {clicks}")
+    return lines
+
+
+async def _feed(cfg: Config, user: str | None, follow: bool, limit: int) -> int:
+    from storage import events as ev
+    from storage import feed, migrate
+    from storage.engine import make_engine, make_sessionmaker
+    engine = make_engine(cfg.storage.url)
+    try:
+        await migrate.upgrade(engine)
+        sm = make_sessionmaker(engine)
+        async with sm() as s:
+            msgs = await feed.list_messages(s, user, None, max(1, limit), False)
+            items = await feed.feed_json(s, list(reversed(msgs)))
+            cursor = await ev.latest_cursor(s, user)
+        for line in _feed_table(items):
+            print(line)
+        if not follow:
+            return 0
+        print("following new events (Ctrl-C stops)…", file=sys.stderr)
+        while True:
+            async with sm() as s:
+                rows = await ev.list_after(s, user, cursor, 500)
+            for e, _mid, rcpt in rows:
+                cursor = ev.cursor_of(e)
+                j = ev.event_json(e, _mid, rcpt)
+                extra = " ".join(x for x in (j["classification"] or "", j["client"] or "", j["url"] or "") if x)
+                print(f"{j['at'][:19].replace('T', ' ')}  {j['type']:<9} {j['recipient'] or '-':<30} "
+                      f"message {j['message']}  {extra}", flush=True)
+            if not rows:
+                await asyncio.sleep(0.5)
+    finally:
+        await engine.dispose()
 
 
 async def _refresh_apple(cfg: Config, url: str | None, file: str | None) -> int:
