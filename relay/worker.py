@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from relay import dsn
 from storage import queue as q
+from storage.events import erase_raw_before
 from storage.models import Message, utcnow
 from storage.spool import Batcher, SpoolEntry, SpoolRecipient, add_entries
 from trackrelay.config import Config
@@ -204,6 +205,7 @@ class DeliveryWorker:
                     self.wake()
                 if loop.time() - last_purge > 3600:
                     await self.purge()
+                    await self.erase_old_event_data()
                     last_purge = loop.time()
             except Exception as exc:
                 log.error("maintenance failed: %s", type(exc).__name__)
@@ -237,6 +239,14 @@ class DeliveryWorker:
                     await q.mark_dsn(session, [r.id for r in copies], "sent")
                     written += 1
         return written
+
+    async def erase_old_event_data(self) -> int:
+        days = self.config.privacy.event_retention_days
+        if not days:
+            return 0
+        async with self.sessionmaker() as session:
+            async with session.begin():
+                return await erase_raw_before(session, utcnow() - timedelta(days=days))
 
     async def purge(self) -> int:
         cutoff = utcnow() - timedelta(days=self.config.queue.keep_delivered_days)

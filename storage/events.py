@@ -151,3 +151,12 @@ async def latest_cursor(session: AsyncSession, user: str | None) -> Cursor:
         return Cursor(row[0], row[1]) if row else Cursor()
     last = (await session.execute(select(func.max(Event.id)).where(*cond))).scalar()
     return Cursor(0, last or 0)
+
+
+async def erase_raw_before(session: AsyncSession, cutoff: datetime) -> int:
+    """privacy.event_retention_days: the raw IP and user agent of older events are erased."""
+    from sqlalchemy import update
+    res = await session.execute(update(Event).where(Event.at < cutoff, or_(Event.ip.is_not(None),
+                                                                           Event.user_agent.is_not(None)))
+                                .values(ip=None, user_agent=None).execution_options(synchronize_session=False))
+    return res.rowcount or 0

@@ -406,3 +406,20 @@ def test_ip_storage_and_forwarded_for_rules():
     assert client_ip("10.0.0.5", "198.51.100.7, 10.0.0.9", trusted) == "198.51.100.7"
     assert client_ip("198.51.100.1", "1.2.3.4", trusted) == "198.51.100.1"  # untrusted peer: ignored
     assert client_ip("10.0.0.5", "garbage", trusted) == "10.0.0.5"
+
+
+async def test_retention_erases_raw_ip_and_user_agent_of_old_events(relay, sink):
+    await start(relay, privacy={"event_retention_days": 1})
+    t = await send_tracked(relay)
+    async with browser() as s:
+        async with s.get(t.pixel("carol@ext.test")) as r:
+            assert r.status == 200
+    await events(relay)
+    from sqlalchemy import text
+    async with relay.service.engine.begin() as conn:
+        await conn.execute(text("UPDATE events SET at = :old WHERE type = 'opened'"),
+                           {"old": __import__("datetime").datetime(2020, 1, 1)})
+    erased = await relay.service.worker.erase_old_event_data()
+    assert erased == 1
+    rows = await relay.rows("SELECT ip, user_agent, classification FROM events WHERE type = 'opened'")
+    assert rows == [(None, None, "human")]
