@@ -224,8 +224,8 @@ async def main() -> None:
 
     print(f"{args.messages} messages of ~10 KB HTML, {args.clients} concurrent clients; "
           f"server on CPU 0, load and sink on CPU 1\n")
-    print(f"| server | accepted msg/s | delivered msg/s | p50 to 250 (ms) | p99 to 250 (ms) |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| server | accepted msg/s | delivered msg/s | p50 to 250 (ms) | p99 to 250 (ms) |")
+    print("|---|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['name']} | {r['accepted_per_s']:.0f} | {r['delivered_per_s']:.0f} | "
               f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")

@@ -13,6 +13,7 @@ import asyncio
 import email
 import logging
 import re
+import weakref
 from email import policy as email_policy
 
 from sqlalchemy import func, select, update
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from relay import message as m
 from relay import replies
 from relay.crm import ParsedEmail, addresses, parse_email, write_logged_email
-from relay.smtp import CALL_LIMITS, RelaySMTP
+from relay.smtp import CALL_LIMITS, RelaySMTP, SessionTracking
 from storage import crm as q
 from storage import events as ev
 from storage.models import Message, Recipient, utcnow
@@ -73,13 +74,14 @@ def dsn_failures(raw: bytes) -> tuple[list[str], list[str]] | None:
     return failed, ids
 
 
-class InboundHandler:
+class InboundHandler(SessionTracking):
     def __init__(self, config: Config, sessionmaker: async_sessionmaker, on_events=None):
         self.config = config
         self.on_events = on_events or (lambda: None)
         self.sessionmaker = sessionmaker
         self.users = {u.log_key: u for u in config.users if u.log_key}
         self.team_cfg = tuple(normalise_entry(e) for e in config.never_log.team)
+        self.sessions: weakref.WeakSet = weakref.WeakSet()
 
     def _user_for(self, address: str) -> User | None:
         local, _, domain = address.rpartition("@")
@@ -185,8 +187,10 @@ async def start_inbound(config: Config, handler: InboundHandler) -> asyncio.base
     host, port = parse_hostport(config.relay.inbound_listen or "")
 
     def factory() -> RelaySMTP:
-        return RelaySMTP(handler, hostname=config.relay.hostname, ident="trackrelay", decode_data=False,
-                         data_size_limit=config.relay.max_message_bytes, enable_SMTPUTF8=True,
-                         timeout=300, auth_required=False, command_call_limit=CALL_LIMITS)
+        proto = RelaySMTP(handler, hostname=config.relay.hostname, ident="trackrelay", decode_data=False,
+                          data_size_limit=config.relay.max_message_bytes, enable_SMTPUTF8=True,
+                          timeout=300, auth_required=False, command_call_limit=CALL_LIMITS)
+        handler.sessions.add(proto)
+        return proto
 
     return await asyncio.get_running_loop().create_server(factory, host, port)

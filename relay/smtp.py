@@ -158,7 +158,29 @@ def recipient_problem(address: str) -> str | None:
     return None
 
 
-class SubmissionHandler:
+class SessionTracking:
+    """The SMTP sessions a handler serves, so that shutdown can end them before the database."""
+
+    sessions: weakref.WeakSet
+
+    async def close_sessions(self, grace: float = 5.0) -> None:
+        """At shutdown, after the spool has drained: hang up on clients and let their session
+        tasks end (none may still be using the database when it is closed)."""
+        tasks = []
+        for proto in list(self.sessions):
+            if proto.transport is not None:
+                proto.transport.close()
+            task = getattr(proto, "_handler_coroutine", None)
+            if task is not None and not task.done():
+                tasks.append(task)
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=grace)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+class SubmissionHandler(SessionTracking):
     """aiosmtpd handler hooks for the submission listener."""
 
     def __init__(self, config: Config, spool: Batcher[SpoolEntry, int],
@@ -169,12 +191,6 @@ class SubmissionHandler:
         self.on_accepted = on_accepted or (lambda: None)
         self.accepted = 0
         self.sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
-
-    def close_sessions(self) -> None:
-        """At shutdown, after the spool has drained: hang up on idle clients."""
-        for proto in list(self.sessions):
-            if proto.transport is not None:
-                proto.transport.close()
 
     def _user(self, session: Session):
         name = session.auth_data if isinstance(session.auth_data, str) else None

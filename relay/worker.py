@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from relay import dsn
 from storage import queue as q
+from trackrelay.aio import cancel
 from storage.events import erase_raw_before
 from storage.models import Message, utcnow
 from storage.spool import Batcher, SpoolEntry, SpoolRecipient, add_entries
@@ -132,7 +133,7 @@ class DeliveryWorker:
                 unsettled.discard(c.id)
                 pending.append(asyncio.ensure_future(self._recorder.submit(outcome)))
         finally:
-            renewer.cancel()
+            await cancel(renewer)
             results = await asyncio.gather(*pending, return_exceptions=True)
             for r in results:
                 if isinstance(r, Exception):

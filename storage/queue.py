@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, case, func, insert, or_, select, update
+from sqlalchemy import and_, case, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
@@ -128,26 +128,6 @@ async def mark_dsn(session: AsyncSession, recipient_ids: list[int], state: str) 
                           .execution_options(synchronize_session=False))
 
 
-async def next_due(session: AsyncSession) -> datetime | None:
-    """When the earliest waiting copy becomes due (or its lease lapses)."""
-    t1 = (await session.execute(select(func.min(Recipient.next_attempt_at))
-                                .where(Recipient.status.in_(("queued", "deferred"))))).scalar()
-    t2 = (await session.execute(select(func.min(Recipient.lease_until))
-                                .where(Recipient.status == "sending"))).scalar()
-    times = [t for t in (t1, t2) if t is not None]
-    if not times:
-        return None
-    # SQLite's MIN() comes back as text or naive: normalise through the column type.
-    return min(_aware(t) for t in times)
-
-
-def _aware(t) -> datetime:
-    from datetime import timezone
-    if isinstance(t, str):
-        t = datetime.fromisoformat(t)
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-
-
 async def purge_delivered(session: AsyncSession, older_than: datetime) -> int:
     """Drop the spooled bytes of messages that reached a final state long enough ago."""
     result = await session.execute(
@@ -191,6 +171,3 @@ async def force_bounce(session: AsyncSession, ids: list[int], now: datetime) -> 
     await record(session, outcomes, now)
     return len(outcomes)
 
-
-async def count_reclaims(session: AsyncSession) -> int:
-    return int((await session.execute(select(func.coalesce(func.sum(Recipient.reclaims), 0)))).scalar() or 0)

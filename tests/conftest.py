@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 
@@ -86,10 +87,18 @@ class RelayFixture:
 
     async def start(self, **sections):
         from trackrelay.service import Service
-        self.config = make_config(self.config_dict(**sections))
-        self.service = Service(self.config)
-        await self.service.start()
-        return self
+        for attempt in range(3):
+            self.config = make_config(self.config_dict(**sections))
+            self.service = Service(self.config)
+            try:
+                await self.service.start()
+                return self
+            except OSError as e:  # a free port taken by another process meanwhile: new ports
+                await self.service.stop()
+                self.service = None
+                if e.errno != errno.EADDRINUSE or attempt == 2:
+                    raise
+                self.port = free_port()
 
     async def stop(self):
         if self.service:

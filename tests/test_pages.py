@@ -16,7 +16,7 @@ import pytest
 
 from helpers import PASSWORD
 from test_crm import send, wait_logged, with_attachment
-from test_tracker import HTML_MSG, browser
+from test_tracker import HTML_MSG
 
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 

@@ -82,7 +82,7 @@ async def test_two_of_each_role_deliver_every_copy_and_record_every_hit_once(tmp
         sql = "SELECT count(*) FROM events WHERE type IN ('opened', 'clicked') AND NOT inferred"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
-        while (n := await count(pg_url, sql)) < 10_000 and loop.time() < deadline:
+        while await count(pg_url, sql) < 10_000 and loop.time() < deadline:
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)
         assert await count(pg_url, sql) == 10_000

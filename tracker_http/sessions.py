@@ -4,7 +4,6 @@ bound to it; and the sign-in rate limit."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import secrets
 import time

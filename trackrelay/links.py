@@ -144,11 +144,6 @@ def to_uri(target: str) -> str:
                        quote(parts.fragment, safe=keep)))
 
 
-def new_token() -> str:
-    """160 random bits, URL-safe."""
-    return secrets.token_urlsafe(20)
-
-
 def load_or_create_key_file(path: Path) -> str:
     """The generated single-process key (tracker.secret_keys unset): created once, mode 0600."""
     try:

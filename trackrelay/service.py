@@ -22,6 +22,7 @@ from storage import migrate
 from storage.engine import make_engine, make_sessionmaker
 from storage.spool import spool_writer
 from tracker_http.app import Tracker
+from trackrelay.aio import cancel
 from trackrelay.bus import EventBus
 from trackrelay.config import Config, ConfigError
 from trackrelay.links import keyring_for
@@ -45,6 +46,7 @@ class Service:
     webhooks: WebhookSender | None = None
     bus: EventBus = field(default_factory=EventBus)
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    _inbound_handlers: list = field(default_factory=list)
     _spool = None
     _size: SizeLimit | None = None
     _probe: asyncio.Task | None = None
@@ -88,8 +90,9 @@ class Service:
             self._servers.append(server)
             log.info("submission listener on %s", c.relay.listen)
             if c.relay.inbound_listen:
-                self._servers.append(await start_inbound(c, InboundHandler(c, self.sessionmaker,
-                                                                           on_events=self.bus.notify)))
+                inbound = InboundHandler(c, self.sessionmaker, on_events=self.bus.notify)
+                self._inbound_handlers.append(inbound)
+                self._servers.append(await start_inbound(c, inbound))
                 log.info("inbound listener on %s", c.relay.inbound_listen)
 
     def _accepted(self) -> None:
@@ -116,8 +119,7 @@ class Service:
             server.close()
         for server in self._servers:
             await server.wait_closed()
-        if self._probe:
-            self._probe.cancel()
+        await cancel(self._probe)
         # A session that already read DATA is waiting on the spool writer: give it time to commit.
         await asyncio.sleep(0)
         if self._spool is not None:
@@ -127,7 +129,9 @@ class Service:
                 await asyncio.sleep(0.05)
             await self._spool.stop()
         if self.handler is not None:
-            self.handler.close_sessions()
+            await self.handler.close_sessions()
+        for handler in self._inbound_handlers:
+            await handler.close_sessions()
         if self.worker is not None:
             await self.worker.stop()
         if self.crm is not None:
