@@ -17,7 +17,8 @@ import time
 import weakref
 from collections import deque
 from email.utils import formatdate
-from typing import Awaitable, Callable
+from datetime import datetime
+from typing import Awaitable, Callable, Protocol
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -183,11 +184,13 @@ class SessionTracking:
 class SubmissionHandler(SessionTracking):
     """aiosmtpd handler hooks for the submission listener."""
 
-    def __init__(self, config: Config, spool: Batcher[SpoolEntry, int],
-                 on_accepted: Callable[[], None] | None = None, crm_lookup: CrmLookup | None = None):
+    def __init__(self, config: Config, spool: Batcher[SpoolEntry, tuple[int, list[int]]],
+                 on_accepted: Callable[[], None] | None = None, crm_lookup: CrmLookup | None = None,
+                 handoff: "Handoff | None" = None):
         self.config = config
         self.spool = spool
         self.crm_lookup = crm_lookup
+        self.handoff = handoff
         self.on_accepted = on_accepted or (lambda: None)
         self.accepted = 0
         self.sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
@@ -272,14 +275,19 @@ class SubmissionHandler(SessionTracking):
             log=any(d.log for d in decisions) or (log_bcc and not rcpts),
             log_associate=log_associate,
         )
+        handing_over = self.handoff is not None and entry.recipients and self.handoff.ready()
+        if handing_over:
+            entry.claim_owner, entry.lease_until = self.handoff.lease()
         try:
-            pk = await self.spool.submit(entry)
+            pk, copy_ids = await self.spool.submit(entry)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.error("spool commit failed, answered 451: %s", type(exc).__name__)
             return replies.TEMP_FAILURE
         self.accepted += 1
+        if handing_over:
+            self.handoff.take(pk, entry, copy_ids)
         self.on_accepted()
         return replies.OK_QUEUED.format(id=pk)
 
@@ -293,6 +301,14 @@ class SubmissionHandler(SessionTracking):
     async def handle_exception(self, error: Exception) -> str:
         log.error("SMTP session error: %s", type(error).__name__, exc_info=(type(error), error, None))
         return replies.TEMP_FAILURE
+
+
+class Handoff(Protocol):
+    """The worker in this process: freshly spooled copies go to it directly, already claimed."""
+
+    def ready(self) -> bool: ...
+    def lease(self) -> tuple[str, "datetime"]: ...
+    def take(self, message_pk: int, entry: SpoolEntry, copy_ids: list[int]) -> None: ...
 
 
 #: (user name, recipient addresses) -> (their existing contacts, team list, the user's list)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
@@ -36,15 +37,21 @@ async def get_contact(session: AsyncSession, email: str) -> Contact | None:
     return (await session.scalars(select(Contact).where(Contact.email == email.lower()))).first()
 
 
+def _insert_ignoring_duplicates(session: AsyncSession, model, values: dict):
+    """INSERT … ON CONFLICT DO NOTHING: another process (the CRM logger, the inbound listener, a
+    second worker) may create the same contact or company at the same moment."""
+    ins = postgresql.insert(model) if session.bind.dialect.name == "postgresql" else sqlite.insert(model)
+    return session.execute(ins.values(**values).on_conflict_do_nothing())
+
+
 async def company_for(session: AsyncSession, domain: str) -> Company | None:
     domain = domain.lower()
     if domain in FREE_MAIL:
         return None
     company = (await session.scalars(select(Company).where(Company.domain == domain))).first()
     if company is None:
-        company = Company(domain=domain, name=domain)
-        session.add(company)
-        await session.flush()
+        await _insert_ignoring_duplicates(session, Company, {"domain": domain, "name": domain})
+        company = (await session.scalars(select(Company).where(Company.domain == domain))).one()
     return company
 
 
@@ -59,11 +66,10 @@ async def ensure_contact(session: AsyncSession, email: str, owner: str | None, c
     if not create:
         return None
     company = await company_for(session, email.rpartition("@")[2])
-    contact = Contact(email=email, owner=owner, marketing=False, do_not_track=False,
-                      company_pk=company.id if company else None, created_at=utcnow())
-    session.add(contact)
-    await session.flush()
-    return contact
+    await _insert_ignoring_duplicates(session, Contact, {
+        "email": email, "owner": owner, "marketing": False, "do_not_track": False,
+        "company_pk": company.id if company else None, "created_at": utcnow()})
+    return await get_contact(session, email)
 
 
 async def company_domain(session: AsyncSession, company_pk: int | None) -> str | None:
@@ -85,12 +91,16 @@ async def recent_open_deals(session: AsyncSession, contact_pk: int, limit: int =
 
 
 async def touch_contacts(session: AsyncSession, updates: dict[str, dict[str, datetime]]) -> None:
-    """Move contact dates forward (last_open_at, last_click_at, last_engagement_at), never back."""
-    for email, fields in updates.items():
-        for name, when in fields.items():
-            col = getattr(Contact, name)
-            await session.execute(update(Contact).where(Contact.email == email, or_(col.is_(None), col < when))
-                                  .values({name: when}).execution_options(synchronize_session=False))
+    """Move contact dates forward (last_open_at, last_click_at, last_engagement_at), never back.
+    One executemany per column, whatever the number of contacts."""
+    for name in ("last_open_at", "last_click_at", "last_engagement_at"):
+        params = [{"e": email, "v": fields[name]} for email, fields in updates.items() if name in fields]
+        if not params:
+            continue
+        col = getattr(Contact, name)
+        stmt = (update(Contact).where(Contact.email == bindparam("e"), or_(col.is_(None), col < bindparam("v")))
+                .values({name: bindparam("v")}).execution_options(synchronize_session=False))
+        await (await session.connection()).execute(stmt, params)
 
 
 # -- Never Log --------------------------------------------------------------------------------

@@ -77,6 +77,14 @@ async def renew(session: AsyncSession, owner: str, ids: list[int], until: dateti
                               .execution_options(synchronize_session=False))
 
 
+async def release(session: AsyncSession, owner: str, ids: list[int]) -> None:
+    """Give claimed copies back, untried (a worker stopping before it got to them)."""
+    await session.execute(update(Recipient)
+                          .where(Recipient.id.in_(ids), Recipient.lease_owner == owner, Recipient.status == "sending")
+                          .values(status="queued", lease_owner=None, lease_until=None)
+                          .execution_options(synchronize_session=False))
+
+
 async def load_messages(session: AsyncSession, pks: set[int]) -> dict[int, Message]:
     rows = (await session.execute(
         select(Message).where(Message.id.in_(pks)).options(undefer(Message.raw)))).scalars().all()

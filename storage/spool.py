@@ -109,10 +109,14 @@ class SpoolEntry:
     log_associate: str | None = None
     kind: str = "mail"
     accepted_at: datetime = field(default_factory=utcnow)
+    #: Hand the copies straight to this process's worker: inserted already claimed by it.
+    claim_owner: str | None = None
+    lease_until: datetime | None = None
 
 
-async def add_entries(session: AsyncSession, entries: list[SpoolEntry]) -> list[int]:
-    """Insert the rows of these entries (bulk statements: a handful per batch, not per row)."""
+async def add_entries(session: AsyncSession, entries: list[SpoolEntry]) -> list[tuple[int, list[int]]]:
+    """Insert the rows of these entries (bulk statements: a handful per batch, not per row).
+    Returns each message's id with its recipient rows' ids, in recipient order."""
     msg_ids = (await session.scalars(
         insert(Message).returning(Message.id, sort_by_parameter_order=True),
         [dict(kind=e.kind, message_id=e.message_id, user=e.user, mail_from=e.mail_from,
@@ -120,10 +124,12 @@ async def add_entries(session: AsyncSession, entries: list[SpoolEntry]) -> list[
               accepted_at=e.accepted_at, size=len(e.raw), raw=e.raw, log=e.log,
               log_associate=e.log_associate) for e in entries])).all()
     rcpt_rows = [dict(message_pk=mid, address=r.address, token=r.token, track_opens=r.track_opens,
-                      track_clicks=r.track_clicks, log=r.log, reasons=list(r.reasons), status="queued",
-                      never_log=r.never_log,
+                      track_clicks=r.track_clicks, log=r.log, reasons=list(r.reasons),
+                      status="sending" if e.claim_owner else "queued", lease_owner=e.claim_owner,
+                      lease_until=e.lease_until, never_log=r.never_log,
                       attempts=0, next_attempt_at=e.accepted_at, reclaims=0, dsn="none")
                  for e, mid in zip(entries, msg_ids) for r in e.recipients]
+    rcpt_ids: list[int] = []
     if rcpt_rows:
         rcpt_ids = (await session.scalars(
             insert(Recipient).returning(Recipient.id, sort_by_parameter_order=True), rcpt_rows)).all()
@@ -136,11 +142,14 @@ async def add_entries(session: AsyncSession, entries: list[SpoolEntry]) -> list[
             for e, mid in zip(entries, msg_ids) if e.log and e.kind == "mail"]
     if jobs:
         await session.execute(insert(CrmJob), jobs)
-    return list(msg_ids)
+    copies: dict[int, list[int]] = {}
+    for row, rid in zip(rcpt_rows, rcpt_ids):
+        copies.setdefault(row["message_pk"], []).append(rid)
+    return [(mid, copies.get(mid, [])) for mid in msg_ids]
 
 
-def spool_writer(sessionmaker: async_sessionmaker) -> Batcher[SpoolEntry, int]:
-    async def flush(entries: list[SpoolEntry]) -> list[int]:
+def spool_writer(sessionmaker: async_sessionmaker) -> Batcher[SpoolEntry, tuple[int, list[int]]]:
+    async def flush(entries: list[SpoolEntry]) -> list[tuple[int, list[int]]]:
         async with sessionmaker() as session:
             async with session.begin():
                 return await add_entries(session, entries)

@@ -85,7 +85,7 @@ class Service:
             self._size = SizeLimit(c.relay.max_message_bytes)
             self._probe = asyncio.create_task(self._probe_upstream_size())
             self.handler = SubmissionHandler(c, self._spool, on_accepted=self._accepted,
-                                             crm_lookup=make_lookup(c, self.sessionmaker))
+                                             crm_lookup=make_lookup(c, self.sessionmaker), handoff=self.worker)
             server = await start_submission(c, self.handler, Authenticator(c), self._size)
             self._servers.append(server)
             log.info("submission listener on %s", c.relay.listen)
