@@ -166,7 +166,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def measure_trackrelay(track: bool, sink: CountingSink, sink_port: int, n: int, clients: int) -> dict:
+async def measure_trackrelay(track: bool, sink: CountingSink, sink_port: int, n: int, clients: int,
+                             log: bool = False) -> dict:
     from trackrelay.passwords import hash_password
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
@@ -184,6 +185,8 @@ url = "sqlite+aiosqlite:///{tmp}/trackrelay.db"
 secret_keys = ["bench-key-0123456789abcdef"]
 [tracking]
 allow = {"true" if track else "false"}
+[crm]
+default_log = {"true" if log else "false"}
 [log]
 level = "warning"
 [[users]]
@@ -192,7 +195,8 @@ password_hash = "{hash_password(PASSWORD)}"
 addresses = ["alice@example.com"]
 """)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        label = "tracked (pixel + wrapped links per copy)" if track else "untracked"
+        label = ("tracked (pixel + wrapped links per copy)" if track else "untracked") + \
+            (", CRM logging every message" if log else "")
         return await measure(f"trackrelay, SQLite, fsync before 250, {label}",
                              [sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "serve"],
                              port, sink, n, clients, auth=True, env=env)
@@ -218,8 +222,8 @@ async def main() -> None:
                                  [sys.executable, __file__, "--bare", str(port), str(sink_port)],
                                  port, sink, args.messages, args.clients, auth=False))
 
-    for track in (False, True):
-        results.append(await measure_trackrelay(track, sink, sink_port, args.messages, args.clients))
+    for track, log in ((False, False), (True, False), (True, True)):
+        results.append(await measure_trackrelay(track, sink, sink_port, args.messages, args.clients, log))
     sink_server.close()
 
     print(f"{args.messages} messages of ~10 KB HTML, {args.clients} concurrent clients; "

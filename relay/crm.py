@@ -14,6 +14,7 @@ import email
 import hashlib
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from email import policy as email_policy
@@ -32,6 +33,8 @@ from trackrelay.aio import cancel
 log = logging.getLogger("trackrelay.crm")
 
 MAX_JOB_ATTEMPTS = 5
+#: Never Log lists change rarely and are read for every message: a change takes effect within this.
+NEVER_LOG_CACHE_SECONDS = 2.0
 _MSGID = re.compile(r"<[^<>\s]+>")
 
 
@@ -41,13 +44,18 @@ def make_lookup(config: Config, sessionmaker: async_sessionmaker):
     """The relay's CRM look-up: existing contacts among the recipients, and the Never Log lists."""
     team_cfg = tuple(normalise_entry(e) for e in config.never_log.team)
     personal_cfg = {u.name: tuple(normalise_entry(e) for e in u.never_log) for u in config.users}
+    cache: dict[str, tuple[float, q.NeverLogLists]] = {}
 
     async def lookup(user: str, addresses: set[str]):
+        now = time.monotonic()
         async with sessionmaker() as session:
-            contacts = await q.contacts_by_email(session, addresses)
-            lists = await q.never_log_lists(session, user, team_cfg, personal_cfg.get(user, ()))
-        return ({e: ContactFacts(c.legal_basis, bool(c.do_not_track)) for e, c in contacts.items()},
-                lists.team, lists.personal)
+            contacts = await q.contact_facts(session, addresses)
+            cached = cache.get(user)
+            if cached is None or now - cached[0] > NEVER_LOG_CACHE_SECONDS:
+                cached = (now, await q.never_log_lists(session, user, team_cfg, personal_cfg.get(user, ())))
+                cache[user] = cached
+        lists = cached[1]
+        return ({e: ContactFacts(basis, bool(dnt)) for e, basis, dnt in contacts}, lists.team, lists.personal)
 
     return lookup
 
@@ -235,13 +243,16 @@ class CrmLogger:
             self._wake.clear()
             try:
                 while await self.process_one():
-                    pass
+                    # Background work: let the relay's commits and deliveries have the database
+                    # between jobs (SQLite has one write connection).
+                    await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.error("CRM logging failed: %s", type(exc).__name__)
             try:
                 await asyncio.wait_for(self._wake.wait(), 1.0)
+                await asyncio.sleep(0.1)  # gather the jobs of a burst of mail
             except asyncio.TimeoutError:
                 pass
 

@@ -185,13 +185,13 @@ class SubmissionHandler(SessionTracking):
     """aiosmtpd handler hooks for the submission listener."""
 
     def __init__(self, config: Config, spool: Batcher[SpoolEntry, tuple[int, list[int]]],
-                 on_accepted: Callable[[], None] | None = None, crm_lookup: CrmLookup | None = None,
+                 on_accepted: Callable[[bool], None] | None = None, crm_lookup: CrmLookup | None = None,
                  handoff: "Handoff | None" = None):
         self.config = config
         self.spool = spool
         self.crm_lookup = crm_lookup
         self.handoff = handoff
-        self.on_accepted = on_accepted or (lambda: None)
+        self.on_accepted = on_accepted or (lambda logged: None)
         self.accepted = 0
         self.sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
 
@@ -288,7 +288,7 @@ class SubmissionHandler(SessionTracking):
         self.accepted += 1
         if handing_over:
             self.handoff.take(pk, entry, copy_ids)
-        self.on_accepted()
+        self.on_accepted(entry.log)
         return replies.OK_QUEUED.format(id=pk)
 
     def _received(self, server: SMTP, session: Session) -> bytes:

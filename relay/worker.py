@@ -137,9 +137,14 @@ class DeliveryWorker:
     async def _lane(self, index: int) -> None:
         while not self._stopping:
             if not self._handed.empty():
-                msg, claimed = self._handed.get_nowait()
-                self._handed_copies -= len(claimed)
-                await self._deliver_batch(claimed, {msg.id: msg})
+                batch: list[q.Claimed] = []
+                messages: dict[int, Message] = {}
+                while not self._handed.empty() and len(batch) < CLAIM_BATCH:
+                    msg, claimed = self._handed.get_nowait()
+                    self._handed_copies -= len(claimed)
+                    messages[msg.id] = msg
+                    batch += claimed
+                await self._deliver_batch(batch, messages)
                 continue
             self._wake.clear()
             try:

@@ -26,11 +26,14 @@ FREE_MAIL = frozenset({
 
 # -- contacts ---------------------------------------------------------------------------------
 
-async def contacts_by_email(session: AsyncSession, emails: set[str]) -> dict[str, Contact]:
+async def contact_facts(session: AsyncSession, emails: set[str]) -> list[tuple[str, str | None, bool]]:
+    """(email, legal basis, do_not_track) of the existing contacts among ``emails``: the relay's
+    look-up at acceptance, so a plain column query rather than ORM objects."""
     if not emails:
-        return {}
-    rows = (await session.scalars(select(Contact).where(Contact.email.in_(emails)))).all()
-    return {c.email: c for c in rows}
+        return []
+    rows = await session.execute(select(Contact.email, Contact.legal_basis, Contact.do_not_track)
+                                 .where(Contact.email.in_(emails)))
+    return [tuple(r) for r in rows.all()]
 
 
 async def get_contact(session: AsyncSession, email: str) -> Contact | None:

@@ -28,6 +28,24 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
 
+def make_read_engine(url: str, write_engine: AsyncEngine) -> AsyncEngine:
+    """For SQLite, a second engine of several read-only connections: WAL readers never wait for
+    the writer, and reads on the hot path (the relay's CRM look-up) need not queue for the single
+    write connection. PostgreSQL serves both from one pool."""
+    if not url.startswith("sqlite"):
+        return write_engine
+    engine = create_async_engine(url, connect_args={"timeout": 30}, pool_size=4, max_overflow=4)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _read_only(dbapi_conn, _record):  # pragma: no cover - trivial
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA query_only=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    return engine
+
+
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker:
     return async_sessionmaker(engine, expire_on_commit=False)
 

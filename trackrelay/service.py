@@ -19,7 +19,7 @@ from relay.upstream import make_upstream
 from relay.webhooks import WebhookSender
 from relay.worker import DeliveryWorker, Renderer, plain_renderer
 from storage import migrate
-from storage.engine import make_engine, make_sessionmaker
+from storage.engine import make_engine, make_read_engine, make_sessionmaker
 from storage.spool import spool_writer
 from tracker_http.app import Tracker
 from trackrelay.aio import cancel
@@ -38,6 +38,8 @@ class Service:
     roles: tuple[str, ...] = ROLES
     render: Renderer = plain_renderer
     engine: AsyncEngine | None = None
+    read_engine: AsyncEngine | None = None
+    read_sessionmaker: async_sessionmaker | None = None
     sessionmaker: async_sessionmaker | None = None
     worker: DeliveryWorker | None = None
     handler: SubmissionHandler | None = None
@@ -56,6 +58,8 @@ class Service:
         self.engine = make_engine(c.storage.url)
         await migrate.upgrade(self.engine)
         self.sessionmaker = make_sessionmaker(self.engine)
+        self.read_engine = make_read_engine(c.storage.url, self.engine)
+        self.read_sessionmaker = make_sessionmaker(self.read_engine)
         keyring = None
         if "worker" in self.roles or "tracker" in self.roles:
             try:
@@ -85,7 +89,7 @@ class Service:
             self._size = SizeLimit(c.relay.max_message_bytes)
             self._probe = asyncio.create_task(self._probe_upstream_size())
             self.handler = SubmissionHandler(c, self._spool, on_accepted=self._accepted,
-                                             crm_lookup=make_lookup(c, self.sessionmaker), handoff=self.worker)
+                                             crm_lookup=make_lookup(c, self.read_sessionmaker), handoff=self.worker)
             server = await start_submission(c, self.handler, Authenticator(c), self._size)
             self._servers.append(server)
             log.info("submission listener on %s", c.relay.listen)
@@ -95,11 +99,11 @@ class Service:
                 self._servers.append(await start_inbound(c, inbound))
                 log.info("inbound listener on %s", c.relay.inbound_listen)
 
-    def _accepted(self) -> None:
+    def _accepted(self, logged: bool) -> None:
         self.bus.notify()
         if self.worker is not None:
             self.worker.wake()
-        if self.crm is not None:
+        if logged and self.crm is not None:
             self.crm.wake()
 
     async def _probe_upstream_size(self) -> None:
@@ -140,5 +144,7 @@ class Service:
             await self.webhooks.stop()
         if self.tracker is not None:
             await self.tracker.stop()
+        if self.read_engine is not None and self.read_engine is not self.engine:
+            await self.read_engine.dispose()
         if self.engine is not None:
             await self.engine.dispose()
