@@ -28,7 +28,7 @@ from storage import crm as q
 from storage.models import CrmJob, Deal, LoggedAttachment, LoggedEmail, Message, Recipient, utcnow
 from trackrelay.config import Config
 from trackrelay.neverlog import normalise_entry
-from trackrelay.aio import cancel
+from trackrelay.aio import finish
 
 log = logging.getLogger("trackrelay.crm")
 
@@ -226,6 +226,7 @@ class CrmLogger:
         self.sessionmaker = sessionmaker
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self.logged = 0
 
     def wake(self) -> None:
@@ -235,14 +236,16 @@ class CrmLogger:
         self._task = asyncio.create_task(self._run(), name="crm-logger")
 
     async def stop(self) -> None:
-        await cancel(self._task)
+        self._stopping = True
+        self._wake.set()
+        await finish(self._task)
         self._task = None
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
-                while await self.process_one():
+                while not self._stopping and await self.process_one():
                     # Background work: let the relay's commits and deliveries have the database
                     # between jobs (SQLite has one write connection).
                     await asyncio.sleep(0)
@@ -252,7 +255,8 @@ class CrmLogger:
                 log.error("CRM logging failed: %s", type(exc).__name__)
             try:
                 await asyncio.wait_for(self._wake.wait(), 1.0)
-                await asyncio.sleep(0.1)  # gather the jobs of a burst of mail
+                if not self._stopping:
+                    await asyncio.sleep(0.1)  # gather the jobs of a burst of mail
             except asyncio.TimeoutError:
                 pass
 

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from storage import events as ev
 from storage.models import WebhookCursor, utcnow
-from trackrelay.aio import cancel
+from trackrelay.aio import finish
 from trackrelay.bus import EventBus
 from trackrelay.config import Config, Webhook
 
@@ -54,6 +54,7 @@ class WebhookSender:
         self.bus = bus or EventBus()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._tasks: list[asyncio.Task] = []
+        self._stopping = False
         self.sent = 0
 
     def start(self) -> None:
@@ -61,14 +62,16 @@ class WebhookSender:
             self._tasks.append(asyncio.create_task(self._run(hook), name=f"webhook {hook.url[:40]}"))
 
     async def stop(self) -> None:
+        self._stopping = True
+        self.bus.notify()
         for t in self._tasks:
-            await cancel(t)
+            await finish(t, 5.0)
         self._tasks.clear()
 
     async def _run(self, hook: Webhook) -> None:
         timeout = aiohttp.ClientTimeout(total=10)
         async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": "trackrelay-webhooks"}) as http:
-            while True:
+            while not self._stopping:
                 try:
                     pause = await self.deliver_some(hook, http)
                 except asyncio.CancelledError:
@@ -76,7 +79,7 @@ class WebhookSender:
                 except Exception as exc:
                     log.error("webhook loop error: %s", type(exc).__name__)
                     pause = 5.0
-                if pause:
+                if pause and not self._stopping:
                     await self.bus.wait(pause)
 
     async def _claim(self, hook: Webhook) -> WebhookCursor | None:

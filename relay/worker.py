@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from relay import dsn
 from storage import queue as q
-from trackrelay.aio import cancel
+from trackrelay.aio import cancel, finish
 from storage.events import erase_raw_before
 from storage.models import Message, utcnow
 from storage.spool import Batcher, SpoolEntry, SpoolRecipient, add_entries
@@ -94,7 +94,7 @@ class DeliveryWorker:
             for t in pending:
                 t.cancel()
         if self._tasks:
-            self._tasks[-1].cancel()
+            await finish(self._tasks[-1])
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._recorder.stop()
         try:

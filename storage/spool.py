@@ -35,13 +35,20 @@ class Batcher(Generic[T, R]):
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._name = name
+        self._busy = False
         self.batches = 0
         self.items = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=self._name)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
+        # Let a batch being written finish: cancelled mid-commit, the driver's thread would go on
+        # after the event loop is gone. Waiting for the next item is safe to cancel.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (self._busy or not self._queue.empty()) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         await cancel(self._task)
         self._task = None
         while not self._queue.empty():
@@ -62,6 +69,7 @@ class Batcher(Generic[T, R]):
             while len(batch) < self._max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             items = [item for item, _ in batch]
+            self._busy = True
             try:
                 results = await self._flush(items)
             except asyncio.CancelledError:
@@ -75,6 +83,8 @@ class Batcher(Generic[T, R]):
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            finally:
+                self._busy = False
             self.batches += 1
             self.items += len(items)
             for (_, fut), result in zip(batch, results):

@@ -25,7 +25,7 @@ from storage.models import utcnow
 from tracker_http.classify import BURST_SECONDS, HUMAN, Facts, classify, client_of
 from tracker_http.netaddr import RangeSet, stored_ip
 from trackrelay.config import Config
-from trackrelay.aio import cancel
+from trackrelay.aio import finish
 
 log = logging.getLogger("trackrelay.tracker")
 
@@ -67,6 +67,7 @@ class Recorder:
         self._buf: deque[Hit] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self._recent_clicks: dict[str, deque[tuple[float, int]]] = {}
         self.stats = Stats()
 
@@ -92,7 +93,9 @@ class Recorder:
         self._task = asyncio.create_task(self._run(), name="event-recorder")
 
     async def stop(self, grace: float = 5.0) -> None:
-        await cancel(self._task)
+        self._stopping = True
+        self._wake.set()
+        await finish(self._task, grace)
         self._task = None
         deadline = time.monotonic() + grace
         while self._buf and time.monotonic() < deadline:
@@ -103,13 +106,13 @@ class Recorder:
 
     async def _run(self) -> None:
         backoff = 0.5
-        while True:
+        while not self._stopping:
             try:
                 await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            while self._buf:
+            while self._buf and not self._stopping:
                 if await self.flush_once():
                     backoff = 0.5
                 else:
