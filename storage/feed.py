@@ -89,3 +89,16 @@ def _aware(t):
     if isinstance(t, str):
         t = datetime.fromisoformat(t)
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+async def message_with_events(session: AsyncSession, pk: int, user: str | None) -> dict | None:
+    """One message as in the feed, with its events in commit order (None: not found, or not the
+    user's). Used by the API's messages/{id} and the message page."""
+    from storage import events as ev
+    msg = await get_message(session, pk, user)
+    if msg is None:
+        return None
+    (item,) = await feed_json(session, [msg])
+    rows = await ev.list_after(session, None, ev.Cursor(), 10000, message_pk=msg.id)
+    item["events"] = [ev.event_json(e, mid, rcpt) for e, mid, rcpt in rows]
+    return item

@@ -113,12 +113,9 @@ async def get_message(request: web.Request) -> web.Response:
     if not raw.isdigit() or len(raw) > 18:
         raise web.HTTPNotFound(text="no such message")
     async with request.app[CTX].sessionmaker() as session:
-        msg = await feed.get_message(session, int(raw), None if user.admin else user.name)
-        if msg is None:
-            raise web.HTTPNotFound(text="no such message")
-        (item,) = await feed.feed_json(session, [msg])
-        rows = await ev.list_after(session, None, ev.Cursor(), 10000, message_pk=msg.id)
-    item["events"] = [ev.event_json(e, mid, rcpt) for e, mid, rcpt in rows]
+        item = await feed.message_with_events(session, int(raw), None if user.admin else user.name)
+    if item is None:
+        raise web.HTTPNotFound(text="no such message")
     return web.json_response(item, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
 

@@ -17,7 +17,6 @@ import jinja2
 from aiohttp import web
 
 from storage import crm as q
-from storage import events as ev
 from storage import feed
 from tracker_http import sessions
 from tracker_http.crm_api import attachment_response, contact_json, logged_json
@@ -165,13 +164,10 @@ async def message_page(request: web.Request) -> web.Response:
     if not raw.isdigit() or len(raw) > 18:
         raise web.HTTPNotFound(text="no such message")
     async with request.app[CTX].sessionmaker() as s:
-        msg = await feed.get_message(s, int(raw), None if user.admin else user.name)
-        if msg is None:
-            raise web.HTTPNotFound(text="no such message")
-        (item,) = await feed.feed_json(s, [msg])
-        rows = await ev.list_after(s, None, ev.Cursor(), 10000, message_pk=msg.id)
-    events = [ev.event_json(e, mid, rcpt) for e, mid, rcpt in rows]
-    return render(request, "message.html", user=user, csrf=csrf, m=item, events=events)
+        item = await feed.message_with_events(s, int(raw), None if user.admin else user.name)
+    if item is None:
+        raise web.HTTPNotFound(text="no such message")
+    return render(request, "message.html", user=user, csrf=csrf, m=item, events=item["events"])
 
 
 async def contact_page(request: web.Request) -> web.Response:
