@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, literal, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import Event, Message, Recipient
+
+EVENTS = Event.__table__
 
 
 @dataclass(frozen=True)
@@ -35,24 +37,35 @@ async def resolve_tokens(session: AsyncSession, tokens: set[str]) -> dict[str, T
     return {r[0]: TokenInfo(*r[1:]) for r in rows.all()}
 
 
+#: Event types whose first human occurrence per recipient is marked ``first``.
+FIRST_TYPES = ("opened", "clicked", "replied")
+
+
+def _has_human(kind: str):
+    return (select(literal(1)).where(Event.recipient_pk == Recipient.id, Event.type == kind,
+                                     Event.classification == "human").exists())
+
+
 async def human_history(session: AsyncSession, recipient_pks: set[int]) -> set[tuple[int, str]]:
-    """(recipient, type) pairs that already have a human event: for `first` and inferred opens."""
+    """(recipient, type) pairs that already have a human event: for `first` and inferred opens.
+
+    One EXISTS per pair, each an index seek on ``ix_events_recipient_type``: the cost does not
+    grow with the number of events a recipient already has."""
     if not recipient_pks:
         return set()
     rows = await session.execute(
-        select(Event.recipient_pk, Event.type).distinct()
-        .where(Event.recipient_pk.in_(recipient_pks), Event.classification == "human",
-               Event.type.in_(("opened", "clicked"))))
-    return {(r[0], r[1]) for r in rows.all()}
+        select(Recipient.id, *(_has_human(k) for k in FIRST_TYPES)).where(Recipient.id.in_(recipient_pks)))
+    return {(r[0], k) for r in rows.all() for k, has in zip(FIRST_TYPES, r[1:]) if has}
 
 
 async def insert_idempotent(session: AsyncSession, rows: list[dict]) -> None:
-    """Insert events; a row whose dedupe_key is already stored is skipped (a retried batch)."""
+    """Insert events (one executemany, no ORM unit of work); a row whose dedupe_key is already
+    stored is skipped (a retried batch). Every row of one call has the same keys."""
     if not rows:
         return
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    ins = (postgresql.insert(Event) if dialect == "postgresql" else sqlite.insert(Event))
-    await session.execute(ins.on_conflict_do_nothing(index_elements=["dedupe_key"]), rows)
+    conn = await session.connection()
+    ins = postgresql.insert(EVENTS) if conn.dialect.name == "postgresql" else sqlite.insert(EVENTS)
+    await conn.execute(ins.on_conflict_do_nothing(index_elements=["dedupe_key"]), rows)
 
 
 @dataclass(frozen=True, order=True)

@@ -113,12 +113,14 @@ class Event(Base):
     """The event log: delivery events from the relay, opens and clicks from the tracker."""
 
     __tablename__ = "events"
+    #: "Has this recipient a human open (click, reply) yet?" as an index seek (storage.events).
+    __table_args__ = (Index("ix_events_recipient_type", "recipient_pk", "type", "classification"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     type: Mapped[str] = mapped_column(String(16))
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     message_pk: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
-    recipient_pk: Mapped[int | None] = mapped_column(ForeignKey("recipients.id", ondelete="CASCADE"), index=True)
+    recipient_pk: Mapped[int | None] = mapped_column(ForeignKey("recipients.id", ondelete="CASCADE"))
     user: Mapped[str | None] = mapped_column(String(200), index=True)
     url: Mapped[str | None] = mapped_column(Text)
     ip: Mapped[str | None] = mapped_column(String(64))

@@ -308,6 +308,20 @@ async def test_inbound_reply_records_replied_inferred_open_and_threads(relay, si
     assert contact["last_engagement_at"]
 
 
+async def test_inbound_second_reply_is_not_the_first_and_infers_no_second_open(relay, sink):
+    await start(relay, inbound=True, users=alice_with_log_key(relay))
+    await send(relay, ["carol@ext.test"], HTML_MSG.replace(b"Subject: Offer", b"Message-ID: <offer-9@example.com>\r\nSubject: Offer"))
+    await sink.wait_for(1)
+    await wait_logged(relay)
+    for n in (1, 2):
+        await inbound_send(relay, (b"From: carol@ext.test\r\nTo: alice@example.com\r\nSubject: Re: Offer\r\n"
+                                   b"Message-ID: <reply-9-%d@ext.test>\r\nIn-Reply-To: <offer-9@example.com>\r\n\r\n"
+                                   b"Yes.\r\n" % n))
+    rows = await relay.rows("SELECT type, first, inferred FROM events WHERE type IN ('opened', 'replied') ORDER BY id")
+    assert [(t, bool(f), bool(i)) for t, f, i in rows] == [
+        ("opened", True, True), ("replied", True, False), ("replied", False, False)]
+
+
 async def test_inbound_out_of_office_is_logged_but_not_a_reply(relay, sink):
     await start(relay, inbound=True, users=alice_with_log_key(relay))
     await send(relay, ["carol@ext.test"], HTML_MSG.replace(b"Subject: Offer", b"Message-ID: <offer-2@example.com>\r\nSubject: Offer"))

@@ -26,7 +26,7 @@ BURST_SECONDS = 2.0
 SELF_WINDOW = timedelta(days=1)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Facts:
     kind: str  # open | click
     method: str  # GET | HEAD

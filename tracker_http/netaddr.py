@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+from functools import lru_cache
 from pathlib import Path
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -37,6 +38,7 @@ def client_ip(peer: str | None, forwarded_for: str | None, trusted: list[Network
     return ip
 
 
+@lru_cache(maxsize=8192)
 def stored_ip(ip: str, mode: str) -> str | None:
     """The IP as kept: full, truncated (IPv4 /24, IPv6 /48) or none."""
     if mode == "none" or not ip:
@@ -66,11 +68,20 @@ class RangeSet:
                     merged.append([a, b])
             self._runs[version] = ([a for a, _ in merged], [b for _, b in merged])
         self._count = len(nets)
+        self._seen: dict[str, bool] = {}  # recent answers: readers come back from one address
 
     def __len__(self) -> int:
         return self._count
 
     def __contains__(self, ip: str) -> bool:
+        hit = self._seen.get(ip)
+        if hit is None:
+            if len(self._seen) > 8192:
+                self._seen.clear()
+            hit = self._seen[ip] = self._lookup(ip)
+        return hit
+
+    def _lookup(self, ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:

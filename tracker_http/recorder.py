@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import itertools
+import secrets
 import time
-import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -32,19 +33,25 @@ log = logging.getLogger("trackrelay.tracker")
 BUFFER_MAX = 100_000
 BATCH_MAX = 1000
 FLUSH_INTERVAL = 0.05
+HUMAN_CACHE_MAX = 200_000
 
 
-@dataclass
 class Hit:
-    kind: str  # open | click
-    token: str
-    method: str
-    ip: str
-    user_agent: str
-    at: datetime = field(default_factory=utcnow)
-    url: str | None = None
-    link_index: int | None = None
-    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """One pixel fetch or click, as the handler saw it (a slotted class: one per request)."""
+
+    __slots__ = ("kind", "token", "method", "ip", "user_agent", "at", "url", "link_index", "key")
+
+    def __init__(self, kind: str, token: str, method: str, ip: str, user_agent: str,
+                 url: str | None = None, link_index: int | None = None, at: datetime | None = None):
+        self.kind = kind  # open | click
+        self.token = token
+        self.method = method
+        self.ip = ip
+        self.user_agent = user_agent
+        self.at = at or utcnow()
+        self.url = url
+        self.link_index = link_index
+        self.key = ""  # the idempotency key, given by Recorder.add
 
 
 @dataclass
@@ -69,6 +76,12 @@ class Recorder:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._recent_clicks: dict[str, deque[tuple[float, int]]] = {}
+        #: (recipient, type) pairs known to have a human event (committed): only ever true, so
+        #: safe beside other tracker processes; what is not here is asked of the database.
+        self._human: set[tuple[int, str]] = set()
+        #: Idempotency keys: unique per process start, ascending (cheap appends to the index).
+        self._key_prefix = secrets.token_hex(8) + "."
+        self._keys = itertools.count()
         self.stats = Stats()
 
     # -- the hot path ------------------------------------------------------------------------
@@ -79,6 +92,7 @@ class Recorder:
             if self.stats.dropped in (1, 10, 100) or self.stats.dropped % 1000 == 0:
                 log.error("event buffer full (%d): %d events dropped so far", BUFFER_MAX, self.stats.dropped)
             return
+        hit.key = f"{self._key_prefix}{next(self._keys):012x}"
         self._buf.append(hit)
         if len(self._buf) >= BATCH_MAX:
             self._wake.set()
@@ -145,10 +159,12 @@ class Recorder:
 
     async def _write(self, batch: list[Hit]) -> int:
         cfg = self.config
+        window = cfg.tracking.scanner_window_seconds
+        store_ip = cfg.privacy.store_ip
         async with self.sessionmaker() as session:
             async with session.begin():
                 info = await ev.resolve_tokens(session, {h.token for h in batch})
-                history = await ev.human_history(session, {i.recipient_pk for i in info.values()})
+                history = await self._history(session, {i.recipient_pk for i in info.values()})
                 rows = []
                 for h in batch:
                     t = info.get(h.token)
@@ -156,14 +172,14 @@ class Recorder:
                         self.stats.unknown_tokens += 1
                         continue
                     kind = "opened" if h.kind == "open" else "clicked"
-                    facts = Facts(kind=h.kind, method=h.method, ip=h.ip, user_agent=h.user_agent, at=h.at,
-                                  delivered_at=t.sent_at or t.accepted_at, sender_ip=t.client_ip,
-                                  accepted_at=t.accepted_at, apple_ip=h.ip in self.apple,
-                                  burst=self._burst(h), signed_in_ip=self.signed_in.recent(h.ip, h.at))
-                    cls, reason = classify(facts, cfg.tracking.scanner_window_seconds)
+                    ua = h.user_agent[:1000]
+                    facts = Facts(h.kind, h.method, h.ip, ua, h.at, t.sent_at or t.accepted_at, t.client_ip,
+                                  t.accepted_at, h.ip in self.apple, self._burst(h),
+                                  self.signed_in.recent(h.ip, h.at))
+                    cls, reason = classify(facts, window)
                     base = dict(message_pk=t.message_pk, recipient_pk=t.recipient_pk, user=t.user, at=h.at,
-                                ip=stored_ip(h.ip, cfg.privacy.store_ip), user_agent=h.user_agent[:1000],
-                                client=client_of(h.user_agent[:1000]), classification=cls, reason=reason)
+                                ip=stored_ip(h.ip, store_ip), user_agent=ua, client=client_of(ua),
+                                classification=cls, reason=reason)
                     human = cls == HUMAN
                     if human and kind == "clicked" and (t.recipient_pk, "opened") not in history:
                         rows.append(dict(base, type="opened", url=None, first=True, inferred=True,
@@ -174,8 +190,22 @@ class Recorder:
                         history.add((t.recipient_pk, kind))
                     rows.append(dict(base, type=kind, url=h.url, first=first, inferred=False, dedupe_key=h.key))
                 await ev.insert_idempotent(session, rows)
-                await crm.touch_contacts(session, self._contact_dates(rows, info))
+                dates = self._contact_dates(rows, info)
+                if dates:
+                    await crm.touch_contacts(session, dates)
+        if len(self._human) > HUMAN_CACHE_MAX:
+            self._human.clear()
+        self._human |= history  # committed now
         return len(rows)
+
+    async def _history(self, session, recipient_pks: set[int]) -> set[tuple[int, str]]:
+        """The pairs of these recipients with a human open/click: from memory where known."""
+        known = self._human
+        unknown = {pk for pk in recipient_pks if (pk, "opened") not in known or (pk, "clicked") not in known}
+        history = {(pk, k) for pk in recipient_pks - unknown for k in ("opened", "clicked")}
+        if unknown:
+            history |= await ev.human_history(session, unknown)
+        return history
 
     @staticmethod
     def _contact_dates(rows: list[dict], info: dict[str, ev.TokenInfo]) -> dict[str, dict[str, datetime]]:
