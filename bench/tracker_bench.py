@@ -78,14 +78,20 @@ async def load(urls: list[str], n: int, concurrency: int = 32) -> tuple[float, l
         return time.perf_counter() - t0, lat
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pin0():
     os.sched_setaffinity(0, {0})
 
 
-def summary(name: str, elapsed: float, lat: list[float]) -> dict:
+def summary(name: str, elapsed: float, lat: list[float], cpu: float) -> dict:
     lat.sort()
     return {"name": name, "rps": len(lat) / elapsed, "p99": lat[int(len(lat) * 0.99) - 1] * 1000,
-            "p50": lat[len(lat) // 2] * 1000}
+            "p50": lat[len(lat) // 2] * 1000, "cpu_us": cpu / len(lat) * 1e6}
 
 
 async def main() -> None:
@@ -104,7 +110,9 @@ async def main() -> None:
         for kind, urls in (("pixel", [f"http://127.0.0.1:{port}/o/T{i:026d}.gif" for i in range(50)]),
                            ("redirect", [f"http://127.0.0.1:{port}/c/abc{i}" for i in range(50)])):
             await load(urls, 1000)
-            results.append(summary(f"bare aiohttp {kind}", *await load(urls, n)))
+            cpu0 = cpu_seconds(bare.pid)
+            elapsed, lat = await load(urls, n)
+            results.append(summary(f"bare aiohttp {kind}", elapsed, lat, cpu_seconds(bare.pid) - cpu0))
     finally:
         bare.terminate()
         bare.wait()
@@ -158,31 +166,43 @@ addresses = ["alice@example.com"]
                 data = f.read_bytes()
                 pixels += [u.decode() for u in re.findall(rb'src="(http://[^"]+/o/[^"]+)"', data)]
                 clicks += [u.decode() for u in re.findall(rb'href="(http://[^"]+/c/[^"]+)"', data)]
-            for kind, urls in (("pixel", pixels), ("redirect", clicks)):
-                await load(urls, 1000)
-                results.append(summary(f"trackrelay {kind}", *await load(urls, n)))
-            total = 2 * (n + 1000)
 
             def count() -> int:
                 with sqlite3.connect(f"{tmp}/t.db") as db:
                     return db.execute("SELECT count(*) FROM events WHERE type IN ('opened','clicked') "
                                       "AND inferred = 0").fetchone()[0]
-            deadline = time.monotonic() + 120
-            while (c := await asyncio.to_thread(count)) < total and time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
+
+            async def persisted(expected: int) -> int:
+                deadline = time.monotonic() + 120
+                while (c := await asyncio.to_thread(count)) < expected and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                return c
+
+            total = 0
+            for kind, urls in (("pixel", pixels), ("redirect", clicks)):
+                await load(urls, 1000)
+                total += 1000
+                await persisted(total)
+                # CPU from the first request of the row until its last event is in the database
+                cpu0 = cpu_seconds(proc.pid)
+                elapsed, lat = await load(urls, n)
+                total += n
+                c = await persisted(total)
+                results.append(summary(f"trackrelay {kind}", elapsed, lat, cpu_seconds(proc.pid) - cpu0))
         finally:
             proc.terminate()
             proc.wait(30)
 
     print(f"{n} requests per row after 1,000 warm-up requests, 32 concurrent keep-alive connections; "
           "server on CPU 0, load on CPU 1\n")
-    print("| server | requests/s | p50 (ms) | p99 (ms) |\n|---|---:|---:|---:|")
+    print("| server | requests/s | p50 (ms) | p99 (ms) | server CPU µs per request |\n|---|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['name']} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} |")
+        print(f"| {r['name']} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['cpu_us']:.0f} |")
     for kind in ("pixel", "redirect"):
         b = next(r for r in results if r["name"] == f"bare aiohttp {kind}")
         o = next(r for r in results if r["name"] == f"trackrelay {kind}")
-        print(f"\n{kind}: trackrelay / bare = {o['rps'] / b['rps']:.2f}")
+        print(f"\n{kind}: trackrelay / bare = {o['rps'] / b['rps']:.2f} requests/s, "
+              f"{b['cpu_us'] / o['cpu_us']:.2f} by CPU per request (event written included)")
     print(f"\nevents persisted: {c} of {total} requests")
 
 

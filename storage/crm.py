@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
 from storage.models import (Attachment, Company, Contact, Deal, DealContact, Event, LoggedAssociation,
-                            LoggedAttachment, LoggedEmail, NeverLog, Recipient, utcnow)
+                            LoggedAttachment, LoggedEmail, NeverLog, Recipient, UTCDateTime, utcnow)
 
 #: Free-mail domains get no company.
 FREE_MAIL = frozenset({
@@ -93,17 +93,30 @@ async def recent_open_deals(session: AsyncSession, contact_pk: int, limit: int =
     return out
 
 
+_DATE_COLUMNS = ("last_open_at", "last_click_at", "last_engagement_at")
+
+
+def _later(name: str):
+    """SET col = the bound value when it is later than what is stored (dates never move back)."""
+    col, value = getattr(Contact, name), bindparam(name, type_=UTCDateTime)
+    return case((and_(value.is_not(None), or_(col.is_(None), col < value)), value), else_=col)
+
+
+_TOUCH = (update(Contact).where(Contact.id == bindparam("contact"))
+          .values({name: _later(name) for name in _DATE_COLUMNS}).execution_options(synchronize_session=False))
+
+
 async def touch_contacts(session: AsyncSession, updates: dict[str, dict[str, datetime]]) -> None:
     """Move contact dates forward (last_open_at, last_click_at, last_engagement_at), never back.
-    One executemany per column, whatever the number of contacts."""
-    for name in ("last_open_at", "last_click_at", "last_engagement_at"):
-        params = [{"e": email, "v": fields[name]} for email, fields in updates.items() if name in fields]
-        if not params:
-            continue
-        col = getattr(Contact, name)
-        stmt = (update(Contact).where(Contact.email == bindparam("e"), or_(col.is_(None), col < bindparam("v")))
-                .values({name: bindparam("v")}).execution_options(synchronize_session=False))
-        await (await session.connection()).execute(stmt, params)
+    ``updates`` is keyed by lower-cased address; addresses without a contact are skipped (only
+    logged recipients have one). One look-up, then one executemany over the contacts found."""
+    if not updates:
+        return
+    conn = await session.connection()
+    found = (await conn.execute(select(Contact.id, Contact.email).where(Contact.email.in_(list(updates))))).all()
+    if found:
+        await conn.execute(_TOUCH, [{"contact": pk, **{n: updates[email].get(n) for n in _DATE_COLUMNS}}
+                                    for pk, email in found])
 
 
 # -- Never Log --------------------------------------------------------------------------------

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import and_, func, literal, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import Event, Message, Recipient
-
-EVENTS = Event.__table__
+from storage.models import Event, Message, Recipient, utcnow
 
 
 @dataclass(frozen=True)
@@ -58,14 +55,62 @@ async def human_history(session: AsyncSession, recipient_pks: set[int]) -> set[t
     return {(r[0], k) for r in rows.all() for k, has in zip(FIRST_TYPES, r[1:]) if has}
 
 
+#: The columns an event is written with (id is the sequence; txid the server default on PostgreSQL).
+EVENT_COLUMNS = ("type", "at", "message_pk", "recipient_pk", "user", "url", "ip", "user_agent", "client",
+                 "classification", "reason", "first", "inferred", "dedupe_key")
+_INSERT_SQL: dict[str, str] = {}
+
+
+def _insert_sql(dialect) -> str:
+    sql = _INSERT_SQL.get(dialect.name)
+    if sql is None:
+        cols = ", ".join(dialect.identifier_preparer.quote(c) for c in EVENT_COLUMNS)
+        if dialect.paramstyle == "qmark":
+            marks = ", ".join("?" for _ in EVENT_COLUMNS)
+        elif dialect.paramstyle == "numeric_dollar":
+            marks = ", ".join(f"${i}" for i in range(1, len(EVENT_COLUMNS) + 1))
+        else:  # pragma: no cover - the two drivers we ship use one of the above
+            raise NotImplementedError(dialect.paramstyle)
+        sql = _INSERT_SQL[dialect.name] = (f"INSERT INTO events ({cols}) VALUES ({marks}) "
+                                           "ON CONFLICT (dedupe_key) DO NOTHING")
+    return sql
+
+
+def sqlite_time(at: datetime) -> str:
+    """A datetime as SQLAlchemy stores UTCDateTime on SQLite (naive UTC text, microseconds always)."""
+    return at.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _aware_utc(at: datetime) -> datetime:
+    return at.astimezone(timezone.utc)
+
+
+def time_param(dialect):
+    """How a timezone-aware datetime goes to the driver in ``insert_rows``."""
+    return sqlite_time if dialect.name == "sqlite" else _aware_utc
+
+
+async def insert_rows(session: AsyncSession, rows: list[tuple]) -> None:
+    """Insert events given as tuples in EVENT_COLUMNS order (``at`` already passed through
+    ``time_param``), in one driver-level executemany: no ORM, no per-row statement compilation
+    (the tracker writes thousands a second). A row whose dedupe_key is already stored is skipped:
+    a retried batch writes nothing twice."""
+    if rows:
+        conn = await session.connection()
+        await conn.exec_driver_sql(_insert_sql(conn.dialect), rows)
+
+
 async def insert_idempotent(session: AsyncSession, rows: list[dict]) -> None:
-    """Insert events (one executemany, no ORM unit of work); a row whose dedupe_key is already
-    stored is skipped (a retried batch). Every row of one call has the same keys."""
+    """``insert_rows`` for events given as dicts: missing keys are NULL, ``at`` defaults to now,
+    ``first``/``inferred`` to false."""
     if not rows:
         return
-    conn = await session.connection()
-    ins = postgresql.insert(EVENTS) if conn.dialect.name == "postgresql" else sqlite.insert(EVENTS)
-    await conn.execute(ins.on_conflict_do_nothing(index_elements=["dedupe_key"]), rows)
+    stamp = time_param((await session.connection()).dialect)
+    now = utcnow()
+    await insert_rows(session, [
+        (r["type"], stamp(r.get("at") or now), r["message_pk"], r.get("recipient_pk"), r.get("user"), r.get("url"),
+         r.get("ip"), r.get("user_agent"), r.get("client"), r.get("classification"), r.get("reason"),
+         bool(r.get("first")), bool(r.get("inferred")), r.get("dedupe_key")) for r in rows])
 
 
 @dataclass(frozen=True, order=True)

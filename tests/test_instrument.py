@@ -225,6 +225,16 @@ def test_key_rotation_old_key_still_verifies():
     assert verify_click(Keyring.from_strings(["new-key-0123456789abcdef"]), url) is None
 
 
+def test_click_signature_is_hmac_sha256_truncated_to_128_bits():
+    import hmac
+    from trackrelay.links import _b64e
+    for key in ("k", "corpus-key-0123456789abcdef", "x" * 64, "y" * 200):
+        ring = Keyring.from_strings([key])
+        for payload in ("a.b.0.c", "0123abcd.TOKENTOKENTOKENTOKEN.12.aHR0cHM6Ly9leGFtcGxlLmNvbQ"):
+            expected = _b64e(hmac.digest(key.encode(), payload.encode(), "sha256")[:16])
+            assert ring.sign(payload) == expected
+
+
 def test_iri_goes_into_location_in_uri_form():
     from trackrelay.links import to_uri
     assert to_uri("https://bücher.example/straße?q=zażółć") == \

@@ -75,7 +75,7 @@ class Recorder:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
-        self._recent_clicks: dict[str, deque[tuple[float, int]]] = {}
+        self._recent_clicks: dict[str, dict[int, float]] = {}  # token → link index → last click
         #: (recipient, type) pairs known to have a human event (committed): only ever true, so
         #: safe beside other tracker processes; what is not here is asked of the database.
         self._human: set[tuple[int, str]] = set()
@@ -163,9 +163,11 @@ class Recorder:
         store_ip = cfg.privacy.store_ip
         async with self.sessionmaker() as session:
             async with session.begin():
+                stamp = ev.time_param((await session.connection()).dialect)
                 info = await ev.resolve_tokens(session, {h.token for h in batch})
                 history = await self._history(session, {i.recipient_pk for i in info.values()})
-                rows = []
+                rows: list[tuple] = []  # in ev.EVENT_COLUMNS order
+                dates: dict[str, dict[str, datetime]] = {}  # contact dates that human events move
                 for h in batch:
                     t = info.get(h.token)
                     if t is None:
@@ -173,24 +175,23 @@ class Recorder:
                         continue
                     kind = "opened" if h.kind == "open" else "clicked"
                     ua = h.user_agent[:1000]
-                    facts = Facts(h.kind, h.method, h.ip, ua, h.at, t.sent_at or t.accepted_at, t.client_ip,
-                                  t.accepted_at, h.ip in self.apple, self._burst(h),
-                                  self.signed_in.recent(h.ip, h.at))
-                    cls, reason = classify(facts, window)
-                    base = dict(message_pk=t.message_pk, recipient_pk=t.recipient_pk, user=t.user, at=h.at,
-                                ip=stored_ip(h.ip, store_ip), user_agent=ua, client=client_of(ua),
-                                classification=cls, reason=reason)
-                    human = cls == HUMAN
-                    if human and kind == "clicked" and (t.recipient_pk, "opened") not in history:
-                        rows.append(dict(base, type="opened", url=None, first=True, inferred=True,
-                                         reason="inferred_from_click", dedupe_key=h.key + ":open"))
-                        history.add((t.recipient_pk, "opened"))
-                    first = human and (t.recipient_pk, kind) not in history
-                    if human:
-                        history.add((t.recipient_pk, kind))
-                    rows.append(dict(base, type=kind, url=h.url, first=first, inferred=False, dedupe_key=h.key))
-                await ev.insert_idempotent(session, rows)
-                dates = self._contact_dates(rows, info)
+                    cls, reason = classify(Facts(h.kind, h.method, h.ip, ua, h.at, t.sent_at or t.accepted_at,
+                                                 t.client_ip, t.accepted_at, h.ip in self.apple, self._burst(h),
+                                                 self.signed_in.recent(h.ip, h.at)), window)
+                    rcpt, at, ip, client = t.recipient_pk, stamp(h.at), stored_ip(h.ip, store_ip), client_of(ua)
+                    first = False
+                    if cls == HUMAN:
+                        if kind == "clicked" and (rcpt, "opened") not in history:
+                            rows.append(("opened", at, t.message_pk, rcpt, t.user, None, ip, ua, client, cls,
+                                         "inferred_from_click", True, True, h.key + ":open"))
+                            history.add((rcpt, "opened"))
+                        first = (rcpt, kind) not in history
+                        history.add((rcpt, kind))
+                        if not t.never_log:  # a Never Log recipient's contact is never touched
+                            self._move_dates(dates.setdefault(t.address.lower(), {}), kind, h.at)
+                    rows.append((kind, at, t.message_pk, rcpt, t.user, h.url, ip, ua, client, cls, reason,
+                                 first, False, h.key))
+                await ev.insert_rows(session, rows)
                 if dates:
                     await crm.touch_contacts(session, dates)
         if len(self._human) > HUMAN_CACHE_MAX:
@@ -208,32 +209,26 @@ class Recorder:
         return history
 
     @staticmethod
-    def _contact_dates(rows: list[dict], info: dict[str, ev.TokenInfo]) -> dict[str, dict[str, datetime]]:
-        """Human opens and clicks move the contact's dates — never for a Never Log recipient."""
-        by_rcpt = {t.recipient_pk: t for t in info.values()}
-        out: dict[str, dict[str, datetime]] = {}
-        for r in rows:
-            t = by_rcpt[r["recipient_pk"]]
-            if r["classification"] != HUMAN or t.never_log:
-                continue
-            dates = out.setdefault(t.address.lower(), {})
-            name = "last_open_at" if r["type"] == "opened" else "last_click_at"
-            for key in (name, "last_engagement_at"):
-                if key not in dates or dates[key] < r["at"]:
-                    dates[key] = r["at"]
-        return out
+    def _move_dates(dates: dict[str, datetime], kind: str, at: datetime) -> None:
+        """A human open or click: the contact's last_open_at/last_click_at and last_engagement_at."""
+        for key in ("last_open_at" if kind == "opened" else "last_click_at", "last_engagement_at"):
+            if key not in dates or dates[key] < at:
+                dates[key] = at
 
     def _burst(self, h: Hit) -> bool:
         """Another link of the same copy clicked within BURST_SECONDS (scanners click them all)."""
         if h.kind != "click":
             return False
         now = h.at.timestamp()
-        recent = self._recent_clicks.setdefault(h.token, deque(maxlen=50))
-        burst = any(now - t < BURST_SECONDS and idx != h.link_index for t, idx in recent)
-        recent.append((now, h.link_index if h.link_index is not None else -1))
-        if len(self._recent_clicks) > 10_000:  # forget the oldest copies
-            for k in list(self._recent_clicks)[:5000]:
-                del self._recent_clicks[k]
+        last = self._recent_clicks.get(h.token)
+        if last is None:
+            if len(self._recent_clicks) > 10_000:  # forget the oldest copies
+                for k in list(self._recent_clicks)[:5000]:
+                    del self._recent_clicks[k]
+            last = self._recent_clicks[h.token] = {}
+        index = h.link_index if h.link_index is not None else -1
+        burst = any(i != index and now - t < BURST_SECONDS for i, t in last.items())
+        last[index] = now  # per link of the copy, its latest click
         return burst
 
 
