@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from relay.policy import ContactFacts
 from storage import crm as q
 from storage.models import CrmJob, Deal, LoggedAttachment, LoggedEmail, Message, Recipient, utcnow
+from storage.spool import Batcher
 from trackrelay.config import Config
 from trackrelay.neverlog import normalise_entry
 from trackrelay.aio import finish
@@ -40,24 +41,38 @@ _MSGID = re.compile(r"<[^<>\s]+>")
 
 # -- at acceptance ------------------------------------------------------------------------------
 
-def make_lookup(config: Config, sessionmaker: async_sessionmaker):
-    """The relay's CRM look-up: existing contacts among the recipients, and the Never Log lists."""
-    team_cfg = tuple(normalise_entry(e) for e in config.never_log.team)
-    personal_cfg = {u.name: tuple(normalise_entry(e) for e in u.never_log) for u in config.users}
-    cache: dict[str, tuple[float, q.NeverLogLists]] = {}
+class CrmLookup:
+    """The relay's CRM look-up at acceptance: existing contacts among the recipients, and the
+    sender's Never Log lists. Messages accepted at the same moment share one query (a group
+    look-up, like the spool's group commit); the Never Log lists are cached for a moment."""
 
-    async def lookup(user: str, addresses: set[str]):
-        now = time.monotonic()
-        async with sessionmaker() as session:
-            contacts = await q.contact_facts(session, addresses)
-            cached = cache.get(user)
-            if cached is None or now - cached[0] > NEVER_LOG_CACHE_SECONDS:
-                cached = (now, await q.never_log_lists(session, user, team_cfg, personal_cfg.get(user, ())))
-                cache[user] = cached
-        lists = cached[1]
-        return ({e: ContactFacts(basis, bool(dnt)) for e, basis, dnt in contacts}, lists.team, lists.personal)
+    def __init__(self, config: Config, sessionmaker: async_sessionmaker):
+        self.sessionmaker = sessionmaker
+        self._team_cfg = tuple(normalise_entry(e) for e in config.never_log.team)
+        self._personal_cfg = {u.name: tuple(normalise_entry(e) for e in u.never_log) for u in config.users}
+        self._lists: dict[str, tuple[float, q.NeverLogLists]] = {}
+        self._batcher: Batcher[set[str], dict[str, ContactFacts]] = Batcher(self._contacts, name="crm-lookup")
 
-    return lookup
+    def start(self) -> None:
+        self._batcher.start()
+
+    async def stop(self) -> None:
+        await self._batcher.stop()
+
+    async def __call__(self, user: str, addresses: set[str]):
+        contacts = await self._batcher.submit(addresses) if addresses else {}
+        cached = self._lists.get(user)
+        if cached is None or time.monotonic() - cached[0] > NEVER_LOG_CACHE_SECONDS:
+            async with self.sessionmaker() as session:
+                lists = await q.never_log_lists(session, user, self._team_cfg, self._personal_cfg.get(user, ()))
+            cached = self._lists[user] = (time.monotonic(), lists)
+        return contacts, cached[1].team, cached[1].personal
+
+    async def _contacts(self, requests: list[set[str]]) -> list[dict[str, ContactFacts]]:
+        async with self.sessionmaker() as session:
+            rows = await q.contact_facts(session, set().union(*requests))
+        found = {e: ContactFacts(basis, bool(dnt)) for e, basis, dnt in rows}
+        return [{a: found[a] for a in wanted if a in found} for wanted in requests]
 
 
 # -- parsing a message for the CRM --------------------------------------------------------------

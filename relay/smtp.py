@@ -20,7 +20,7 @@ from email.utils import formatdate
 from datetime import datetime
 from typing import Awaitable, Callable, Protocol
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from relay import message as m
 from relay import replies
@@ -118,6 +118,74 @@ class RelaySMTP(SMTP):
         if isinstance(status, str) and status.startswith("421") and self.transport is not None:
             self.transport.close()
 
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA with the body read in chunks rather than line by line (its reader
+        costs a call per line). The rules are the same: only CRLF.CRLF ends the data (a bare CR
+        or LF never does), too much data (552) or a line over ``line_length_limit`` (500) is
+        answered once the end has arrived, and a leading dot is removed (RFC 5321 §4.5.2)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        data = await self._read_data()
+        if data is None:  # the client went away
+            return
+        if data is _TOO_MUCH:
+            await self.push("552 Error: Too much mail data")
+            self._set_post_data_state()
+            return
+        if _has_long_line(data, self.line_length_limit):
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+            self._set_post_data_state()
+            return
+        data = data.replace(b"\r\n.", b"\r\n")  # dot-unstuffing: every line's leading dot goes
+        original = bytes(data[1:] if data.startswith(b".") else data)
+        self.envelope.original_content = original
+        self.envelope.content = (original.decode("utf-8", errors="surrogateescape") if self._decode_data
+                                 else original)
+        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self):
+        """The raw data up to (not including) the ending ``.``CRLF, dot-stuffed as sent; or
+        ``_TOO_MUCH`` (read to its end and dropped); or None if the connection ended first."""
+        limit = self.data_size_limit
+        buf = bytearray(b"\r\n")  # so that a first line of a lone dot ends the data as well
+        too_much = False
+        while True:
+            search_from = max(len(buf) - 4, 0)
+            try:
+                chunk = await self._reader.read(DATA_CHUNK)
+            except asyncio.CancelledError:
+                self._writer.close()
+                raise
+            if not chunk:
+                self._writer.close()
+                return None
+            buf += chunk
+            end = buf.find(b"\r\n.\r\n", search_from)
+            if end >= 0:
+                break
+            if limit and len(buf) - 2 > limit:  # keep reading to the end, keep nothing but a tail
+                too_much = True
+                del buf[:-4]
+        rest = buf[end + 5:]
+        if rest:  # pipelined commands after the final dot: back to the reader for the command loop
+            self._reader._buffer[0:0] = rest
+        if too_much or (limit and end > limit):
+            return _TOO_MUCH
+        del buf[end + 2:]
+        del buf[:2]
+        return buf
+
     async def smtp_MAIL(self, arg: str) -> None:
         if arg and _UNSAFE.search(arg):
             await self.push(replies.BAD_SENDER_ADDRESS)
@@ -133,6 +201,27 @@ class RelaySMTP(SMTP):
                 await self.push(replies.RELAY_TRICK)
                 return
         await super().smtp_RCPT(arg)
+
+
+DATA_CHUNK = 256 * 1024
+_TOO_MUCH = object()
+
+
+def _has_long_line(data: bytearray, limit: int) -> bool:
+    """A line longer than ``limit`` octets with its CRLF (as aiosmtpd counts them)?"""
+    if len(data) <= limit:
+        return False
+    if data.count(b"\n") == data.count(b"\r\n"):
+        # only CRLF line ends: a line too long is a piece between LFs of `limit` octets or more
+        return max(map(len, data.split(b"\n"))) >= limit
+    pos = 0  # bare LFs inside lines: measure CRLF-delimited lines one by one
+    while pos < len(data):
+        nxt = data.find(b"\r\n", pos)
+        nxt = len(data) if nxt < 0 else nxt + 2
+        if nxt - pos > limit:
+            return True
+        pos = nxt
+    return False
 
 
 _UNSAFE = re.compile(r"[\r\n\x00]")

@@ -31,9 +31,13 @@ async def contact_facts(session: AsyncSession, emails: set[str]) -> list[tuple[s
     look-up at acceptance, so a plain column query rather than ORM objects."""
     if not emails:
         return []
-    rows = await session.execute(select(Contact.email, Contact.legal_basis, Contact.do_not_track)
-                                 .where(Contact.email.in_(emails)))
+    rows = await session.execute(_CONTACT_FACTS, {"emails": list(emails)})
     return [tuple(r) for r in rows.all()]
+
+
+#: Built once: a statement object reused keeps its cache key (SQLAlchemy memoizes it).
+_CONTACT_FACTS = (select(Contact.email, Contact.legal_basis, Contact.do_not_track)
+                  .where(Contact.email.in_(bindparam("emails", expanding=True))))
 
 
 async def get_contact(session: AsyncSession, email: str) -> Contact | None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, case, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
-from storage.models import Event, Message, Recipient, utcnow
+from storage import events
+from storage.models import Message, Recipient, utcnow
 
 ACTIVE = ("queued", "deferred", "sending")
 FINAL = ("sent", "bounced")
@@ -91,33 +92,49 @@ async def load_messages(session: AsyncSession, pks: set[int]) -> dict[int, Messa
     return {m.id: m for m in rows}
 
 
+_RECIPIENTS = Recipient.__table__
+#: Settling statements, one per set of columns an outcome sets (built once, reused).
+_SETTLE: dict[tuple[str, ...], object] = {}
+_MARK_DONE = (update(Message)
+              .where(Message.id.in_(bindparam("touched", expanding=True)), Message.done_at.is_(None),
+                     ~select(Recipient.id).where(Recipient.message_pk == Message.id,
+                                                 Recipient.status.in_(ACTIVE)).exists())
+              .values(done_at=bindparam("now", type_=Message.done_at.type))
+              .execution_options(synchronize_session=False))
+
+
+def _settle(columns: tuple[str, ...]):
+    stmt = _SETTLE.get(columns)
+    if stmt is None:
+        stmt = _SETTLE[columns] = (update(_RECIPIENTS).where(_RECIPIENTS.c.id == bindparam("rid"))
+                                   .values({c: bindparam(c) for c in columns}))
+    return stmt
+
+
 async def record(session: AsyncSession, outcomes: list[Outcome], now: datetime) -> None:
-    """Settle delivered, deferred and bounced copies and write their events (bulk statements)."""
+    """Settle delivered, deferred and bounced copies and write their events: one executemany per
+    kind of outcome, one for the events, one to mark finished messages done."""
     if not outcomes:
         return
-    rows = []
+    by_columns: dict[tuple[str, ...], list[dict]] = {}
     for o in outcomes:
-        row = {"id": o.recipient_id, "status": o.status, "last_reply": o.reply[:2000],
+        row = {"rid": o.recipient_id, "status": o.status, "last_reply": o.reply[:2000],
                "lease_owner": None, "lease_until": None, "attempts": o.attempts,
                "render_note": o.render_note, "sent_at": now if o.status == "sent" else None}
         if o.status == "deferred":
             row["next_attempt_at"] = o.next_attempt_at or now
         elif o.status == "bounced":
             row["dsn"] = "pending" if o.dsn_wanted else "suppressed"
-        rows.append(row)
-    await session.execute(update(Recipient), rows)
-    await session.execute(insert(Event), [
+        by_columns.setdefault(tuple(k for k in row if k != "rid"), []).append(row)
+    conn = await session.connection()
+    for columns, rows in by_columns.items():
+        await conn.execute(_settle(columns), rows)
+    await events.insert_idempotent(session, [
         dict(type=o.status, at=now, message_pk=o.message_pk, recipient_pk=o.recipient_id, user=o.user,
-             reason=o.reply[:500], first=False, inferred=False) for o in outcomes])
+             reason=o.reply[:500]) for o in outcomes])
     touched = {o.message_pk for o in outcomes if o.status in FINAL}
     if touched:
-        open_left = (select(Recipient.id)
-                     .where(Recipient.message_pk == Message.id, Recipient.status.in_(ACTIVE))
-                     .exists())
-        await session.execute(update(Message)
-                              .where(Message.id.in_(touched), Message.done_at.is_(None), ~open_left)
-                              .values(done_at=now)
-                              .execution_options(synchronize_session=False))
+        await conn.execute(_MARK_DONE, {"touched": sorted(touched), "now": now})
 
 
 async def pending_dsns(session: AsyncSession, limit: int = 50) -> dict[int, list[Recipient]]:

@@ -16,7 +16,8 @@ from typing import Awaitable, Callable, Generic, TypeVar
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from storage.models import CrmJob, Event, Message, Recipient, utcnow
+from storage import events
+from storage.models import CrmJob, Message, Recipient, utcnow
 from trackrelay.aio import cancel
 
 log = logging.getLogger("trackrelay.spool")
@@ -124,15 +125,20 @@ class SpoolEntry:
     lease_until: datetime | None = None
 
 
+_INSERT_MESSAGES = insert(Message.__table__).returning(Message.__table__.c.id, sort_by_parameter_order=True)
+_INSERT_RECIPIENTS = insert(Recipient.__table__).returning(Recipient.__table__.c.id, sort_by_parameter_order=True)
+_INSERT_JOBS = insert(CrmJob.__table__)
+
+
 async def add_entries(session: AsyncSession, entries: list[SpoolEntry]) -> list[tuple[int, list[int]]]:
-    """Insert the rows of these entries (bulk statements: a handful per batch, not per row).
-    Returns each message's id with its recipient rows' ids, in recipient order."""
-    msg_ids = (await session.scalars(
-        insert(Message).returning(Message.id, sort_by_parameter_order=True),
-        [dict(kind=e.kind, message_id=e.message_id, user=e.user, mail_from=e.mail_from,
-              from_header=e.from_header, subject=e.subject, client_ip=e.client_ip,
-              accepted_at=e.accepted_at, size=len(e.raw), raw=e.raw, log=e.log,
-              log_associate=e.log_associate) for e in entries])).all()
+    """Insert the rows of these entries (Core statements built once: a handful per batch, not per
+    row). Returns each message's id with its recipient rows' ids, in recipient order."""
+    conn = await session.connection()
+    msg_ids = (await conn.execute(_INSERT_MESSAGES, [
+        dict(kind=e.kind, message_id=e.message_id, user=e.user, mail_from=e.mail_from,
+             from_header=e.from_header, subject=e.subject, client_ip=e.client_ip,
+             accepted_at=e.accepted_at, size=len(e.raw), raw=e.raw, log=e.log,
+             log_associate=e.log_associate) for e in entries])).scalars().all()
     rcpt_rows = [dict(message_pk=mid, address=r.address, token=r.token, track_opens=r.track_opens,
                       track_clicks=r.track_clicks, log=r.log, reasons=list(r.reasons),
                       status="sending" if e.claim_owner else "queued", lease_owner=e.claim_owner,
@@ -141,17 +147,16 @@ async def add_entries(session: AsyncSession, entries: list[SpoolEntry]) -> list[
                  for e, mid in zip(entries, msg_ids) for r in e.recipients]
     rcpt_ids: list[int] = []
     if rcpt_rows:
-        rcpt_ids = (await session.scalars(
-            insert(Recipient).returning(Recipient.id, sort_by_parameter_order=True), rcpt_rows)).all()
+        rcpt_ids = (await conn.execute(_INSERT_RECIPIENTS, rcpt_rows)).scalars().all()
         users = {mid: e.user for e, mid in zip(entries, msg_ids)}
-        await session.execute(insert(Event), [
-            dict(type="queued", at=utcnow(), message_pk=row["message_pk"], recipient_pk=rid,
-                 user=users[row["message_pk"]], first=False, inferred=False)
-            for row, rid in zip(rcpt_rows, rcpt_ids)])
+        now = utcnow()
+        await events.insert_idempotent(session, [
+            dict(type="queued", at=now, message_pk=row["message_pk"], recipient_pk=rid,
+                 user=users[row["message_pk"]]) for row, rid in zip(rcpt_rows, rcpt_ids)])
     jobs = [dict(message_pk=mid, state="pending", created_at=e.accepted_at, attempts=0)
             for e, mid in zip(entries, msg_ids) if e.log and e.kind == "mail"]
     if jobs:
-        await session.execute(insert(CrmJob), jobs)
+        await conn.execute(_INSERT_JOBS, jobs)
     copies: dict[int, list[int]] = {}
     for row, rid in zip(rcpt_rows, rcpt_ids):
         copies.setdefault(row["message_pk"], []).append(rid)

@@ -243,6 +243,42 @@ async def test_over_long_command_line_gets_500_and_session_goes_on(relay):
     w.close()
 
 
+async def test_over_long_data_line_gets_500_and_session_goes_on(relay, sink):
+    await relay.start()
+    _, w, cmd = await authed_raw(relay.port)
+    for line, expect in ((b"a" * 1000, b"500 5.5.2"), (b"a" * 999, b"250 2.0.0")):
+        await cmd(b"MAIL FROM:<alice@example.com>")
+        await cmd(b"RCPT TO:<carol@ext.test>")
+        assert (await cmd(b"DATA")).startswith(b"354")
+        reply = await cmd(b"From: alice@example.com\r\nSubject: long\r\n\r\n" + line + b"\r\n.")
+        assert reply.startswith(expect), (len(line), reply)  # 1,000 octets + CRLF is over the limit
+    assert (await cmd(b"NOOP")).startswith(b"250")
+    w.close()
+    (r,) = await sink.wait_for(1)
+    assert b"a" * 999 + b"\r\n" in r.data
+
+
+async def test_data_dot_unstuffing_empty_body_and_a_command_pipelined_after_the_dot(relay, sink):
+    await relay.start()
+    r_, w, cmd = await authed_raw(relay.port)
+    await cmd(b"MAIL FROM:<alice@example.com>")
+    await cmd(b"RCPT TO:<carol@ext.test>")
+    assert (await cmd(b"DATA")).startswith(b"354")
+    body = b"From: alice@example.com\r\nSubject: dots\r\n\r\n..leading dot\r\n..\r\n.x\r\nend"
+    # the final dot and the next command arrive in one packet: the command is answered after the 250
+    reply = await cmd(body + b"\r\n.\r\nNOOP")
+    assert reply.startswith(b"250 2.0.0"), reply
+    assert (await asyncio.wait_for(r_.readline(), 10)).startswith(b"250")  # the NOOP's answer
+    assert (await cmd(b"MAIL FROM:<alice@example.com>")).startswith(b"250")
+    assert (await cmd(b"RCPT TO:<dave@ext.test>")).startswith(b"250")
+    assert (await cmd(b"DATA")).startswith(b"354")
+    assert (await cmd(b".")).startswith(b"250 2.0.0")  # an empty message: the first line is the dot
+    w.close()
+    got = {r.rcpt_tos[0]: r.data for r in await sink.wait_for(2)}
+    assert got["carol@ext.test"].endswith(b"\r\n\r\n.leading dot\r\n.\r\nx\r\nend\r\n")
+    assert b"Received:" in got["dave@ext.test"]
+
+
 async def test_loop_with_100_received_headers_is_refused(relay, sink):
     await relay.start()
     c = await client(relay.port)

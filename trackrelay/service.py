@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from relay.crm import CrmLogger, make_lookup
+from relay.crm import CrmLogger, CrmLookup
 from relay.inbound import InboundHandler, start_inbound
 from relay.render import CopyRenderer
 from relay.smtp import Authenticator, SizeLimit, SubmissionHandler, start_submission
@@ -50,6 +50,7 @@ class Service:
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
     _inbound_handlers: list = field(default_factory=list)
     _spool = None
+    _lookup = None
     _size: SizeLimit | None = None
     _probe: asyncio.Task | None = None
 
@@ -88,8 +89,10 @@ class Service:
             self._spool.start()
             self._size = SizeLimit(c.relay.max_message_bytes)
             self._probe = asyncio.create_task(self._probe_upstream_size())
+            self._lookup = CrmLookup(c, self.read_sessionmaker)
+            self._lookup.start()
             self.handler = SubmissionHandler(c, self._spool, on_accepted=self._accepted,
-                                             crm_lookup=make_lookup(c, self.read_sessionmaker), handoff=self.worker)
+                                             crm_lookup=self._lookup, handoff=self.worker)
             server = await start_submission(c, self.handler, Authenticator(c), self._size)
             self._servers.append(server)
             log.info("submission listener on %s", c.relay.listen)
@@ -134,6 +137,8 @@ class Service:
             await self._spool.stop()
         if self.handler is not None:
             await self.handler.close_sessions()
+        if self._lookup is not None:
+            await self._lookup.stop()
         for handler in self._inbound_handlers:
             await handler.close_sessions()
         if self.worker is not None:
