@@ -279,6 +279,18 @@ async def test_data_dot_unstuffing_empty_body_and_a_command_pipelined_after_the_
     assert b"Received:" in got["dave@ext.test"]
 
 
+def test_fast_envelope_address_parse_agrees_with_aiosmtpd():
+    from aiosmtpd.smtp import SMTP
+
+    from relay.smtp import RelaySMTP
+    ours, theirs = RelaySMTP(object(), hostname="x"), SMTP(object(), hostname="x")
+    for arg in ("<alice@example.com>", " <alice@example.com> SIZE=100 BODY=8BITMIME", "<a.b+c@ex-ample.co.uk>",
+                "<>", "alice@example.com", "<a..b@x.com>", '<"q u"@x.com>', "<@route:a@b.com>", "<a@[127.0.0.1]>",
+                "<" + "l" * 70 + "@x.com>", "<a@b>x", "<ü@x.com>", "<a@b.com> (comment) SIZE=1", "<a@b.com>\tSIZE=1",
+                "<a@b.com>   ", "<a@b.com> <c@d.com>", "<a@b.com>SIZE=1", "<a@b..com>", "<a%b@c.com>", "<a!b@c.com>"):
+        assert ours._getaddr(arg) == theirs._getaddr(arg), arg
+
+
 async def test_loop_with_100_received_headers_is_refused(relay, sink):
     await relay.start()
     c = await client(relay.port)
