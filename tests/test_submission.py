@@ -283,7 +283,9 @@ def test_fast_envelope_address_parse_agrees_with_aiosmtpd():
     from aiosmtpd.smtp import SMTP
 
     from relay.smtp import RelaySMTP
-    ours, theirs = RelaySMTP(object(), hostname="x"), SMTP(object(), hostname="x")
+    loop = asyncio.new_event_loop()  # aiosmtpd would make one per instance and leave it open
+    ours, theirs = RelaySMTP(object(), hostname="x", loop=loop), SMTP(object(), hostname="x", loop=loop)
+    loop.close()
     for arg in ("<alice@example.com>", " <alice@example.com> SIZE=100 BODY=8BITMIME", "<a.b+c@ex-ample.co.uk>",
                 "<>", "alice@example.com", "<a..b@x.com>", '<"q u"@x.com>', "<@route:a@b.com>", "<a@[127.0.0.1]>",
                 "<" + "l" * 70 + "@x.com>", "<a@b>x", "<ü@x.com>", "<a@b.com> (comment) SIZE=1", "<a@b.com>\tSIZE=1",
