@@ -145,8 +145,9 @@ class RelaySMTP(SMTP):
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
             self._set_post_data_state()
             return
-        data = data.replace(b"\r\n.", b"\r\n")  # dot-unstuffing: every line's leading dot goes
-        original = bytes(data[1:] if data.startswith(b".") else data)
+        if data.startswith(b"."):  # dot-unstuffing: every line's leading dot goes
+            del data[0]
+        original = bytes(data).replace(b"\r\n.", b"\r\n")
         self.envelope.original_content = original
         self.envelope.content = (original.decode("utf-8", errors="surrogateescape") if self._decode_data
                                  else original)

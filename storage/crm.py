@@ -106,6 +106,7 @@ def _later(name: str):
     return case((and_(value.is_not(None), or_(col.is_(None), col < value)), value), else_=col)
 
 
+_CONTACT_IDS = select(Contact.id, Contact.email).where(Contact.email.in_(bindparam("emails", expanding=True)))
 _TOUCH = (update(Contact).where(Contact.id == bindparam("contact"))
           .values({name: _later(name) for name in _DATE_COLUMNS}).execution_options(synchronize_session=False))
 
@@ -117,7 +118,7 @@ async def touch_contacts(session: AsyncSession, updates: dict[str, dict[str, dat
     if not updates:
         return
     conn = await session.connection()
-    found = (await conn.execute(select(Contact.id, Contact.email).where(Contact.email.in_(list(updates))))).all()
+    found = (await conn.execute(_CONTACT_IDS, {"emails": list(updates)})).all()
     if found:
         await conn.execute(_TOUCH, [{"contact": pk, **{n: updates[email].get(n) for n in _DATE_COLUMNS}}
                                     for pk, email in found])
