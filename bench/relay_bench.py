@@ -133,7 +133,12 @@ async def measure(name: str, argv: list[str], port: int, sink: CountingSink, n: 
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                             preexec_fn=lambda: os.sched_setaffinity(0, {0}))
     try:
-        await wait_port(port)
+        try:
+            await wait_port(port)
+        except RuntimeError:
+            proc.terminate()
+            _, err = proc.communicate(timeout=30)
+            raise RuntimeError(f"{name}: nothing listens on {port}; its stderr:\n{err.decode(errors='replace')}")
         await load(port, 50, 4, auth)  # warm up
         await asyncio.wait_for(_until(sink, 50), 60)
         sink.count, sink.want = 0, n

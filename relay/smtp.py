@@ -289,13 +289,14 @@ class SubmissionHandler(SessionTracking):
     """aiosmtpd handler hooks for the submission listener."""
 
     def __init__(self, config: Config, spool: Batcher[SpoolEntry, tuple[int, list[int]]],
-                 on_accepted: Callable[[bool], None] | None = None, crm_lookup: CrmLookup | None = None,
+                 on_accepted: Callable[[bool, bool], None] | None = None, crm_lookup: CrmLookup | None = None,
                  handoff: "Handoff | None" = None):
         self.config = config
         self.spool = spool
         self.crm_lookup = crm_lookup
         self.handoff = handoff
-        self.on_accepted = on_accepted or (lambda logged: None)
+        #: (logged to the CRM?, copies handed to this process's worker?) after each commit
+        self.on_accepted = on_accepted or (lambda logged, handed: None)
         self.accepted = 0
         self.sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
 
@@ -392,7 +393,7 @@ class SubmissionHandler(SessionTracking):
         self.accepted += 1
         if handing_over:
             self.handoff.take(pk, entry, copy_ids)
-        self.on_accepted(entry.log)
+        self.on_accepted(entry.log, bool(handing_over))
         return replies.OK_QUEUED.format(id=pk)
 
     def _received(self, server: SMTP, session: Session) -> bytes:

@@ -63,6 +63,11 @@ class DeliveryWorker:
         self.on_recorded = on_recorded or (lambda: None)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
+        #: Whether the database may hold due copies this worker has not claimed: set at start, by
+        #: wake() (mail spooled without a hand-over, a retry, a DSN) and by a full claim. Copies
+        #: handed over in memory do not set it, so a busy relay does not claim in vain.
+        self._db_due = True
+        self._last_claim = 0.0
         self._dsn_wake = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task] = []
@@ -74,6 +79,8 @@ class DeliveryWorker:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def wake(self) -> None:
+        """Something new may be due in the database."""
+        self._db_due = True
         self._wake.set()
 
     def start(self) -> None:
@@ -135,6 +142,7 @@ class DeliveryWorker:
     # -- the lanes ---------------------------------------------------------------------------
 
     async def _lane(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             if not self._handed.empty():
                 batch: list[q.Claimed] = []
@@ -147,19 +155,27 @@ class DeliveryWorker:
                 await self._deliver_batch(batch, messages)
                 continue
             self._wake.clear()
+            since = loop.time() - self._last_claim
+            if not self._db_due and since < IDLE_POLL_SECONDS:
+                # Nothing new in the database (deferred copies come due with the next poll).
+                try:
+                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS - since)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            self._db_due = False
+            self._last_claim = loop.time()
             try:
                 claimed = await self._claim()
             except Exception as exc:
                 log.error("claim failed: %s", type(exc).__name__)
-                claimed = []
+                self._db_due = True
                 await asyncio.sleep(IDLE_POLL_SECONDS)
-            if not claimed:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
-                except asyncio.TimeoutError:
-                    pass
                 continue
-            await self._deliver_batch(claimed)
+            if len(claimed) >= CLAIM_BATCH:
+                self._db_due = True  # more may be waiting
+            if claimed:
+                await self._deliver_batch(claimed)
 
     async def _claim(self) -> list[q.Claimed]:
         async with self.sessionmaker() as session:

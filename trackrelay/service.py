@@ -102,10 +102,10 @@ class Service:
                 self._servers.append(await start_inbound(c, inbound))
                 log.info("inbound listener on %s", c.relay.inbound_listen)
 
-    def _accepted(self, logged: bool) -> None:
+    def _accepted(self, logged: bool, handed: bool) -> None:
         self.bus.notify()
-        if self.worker is not None:
-            self.worker.wake()
+        if self.worker is not None and not handed:
+            self.worker.wake()  # spooled as queued: the worker claims it from the database
         if logged and self.crm is not None:
             self.crm.wake()
 
