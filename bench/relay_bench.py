@@ -192,7 +192,10 @@ starttls = false
 [storage]
 url = "sqlite+aiosqlite:///{tmp}/trackrelay.db"
 [tracker]
+listen = "127.0.0.1:{free_port()}"
 secret_keys = ["bench-key-0123456789abcdef"]
+[api]
+listen = "127.0.0.1:{free_port()}"
 [tracking]
 allow = {"true" if track else "false"}
 [crm]

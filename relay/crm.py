@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from relay.policy import ContactFacts
 from storage import crm as q
 from storage.models import CrmJob, Deal, LoggedAttachment, LoggedEmail, Message, Recipient, utcnow
+from storage.engine import engine_of
 from storage.spool import Batcher
 from trackrelay.config import Config
 from trackrelay.neverlog import normalise_entry
@@ -69,8 +70,8 @@ class CrmLookup:
         return contacts, cached[1].team, cached[1].personal
 
     async def _contacts(self, requests: list[set[str]]) -> list[dict[str, ContactFacts]]:
-        async with self.sessionmaker() as session:
-            rows = await q.contact_facts(session, set().union(*requests))
+        async with engine_of(self.sessionmaker).connect() as conn:
+            rows = await q.contact_facts(conn, set().union(*requests))
         found = {e: ContactFacts(basis, bool(dnt)) for e, basis, dnt in rows}
         return [{a: found[a] for a in wanted if a in found} for wanted in requests]
 

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from relay import dsn
 from storage import queue as q
 from trackrelay.aio import cancel, finish
+from storage.engine import engine_of
 from storage.events import erase_raw_before
 from storage.models import Message, utcnow
 from storage.spool import Batcher, SpoolEntry, SpoolRecipient, add_entries
@@ -32,6 +33,9 @@ CLAIM_BATCH = 32
 HANDOFF_MAX = 2000  # copies waiting in memory; beyond that new mail is claimed from the database
 IDLE_POLL_SECONDS = 1.0
 MAINTENANCE_SECONDS = 30.0
+#: Outcomes are committed together after up to this long: lanes do not wait for the commit (the
+#: copy stays claimed under its lease until it is written), so a short wait buys larger batches.
+OUTCOME_LINGER_SECONDS = 0.02
 
 
 class Upstream(Protocol):
@@ -58,6 +62,7 @@ class DeliveryWorker:
                  on_recorded: Callable[[], None] | None = None):
         self.config = config
         self.sessionmaker = sessionmaker
+        self._engine = engine_of(sessionmaker)
         self.upstream = upstream
         self.render = render
         self.on_recorded = on_recorded or (lambda: None)
@@ -71,7 +76,8 @@ class DeliveryWorker:
         self._dsn_wake = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task] = []
-        self._recorder: Batcher[q.Outcome, None] = Batcher(self._record, name="outcome-writer")
+        self._recorder: Batcher[q.Outcome, None] = Batcher(self._record, name="outcome-writer",
+                                                           linger=OUTCOME_LINGER_SECONDS)
         self._handed: asyncio.Queue[tuple[Message, list[q.Claimed]]] = asyncio.Queue()
         self._handed_copies = 0
         self.delivered = 0
@@ -189,20 +195,14 @@ class DeliveryWorker:
                 messages = await q.load_messages(session, {c.message_pk for c in claimed})
         unsettled = {c.id for c in claimed}
         renewer = asyncio.create_task(self._renew(unsettled))
-        pending: list[asyncio.Future] = []
         try:
             for c in claimed:
                 outcome = await self._deliver_one(c, messages.get(c.message_pk))
                 unsettled.discard(c.id)
-                pending.append(asyncio.ensure_future(self._recorder.submit(outcome)))
+                # Not awaited: the lane goes on delivering while the outcome-writer commits.
+                self._recorder.submit_nowait(outcome).add_done_callback(_recorded)
         finally:
             await cancel(renewer)
-            results = await asyncio.gather(*pending, return_exceptions=True)
-            for r in results:
-                if isinstance(r, Exception):
-                    # The copy stays claimed; once its lease lapses it is delivered again
-                    # (at least once) and the reclaim is counted.
-                    log.error("recording a delivery outcome failed: %s", type(r).__name__)
 
     async def _renew(self, ids: set[int]) -> None:
         period = max(1.0, self.config.queue.lease_seconds / 3)
@@ -250,9 +250,8 @@ class DeliveryWorker:
                          next_attempt_at=retry_at, render_note=note)
 
     async def _record(self, outcomes: list[q.Outcome]) -> list[None]:
-        async with self.sessionmaker() as session:
-            async with session.begin():
-                await q.record(session, outcomes, utcnow())
+        async with self._engine.begin() as conn:
+            await q.record(conn, outcomes, utcnow())
         self.on_recorded()
         if any(o.status == "bounced" and o.dsn_wanted for o in outcomes):
             self._dsn_wake.set()  # only now is the bounce committed for the DSN writer to see
@@ -317,6 +316,13 @@ class DeliveryWorker:
         async with self.sessionmaker() as session:
             async with session.begin():
                 return await q.purge_delivered(session, cutoff)
+
+
+def _recorded(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        # The copy stays claimed; once its lease lapses it is delivered again (at least once)
+        # and the reclaim is counted.
+        log.error("recording a delivery outcome failed: %s", type(fut.exception()).__name__)
 
 
 def _last(c: q.Claimed) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker,
+                                    create_async_engine)
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -34,7 +35,11 @@ def make_read_engine(url: str, write_engine: AsyncEngine) -> AsyncEngine:
     write connection. PostgreSQL serves both from one pool."""
     if not url.startswith("sqlite"):
         return write_engine
-    engine = create_async_engine(url, connect_args={"timeout": 30}, pool_size=4, max_overflow=4)
+    # No rollback when a connection goes back to the pool: the connections are query-only and
+    # the driver opens no transaction for a SELECT, so there is nothing to roll back (it cost a
+    # round trip to the driver's thread per look-up).
+    engine = create_async_engine(url, connect_args={"timeout": 30}, pool_size=4, max_overflow=4,
+                                 pool_reset_on_return=None)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _read_only(dbapi_conn, _record):  # pragma: no cover - trivial
@@ -49,3 +54,14 @@ def make_read_engine(url: str, write_engine: AsyncEngine) -> AsyncEngine:
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker:
     return async_sessionmaker(engine, expire_on_commit=False)
 
+
+
+def engine_of(sessionmaker: async_sessionmaker) -> AsyncEngine:
+    """The engine a sessionmaker is bound to: hot paths that need no ORM session (the spool's
+    group commit, delivery outcomes, the relay's look-ups) work on a bare connection from it."""
+    return sessionmaker.kw["bind"]
+
+
+async def connection_of(db: AsyncSession | AsyncConnection) -> AsyncConnection:
+    """The connection behind a session, or the connection itself."""
+    return db if isinstance(db, AsyncConnection) else await db.connection()

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import and_, func, literal, or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from storage.engine import connection_of
 from storage.models import Event, Message, Recipient, utcnow
 
 
@@ -90,22 +91,22 @@ def time_param(dialect):
     return sqlite_time if dialect.name == "sqlite" else _aware_utc
 
 
-async def insert_rows(session: AsyncSession, rows: list[tuple]) -> None:
+async def insert_rows(session: AsyncSession | AsyncConnection, rows: list[tuple]) -> None:
     """Insert events given as tuples in EVENT_COLUMNS order (``at`` already passed through
     ``time_param``), in one driver-level executemany: no ORM, no per-row statement compilation
     (the tracker writes thousands a second). A row whose dedupe_key is already stored is skipped:
     a retried batch writes nothing twice."""
     if rows:
-        conn = await session.connection()
+        conn = await connection_of(session)
         await conn.exec_driver_sql(_insert_sql(conn.dialect), rows)
 
 
-async def insert_idempotent(session: AsyncSession, rows: list[dict]) -> None:
+async def insert_idempotent(session: AsyncSession | AsyncConnection, rows: list[dict]) -> None:
     """``insert_rows`` for events given as dicts: missing keys are NULL, ``at`` defaults to now,
     ``first``/``inferred`` to false."""
     if not rows:
         return
-    stamp = time_param((await session.connection()).dialect)
+    stamp = time_param((await connection_of(session)).dialect)
     now = utcnow()
     await insert_rows(session, [
         (r["type"], stamp(r.get("at") or now), r["message_pk"], r.get("recipient_pk"), r.get("user"), r.get("url"),

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, bindparam, case, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import undefer
 
 from storage import events
+from storage.engine import connection_of
 from storage.models import Message, Recipient, utcnow
 
 ACTIVE = ("queued", "deferred", "sending")
@@ -111,7 +112,7 @@ def _settle(columns: tuple[str, ...]):
     return stmt
 
 
-async def record(session: AsyncSession, outcomes: list[Outcome], now: datetime) -> None:
+async def record(session: AsyncSession | AsyncConnection, outcomes: list[Outcome], now: datetime) -> None:
     """Settle delivered, deferred and bounced copies and write their events: one executemany per
     kind of outcome, one for the events, one to mark finished messages done."""
     if not outcomes:
@@ -126,10 +127,10 @@ async def record(session: AsyncSession, outcomes: list[Outcome], now: datetime) 
         elif o.status == "bounced":
             row["dsn"] = "pending" if o.dsn_wanted else "suppressed"
         by_columns.setdefault(tuple(k for k in row if k != "rid"), []).append(row)
-    conn = await session.connection()
+    conn = await connection_of(session)
     for columns, rows in by_columns.items():
         await conn.execute(_settle(columns), rows)
-    await events.insert_idempotent(session, [
+    await events.insert_idempotent(conn, [
         dict(type=o.status, at=now, message_pk=o.message_pk, recipient_pk=o.recipient_id, user=o.user,
              reason=o.reply[:500]) for o in outcomes])
     touched = {o.message_pk for o in outcomes if o.status in FINAL}

@@ -14,9 +14,10 @@ from datetime import datetime
 from typing import Awaitable, Callable, Generic, TypeVar
 
 from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from storage import events
+from storage.engine import connection_of, engine_of
 from storage.models import CrmJob, Message, Recipient, utcnow
 from trackrelay.aio import cancel
 
@@ -30,9 +31,12 @@ class Batcher(Generic[T, R]):
     """Group commit: ``submit`` waits until its item is part of a flushed batch."""
 
     def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]], max_batch: int = 256,
-                 name: str = "batcher"):
+                 name: str = "batcher", linger: float = 0.0):
         self._flush = flush
         self._max = max_batch
+        #: Seconds to wait for more items after the first (0: write at once). For writes nobody
+        #: waits on, fewer and larger commits.
+        self._linger = linger
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._name = name
@@ -58,15 +62,21 @@ class Batcher(Generic[T, R]):
                 fut.set_exception(RuntimeError("shutting down"))
 
     async def submit(self, item: T) -> R:
+        return await self.submit_nowait(item)
+
+    def submit_nowait(self, item: T) -> asyncio.Future[R]:
+        """Queue the item now; the future is done once its batch is committed."""
         if self._task is None:
             raise RuntimeError(f"{self._name} is not running")
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, fut))
-        return await fut
+        self._queue.put_nowait((item, fut))
+        return fut
 
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            if self._linger and self._queue.qsize() < self._max:
+                await asyncio.sleep(self._linger)
             while len(batch) < self._max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             items = [item for item, _ in batch]
@@ -130,10 +140,10 @@ _INSERT_RECIPIENTS = insert(Recipient.__table__).returning(Recipient.__table__.c
 _INSERT_JOBS = insert(CrmJob.__table__)
 
 
-async def add_entries(session: AsyncSession, entries: list[SpoolEntry]) -> list[tuple[int, list[int]]]:
+async def add_entries(session: AsyncSession | AsyncConnection, entries: list[SpoolEntry]) -> list[tuple[int, list[int]]]:
     """Insert the rows of these entries (Core statements built once: a handful per batch, not per
     row). Returns each message's id with its recipient rows' ids, in recipient order."""
-    conn = await session.connection()
+    conn = await connection_of(session)
     msg_ids = (await conn.execute(_INSERT_MESSAGES, [
         dict(kind=e.kind, message_id=e.message_id, user=e.user, mail_from=e.mail_from,
              from_header=e.from_header, subject=e.subject, client_ip=e.client_ip,
@@ -150,7 +160,7 @@ async def add_entries(session: AsyncSession, entries: list[SpoolEntry]) -> list[
         rcpt_ids = (await conn.execute(_INSERT_RECIPIENTS, rcpt_rows)).scalars().all()
         users = {mid: e.user for e, mid in zip(entries, msg_ids)}
         now = utcnow()
-        await events.insert_idempotent(session, [
+        await events.insert_idempotent(conn, [
             dict(type="queued", at=now, message_pk=row["message_pk"], recipient_pk=rid,
                  user=users[row["message_pk"]]) for row, rid in zip(rcpt_rows, rcpt_ids)])
     jobs = [dict(message_pk=mid, state="pending", created_at=e.accepted_at, attempts=0)
@@ -164,9 +174,10 @@ async def add_entries(session: AsyncSession, entries: list[SpoolEntry]) -> list[
 
 
 def spool_writer(sessionmaker: async_sessionmaker) -> Batcher[SpoolEntry, tuple[int, list[int]]]:
+    engine = engine_of(sessionmaker)
+
     async def flush(entries: list[SpoolEntry]) -> list[tuple[int, list[int]]]:
-        async with sessionmaker() as session:
-            async with session.begin():
-                return await add_entries(session, entries)
+        async with engine.begin() as conn:  # Core rows only: no ORM session to set up and close
+            return await add_entries(conn, entries)
 
     return Batcher(flush, name="spool-writer")
