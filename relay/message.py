@@ -16,8 +16,9 @@ _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 
 def normalize_crlf(raw: bytes) -> bytes:
     """Bare CR or LF become CRLF (the upstream would do the same); CRLF stays."""
-    if b"\r" not in raw.replace(b"\r\n", b"") and b"\n" not in raw.replace(b"\r\n", b""):
-        return raw
+    pairs = raw.count(b"\r\n")
+    if raw.count(b"\r") == pairs and raw.count(b"\n") == pairs:
+        return raw  # every CR starts a CRLF and every LF ends one (three scans, no copies)
     return _LINE_ENDS.sub(b"\r\n", raw)
 
 

@@ -13,8 +13,7 @@ import dkim
 
 from relay import instrument
 from relay import message as m
-from storage.models import Message
-from storage.queue import Claimed
+from storage.queue import Claimed, Spooled
 from trackrelay.config import Config
 from trackrelay.links import Keyring
 
@@ -53,7 +52,7 @@ class CopyRenderer:
         self._cache: OrderedDict[int, instrument.Parsed] = OrderedDict()
         self.parses = 0
 
-    def _parsed(self, raw: bytes, message: Message) -> instrument.Parsed:
+    def _parsed(self, raw: bytes, message: Spooled) -> instrument.Parsed:
         parsed = self._cache.get(message.id)
         if parsed is None or parsed.raw is not raw and parsed.raw != raw:
             parsed = instrument.parse(raw, self.config.tracker.public_url)
@@ -65,7 +64,7 @@ class CopyRenderer:
             self._cache.move_to_end(message.id)
         return parsed
 
-    def __call__(self, raw: bytes, message: Message, copy: Claimed) -> tuple[bytes, str | None]:
+    def __call__(self, raw: bytes, message: Spooled, copy: Claimed) -> tuple[bytes, str | None]:
         note = None
         data = raw
         if copy.token and (copy.track_opens or copy.track_clicks):

@@ -23,7 +23,7 @@ from storage import queue as q
 from trackrelay.aio import cancel, finish
 from storage.engine import engine_of
 from storage.events import erase_raw_before
-from storage.models import Message, utcnow
+from storage.models import utcnow
 from storage.spool import Batcher, SpoolEntry, SpoolRecipient, add_entries
 from trackrelay.config import Config
 
@@ -44,10 +44,10 @@ class Upstream(Protocol):
 
 
 #: (spooled bytes, message, claimed copy) -> (bytes to deliver, note on instrumentation or None)
-Renderer = Callable[[bytes, Message, q.Claimed], tuple[bytes, str | None]]
+Renderer = Callable[[bytes, q.Spooled, q.Claimed], tuple[bytes, str | None]]
 
 
-def plain_renderer(raw: bytes, message: Message, copy: q.Claimed) -> tuple[bytes, str | None]:
+def plain_renderer(raw: bytes, message: q.Spooled, copy: q.Claimed) -> tuple[bytes, str | None]:
     return raw, None
 
 
@@ -78,7 +78,7 @@ class DeliveryWorker:
         self._tasks: list[asyncio.Task] = []
         self._recorder: Batcher[q.Outcome, None] = Batcher(self._record, name="outcome-writer",
                                                            linger=OUTCOME_LINGER_SECONDS)
-        self._handed: asyncio.Queue[tuple[Message, list[q.Claimed]]] = asyncio.Queue()
+        self._handed: asyncio.Queue[tuple[q.Spooled, list[q.Claimed]]] = asyncio.Queue()
         self._handed_copies = 0
         self.delivered = 0
 
@@ -126,8 +126,8 @@ class DeliveryWorker:
 
     def take(self, message_pk: int, entry: SpoolEntry, copy_ids: list[int]) -> None:
         """Copies the relay just committed, claimed by us: no claim query, no reload of bytes."""
-        msg = Message(id=message_pk, kind=entry.kind, message_id=entry.message_id, user=entry.user,
-                      mail_from=entry.mail_from, accepted_at=entry.accepted_at, raw=entry.raw)
+        msg = q.Spooled(message_pk, entry.kind, entry.message_id, entry.user, entry.mail_from,
+                        entry.accepted_at, entry.raw)
         claimed = [q.Claimed(rid, message_pk, r.address, r.token, r.track_opens, r.track_clicks, 0, None)
                    for rid, r in zip(copy_ids, entry.recipients)]
         self._handed.put_nowait((msg, claimed))
@@ -152,7 +152,7 @@ class DeliveryWorker:
         while not self._stopping:
             if not self._handed.empty():
                 batch: list[q.Claimed] = []
-                messages: dict[int, Message] = {}
+                messages: dict[int, q.Spooled] = {}
                 while not self._handed.empty() and len(batch) < CLAIM_BATCH:
                     msg, claimed = self._handed.get_nowait()
                     self._handed_copies -= len(claimed)
@@ -189,7 +189,7 @@ class DeliveryWorker:
                 return await q.claim(session, self.owner, utcnow(), self.config.queue.lease_seconds,
                                      CLAIM_BATCH)
 
-    async def _deliver_batch(self, claimed: list[q.Claimed], messages: dict[int, Message] | None = None) -> None:
+    async def _deliver_batch(self, claimed: list[q.Claimed], messages: dict[int, q.Spooled] | None = None) -> None:
         if messages is None:
             async with self.sessionmaker() as session:
                 messages = await q.load_messages(session, {c.message_pk for c in claimed})
@@ -216,11 +216,11 @@ class DeliveryWorker:
             except Exception as exc:
                 log.warning("lease renewal failed: %s", type(exc).__name__)
 
-    async def _deliver_one(self, c: q.Claimed, msg: Message | None) -> q.Outcome:
+    async def _deliver_one(self, c: q.Claimed, msg: q.Spooled | None) -> q.Outcome:
         outcome = await self._attempt(c, msg)
         return dataclasses.replace(outcome, attempts=c.attempts + 1)
 
-    async def _attempt(self, c: q.Claimed, msg: Message | None) -> q.Outcome:
+    async def _attempt(self, c: q.Claimed, msg: q.Spooled | None) -> q.Outcome:
         now = utcnow()
         if msg is None or msg.raw is None:
             return q.Outcome(c.id, c.message_pk, msg.user if msg else None, "bounced",

@@ -11,6 +11,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
+from storage import direct
+from storage.engine import connection_of
 from storage.models import (Attachment, Company, Contact, Deal, DealContact, Event, LoggedAssociation,
                             LoggedAttachment, LoggedEmail, NeverLog, Recipient, UTCDateTime, utcnow)
 
@@ -31,8 +33,17 @@ async def contact_facts(session: AsyncSession, emails: set[str]) -> list[tuple[s
     look-up at acceptance, so a plain column query rather than ORM objects."""
     if not emails:
         return []
-    rows = await session.execute(_CONTACT_FACTS, {"emails": list(emails)})
+    conn = await connection_of(session)
+    if direct.usable(conn):
+        return await direct.run(conn, _contact_facts_sqlite, list(emails))
+    rows = await conn.execute(_CONTACT_FACTS, {"emails": list(emails)})
     return [tuple(r) for r in rows.all()]
+
+
+def _contact_facts_sqlite(db: direct.Db, emails: list[str]) -> list[tuple[str, str | None, bool]]:
+    rows = db.execute("SELECT email, legal_basis, do_not_track FROM contacts "
+                      f"WHERE email IN ({direct.in_list(len(emails))})", emails).fetchall()
+    return [(e, basis, bool(dnt)) for e, basis, dnt in rows]
 
 
 #: Built once: a statement object reused keeps its cache key (SQLAlchemy memoizes it).

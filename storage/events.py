@@ -62,7 +62,8 @@ EVENT_COLUMNS = ("type", "at", "message_pk", "recipient_pk", "user", "url", "ip"
 _INSERT_SQL: dict[str, str] = {}
 
 
-def _insert_sql(dialect) -> str:
+def insert_sql(dialect) -> str:
+    """The driver-level INSERT of one event (parameters in EVENT_COLUMNS order)."""
     sql = _INSERT_SQL.get(dialect.name)
     if sql is None:
         cols = ", ".join(dialect.identifier_preparer.quote(c) for c in EVENT_COLUMNS)
@@ -98,7 +99,7 @@ async def insert_rows(session: AsyncSession | AsyncConnection, rows: list[tuple]
     a retried batch writes nothing twice."""
     if rows:
         conn = await connection_of(session)
-        await conn.exec_driver_sql(_insert_sql(conn.dialect), rows)
+        await conn.exec_driver_sql(insert_sql(conn.dialect), rows)
 
 
 async def insert_idempotent(session: AsyncSession | AsyncConnection, rows: list[dict]) -> None:

@@ -13,9 +13,8 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import and_, bindparam, case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.orm import undefer
 
-from storage import events
+from storage import direct, events
 from storage.engine import connection_of
 from storage.models import Message, Recipient, utcnow
 
@@ -33,6 +32,18 @@ class Claimed:
     track_clicks: bool
     attempts: int
     last_reply: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    """What delivery needs of a spooled message (a plain record: no ORM instance per message)."""
+    id: int
+    kind: str
+    message_id: str
+    user: str | None
+    mail_from: str
+    accepted_at: datetime
+    raw: bytes | None
 
 
 @dataclass(frozen=True)
@@ -87,10 +98,11 @@ async def release(session: AsyncSession, owner: str, ids: list[int]) -> None:
                           .execution_options(synchronize_session=False))
 
 
-async def load_messages(session: AsyncSession, pks: set[int]) -> dict[int, Message]:
-    rows = (await session.execute(
-        select(Message).where(Message.id.in_(pks)).options(undefer(Message.raw)))).scalars().all()
-    return {m.id: m for m in rows}
+async def load_messages(session: AsyncSession, pks: set[int]) -> dict[int, Spooled]:
+    rows = await session.execute(
+        select(Message.id, Message.kind, Message.message_id, Message.user, Message.mail_from,
+               Message.accepted_at, Message.raw).where(Message.id.in_(pks)))
+    return {row[0]: Spooled(*row) for row in rows.all()}
 
 
 _RECIPIENTS = Recipient.__table__
@@ -128,6 +140,9 @@ async def record(session: AsyncSession | AsyncConnection, outcomes: list[Outcome
             row["dsn"] = "pending" if o.dsn_wanted else "suppressed"
         by_columns.setdefault(tuple(k for k in row if k != "rid"), []).append(row)
     conn = await connection_of(session)
+    if direct.usable(conn):
+        await direct.run(conn, _record_sqlite, outcomes, by_columns, now, events.insert_sql(conn.dialect))
+        return
     for columns, rows in by_columns.items():
         await conn.execute(_settle(columns), rows)
     await events.insert_idempotent(conn, [
@@ -136,6 +151,32 @@ async def record(session: AsyncSession | AsyncConnection, outcomes: list[Outcome
     touched = {o.message_pk for o in outcomes if o.status in FINAL}
     if touched:
         await conn.execute(_MARK_DONE, {"touched": sorted(touched), "now": now})
+
+
+_TIME_COLUMNS = frozenset({"lease_until", "sent_at", "next_attempt_at"})
+_ACTIVE_SQL = ", ".join(f"'{s}'" for s in ACTIVE)
+
+
+def _record_sqlite(db: direct.Db, outcomes: list[Outcome], by_columns: dict[tuple[str, ...], list[dict]],
+                   at: datetime, events_sql: str) -> None:
+    """``record`` on SQLite's thread: the same statements, one trip."""
+    cur = db.cursor()
+    for columns, rows in by_columns.items():
+        sets = ", ".join(f'"{c}" = ?' for c in columns)
+        cur.executemany(f'UPDATE recipients SET {sets} WHERE id = ?', [
+            tuple(events.sqlite_time(row[c]) if c in _TIME_COLUMNS and row[c] is not None else row[c]
+                  for c in columns) + (row["rid"],) for row in rows])
+    now = events.sqlite_time(at)
+    cur.executemany(events_sql, [
+        (o.status, now, o.message_pk, o.recipient_id, o.user, None, None, None, None, None, o.reply[:500],
+         False, False, None) for o in outcomes])
+    touched = sorted({o.message_pk for o in outcomes if o.status in FINAL})
+    if touched:
+        cur.execute(f"UPDATE messages SET done_at = ? WHERE id IN ({direct.in_list(len(touched))}) "
+                    "AND done_at IS NULL AND NOT EXISTS (SELECT 1 FROM recipients WHERE "
+                    f"recipients.message_pk = messages.id AND recipients.status IN ({_ACTIVE_SQL}))",
+                    (now, *touched))
+    cur.close()
 
 
 async def pending_dsns(session: AsyncSession, limit: int = 50) -> dict[int, list[Recipient]]:

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable, Generic, TypeVar
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
-from storage import events
+from storage import direct, events
 from storage.engine import connection_of, engine_of
 from storage.models import CrmJob, Message, Recipient, utcnow
 from trackrelay.aio import cancel
@@ -142,8 +142,11 @@ _INSERT_JOBS = insert(CrmJob.__table__)
 
 async def add_entries(session: AsyncSession | AsyncConnection, entries: list[SpoolEntry]) -> list[tuple[int, list[int]]]:
     """Insert the rows of these entries (Core statements built once: a handful per batch, not per
-    row). Returns each message's id with its recipient rows' ids, in recipient order."""
+    row; on SQLite one trip to its thread for the whole batch). Returns each message's id with its
+    recipient rows' ids, in recipient order."""
     conn = await connection_of(session)
+    if direct.usable(conn):
+        return await direct.run(conn, _add_entries_sqlite, entries, events.insert_sql(conn.dialect))
     msg_ids = (await conn.execute(_INSERT_MESSAGES, [
         dict(kind=e.kind, message_id=e.message_id, user=e.user, mail_from=e.mail_from,
              from_header=e.from_header, subject=e.subject, client_ip=e.client_ip,
@@ -171,6 +174,50 @@ async def add_entries(session: AsyncSession | AsyncConnection, entries: list[Spo
     for row, rid in zip(rcpt_rows, rcpt_ids):
         copies.setdefault(row["message_pk"], []).append(rid)
     return [(mid, copies.get(mid, [])) for mid in msg_ids]
+
+
+_MESSAGE_COLUMNS = ("kind", "message_id", "user", "mail_from", "from_header", "subject", "client_ip",
+                    "accepted_at", "size", "raw", "log", "log_associate")
+_RECIPIENT_COLUMNS = ("message_pk", "address", "token", "track_opens", "track_clicks", "log", "reasons",
+                      "status", "lease_owner", "lease_until", "never_log", "attempts", "next_attempt_at",
+                      "reclaims", "dsn")
+_MESSAGE_SQL = direct.insert_sql("messages", _MESSAGE_COLUMNS)
+_RECIPIENT_SQL = direct.insert_sql("recipients", _RECIPIENT_COLUMNS)
+_JOB_SQL = direct.insert_sql("crm_jobs", ("message_pk", "state", "created_at", "attempts"))
+
+
+def _add_entries_sqlite(db: direct.Db, entries: list[SpoolEntry], events_sql: str) -> list[tuple[int, list[int]]]:
+    """``add_entries`` on SQLite's thread: the same rows, ids from ``lastrowid``."""
+    cur = db.cursor()
+    now = events.sqlite_time(utcnow())
+    out: list[tuple[int, list[int]]] = []
+    queued: list[tuple] = []
+    jobs: list[tuple] = []
+    for e in entries:
+        at = events.sqlite_time(e.accepted_at)
+        cur.execute(_MESSAGE_SQL, (e.kind, e.message_id, e.user, e.mail_from, e.from_header, e.subject,
+                                   e.client_ip, at, len(e.raw), e.raw, e.log, e.log_associate))
+        mid = cur.lastrowid
+        status = "sending" if e.claim_owner else "queued"
+        lease = events.sqlite_time(e.lease_until) if e.lease_until is not None else None
+        rids = []
+        for r in e.recipients:
+            cur.execute(_RECIPIENT_SQL, (mid, r.address, r.token, r.track_opens, r.track_clicks, r.log,
+                                         direct.json_text(list(r.reasons)), status, e.claim_owner, lease,
+                                         r.never_log, 0, at, 0, "none"))
+            rid = cur.lastrowid
+            rids.append(rid)
+            queued.append(("queued", now, mid, rid, e.user, None, None, None, None, None, None,
+                           False, False, None))
+        if e.log and e.kind == "mail":
+            jobs.append((mid, "pending", at, 0))
+        out.append((mid, rids))
+    if queued:
+        cur.executemany(events_sql, queued)
+    if jobs:
+        cur.executemany(_JOB_SQL, jobs)
+    cur.close()
+    return out
 
 
 def spool_writer(sessionmaker: async_sessionmaker) -> Batcher[SpoolEntry, tuple[int, list[int]]]:

@@ -128,3 +128,70 @@ async def test_contact_dates_only_move_forward(db_url):
                        "dave@ext.test": (t0 + timedelta(hours=1), None, t0)}
     finally:
         await engine.dispose()
+
+
+async def _spool_and_settle(url: str) -> dict[str, list[tuple]]:
+    """Spool a varied batch, settle one outcome of each kind, and return every stored row."""
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import text
+
+    from storage import queue as q
+    from storage.engine import make_engine as mk
+    from storage.spool import SpoolEntry, SpoolRecipient, add_entries
+
+    at = datetime(2026, 11, 22, 9, 30, 15, 250, tzinfo=timezone.utc)
+    engine = mk(url)
+    try:
+        await upgrade(engine)
+        entries = [
+            SpoolEntry(message_id="<a@x>", user="alice", mail_from="alice@example.com", raw=b"A\r\n\r\nbody",
+                       recipients=[SpoolRecipient("carol@ext.test", "tok-1", True, True, True, ["default"]),
+                                   SpoolRecipient("dave@ext.test", None, False, False, False,
+                                                  ["never_log", "x_track:off"], never_log=True)],
+                       from_header="Alice <alice@example.com>", subject="Grüße", client_ip="127.0.0.1",
+                       log=True, log_associate="deal:7", accepted_at=at,
+                       claim_owner="host:1:abc", lease_until=at + timedelta(minutes=5)),
+            SpoolEntry(message_id="<b@x>", user=None, mail_from="", raw=b"\x00\xff bytes", kind="dsn",
+                       recipients=[SpoolRecipient("alice@example.com", None, False, False, False, ["dsn"])],
+                       accepted_at=at.astimezone(timezone(timedelta(hours=2)))),
+            SpoolEntry(message_id="<c@x>", user="bob", mail_from="bob@example.com", raw=b"C", recipients=[],
+                       log=True, accepted_at=at),
+        ]
+        async with engine.begin() as conn:
+            ids = await add_entries(conn, entries)
+        (m1, (r1, r2)), (m2, (r3,)), (m3, ()) = ids
+        outcomes = [q.Outcome(r1, m1, "alice", "sent", "250 2.0.0 OK", render_note="tracked"),
+                    q.Outcome(r2, m1, "alice", "deferred", "451 4.7.1 later", next_attempt_at=at + timedelta(hours=1)),
+                    q.Outcome(r3, m2, None, "bounced", "550 5.1.1 no such user", dsn_wanted=True, attempts=3)]
+        async with engine.begin() as conn:
+            await q.record(conn, outcomes, at + timedelta(seconds=2))
+        async with engine.begin() as conn:
+            await q.record(conn, [q.Outcome(r2, m1, "alice", "sent", "250 OK", attempts=2)],
+                           at + timedelta(seconds=3))
+        rows = {}
+        async with engine.connect() as conn:
+            for table in ("messages", "recipients", "events", "crm_jobs"):
+                rows[table] = [tuple(r) for r in (await conn.execute(text(f"SELECT * FROM {table} ORDER BY id"))).all()]
+        return rows
+    finally:
+        await engine.dispose()
+
+
+async def test_spool_and_outcomes_store_the_same_rows_on_sqlites_direct_path(tmp_path, monkeypatch):
+    """On SQLite the spool and the delivery outcomes are written by plain functions on the driver's
+    thread: every stored value must be the one SQLAlchemy's Core statements store."""
+    from datetime import datetime, timezone
+
+    from storage import direct, spool
+
+    monkeypatch.setattr(spool, "utcnow", lambda: datetime(2026, 11, 22, 9, 30, 16, tzinfo=timezone.utc))
+    fast = await _spool_and_settle(f"sqlite+aiosqlite:///{tmp_path}/direct.db")
+    monkeypatch.setattr(direct, "usable", lambda conn: False)
+    core = await _spool_and_settle(f"sqlite+aiosqlite:///{tmp_path}/core.db")
+    for table in core:
+        assert fast[table] == core[table], table
+    assert len(core["messages"]) == 3 and len(core["recipients"]) == 3 and len(core["crm_jobs"]) == 2
+    assert len(core["events"]) == 7  # 3 queued, sent, deferred, bounced, sent
+    done = {row[0]: row[13] for row in core["messages"]}  # done_at
+    assert done[1] is not None and done[2] is not None and done[3] is None
