@@ -80,6 +80,9 @@ class DeliveryWorker:
                                                            linger=OUTCOME_LINGER_SECONDS)
         self._handed: asyncio.Queue[tuple[q.Spooled, list[q.Claimed]]] = asyncio.Queue()
         self._handed_copies = 0
+        #: Ids of the copies claimed by this worker and not yet delivered: their leases are renewed.
+        self._held: set[int] = set()
+        self._renewer: asyncio.Task | None = None
         self.delivered = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -95,6 +98,7 @@ class DeliveryWorker:
         n = lanes.max_connections if lanes is not None else self.config.upstream.max_connections
         self._tasks = [asyncio.create_task(self._lane(i), name=f"delivery-lane-{i}") for i in range(n)]
         self._tasks.append(asyncio.create_task(self._maintenance(), name="delivery-maintenance"))
+        self._renewer = asyncio.create_task(self._renew(), name="lease-renewer")
 
     async def stop(self, grace: float = 10.0) -> None:
         """Finish the copies in hand (up to ``grace`` seconds), then stop."""
@@ -109,6 +113,7 @@ class DeliveryWorker:
         if self._tasks:
             await finish(self._tasks[-1])
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel(self._renewer)
         await self._recorder.stop()
         try:
             await self._release_handed()
@@ -132,6 +137,7 @@ class DeliveryWorker:
                    for rid, r in zip(copy_ids, entry.recipients)]
         self._handed.put_nowait((msg, claimed))
         self._handed_copies += len(claimed)
+        self._held.update(c.id for c in claimed)
         self._wake.set()
 
     async def _release_handed(self) -> None:
@@ -140,6 +146,7 @@ class DeliveryWorker:
         while not self._handed.empty():
             _, claimed = self._handed.get_nowait()
             ids += [c.id for c in claimed]
+        self._held.difference_update(ids)
         if ids:
             async with self.sessionmaker() as session:
                 async with session.begin():
@@ -193,26 +200,31 @@ class DeliveryWorker:
         if messages is None:
             async with self.sessionmaker() as session:
                 messages = await q.load_messages(session, {c.message_pk for c in claimed})
-        unsettled = {c.id for c in claimed}
-        renewer = asyncio.create_task(self._renew(unsettled))
+        self._held.update(c.id for c in claimed)
         try:
             for c in claimed:
                 outcome = await self._deliver_one(c, messages.get(c.message_pk))
-                unsettled.discard(c.id)
                 # Not awaited: the lane goes on delivering while the outcome-writer commits.
                 self._recorder.submit_nowait(outcome).add_done_callback(_recorded)
+                self._held.discard(c.id)
         finally:
-            await cancel(renewer)
+            self._held.difference_update(c.id for c in claimed)
 
-    async def _renew(self, ids: set[int]) -> None:
+    async def _renew(self) -> None:
+        """Keep the leases of every copy this worker holds (handed over and waiting, or being
+        delivered): one task for all of them, so a batch costs no task of its own."""
         period = max(1.0, self.config.queue.lease_seconds / 3)
         while True:
             await asyncio.sleep(period)
+            ids = sorted(self._held)
+            if not ids:
+                continue
             until = utcnow() + timedelta(seconds=self.config.queue.lease_seconds)
             try:
                 async with self.sessionmaker() as session:
                     async with session.begin():
-                        await q.renew(session, self.owner, sorted(ids), until)
+                        for i in range(0, len(ids), 1000):
+                            await q.renew(session, self.owner, ids[i:i + 1000], until)
             except Exception as exc:
                 log.warning("lease renewal failed: %s", type(exc).__name__)
 

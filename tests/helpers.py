@@ -46,6 +46,8 @@ class SinkBehaviour:
     #: drop the connection after the final dot this many times (no reply)
     drop_after_dot: int = 0
     size: int | None = None
+    #: seconds to wait after the final dot before answering (a slow upstream)
+    data_delay: float = 0.0
 
 
 class SinkHandler:
@@ -63,6 +65,8 @@ class SinkHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.b.data_delay:
+            await asyncio.sleep(self.b.data_delay)
         if self.b.drop_after_dot > 0:
             self.b.drop_after_dot -= 1
             server.transport.close()

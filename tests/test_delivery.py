@@ -194,3 +194,19 @@ async def test_queue_cli_lists_retries_and_bounces(relay, sink, action, tmp_path
         relay.service.worker._dsn_wake.set()
         (dsn,) = await sink.wait_for(1)
         assert dsn.rcpt_tos == ["alice@example.com"]
+
+
+async def test_lease_of_a_copy_in_delivery_is_renewed_while_the_upstream_is_slow(relay, sink):
+    """A copy stays claimed while its upstream takes longer than a renewal period: its lease moves
+    on (no other worker may take it meanwhile), and it is delivered once."""
+    sink.behaviour.data_delay = 4.0
+    await relay.start(queue={"lease_seconds": 5})
+    await send(relay, ["carol@ext.test"])
+    await asyncio.sleep(0.3)
+    ((status, first),) = await relay.rows("SELECT status, lease_until FROM recipients")
+    assert status == "sending"
+    await asyncio.sleep(3.0)  # past one renewal period (lease_seconds / 3)
+    ((status, later),) = await relay.rows("SELECT status, lease_until FROM recipients")
+    assert status == "sending" and later > first
+    await relay.wait_status({"sent"}, 1)
+    assert len(await sink.wait_for(1)) == 1
