@@ -93,8 +93,10 @@ def summary(name: str, elapsed: float, lat: list[float], cpu: float) -> dict:
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--kinds", default="pixel,redirect", help="which handlers to measure (comma-separated)")
     args = ap.parse_args()
     n = args.requests
+    kinds = args.kinds.split(",")
     if (os.cpu_count() or 1) >= 2:
         os.sched_setaffinity(0, {1})
     results = []
@@ -105,6 +107,8 @@ async def main() -> None:
         await wait_http(f"http://127.0.0.1:{port}/o/x.gif")
         for kind, urls in (("pixel", [f"http://127.0.0.1:{port}/o/T{i:026d}.gif" for i in range(50)]),
                            ("redirect", [f"http://127.0.0.1:{port}/c/abc{i}" for i in range(50)])):
+            if kind not in kinds:
+                continue
             await load(urls, 1000)
             cpu0 = cpu_seconds(bare.pid)
             elapsed, lat = await load(urls, n)
@@ -176,6 +180,8 @@ addresses = ["alice@example.com"]
 
             total = 0
             for kind, urls in (("pixel", pixels), ("redirect", clicks)):
+                if kind not in kinds:
+                    continue
                 await load(urls, 1000)
                 total += 1000
                 await persisted(total)
@@ -194,7 +200,7 @@ addresses = ["alice@example.com"]
     print("| server | requests/s | p50 (ms) | p99 (ms) | server CPU µs per request |\n|---|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['name']} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['cpu_us']:.0f} |")
-    for kind in ("pixel", "redirect"):
+    for kind in kinds:
         b = next(r for r in results if r["name"] == f"bare aiohttp {kind}")
         o = next(r for r in results if r["name"] == f"trackrelay {kind}")
         print(f"\n{kind}: trackrelay / bare = {o['rps'] / b['rps']:.2f} requests/s, "

@@ -262,8 +262,7 @@ class DeliveryWorker:
                          next_attempt_at=retry_at, render_note=note)
 
     async def _record(self, outcomes: list[q.Outcome]) -> list[None]:
-        async with self._engine.begin() as conn:
-            await q.record(conn, outcomes, utcnow())
+        await q.record_committed(self._engine, outcomes, utcnow())
         self.on_recorded()
         if any(o.status == "bounced" and o.dsn_wanted for o in outcomes):
             self._dsn_wake.set()  # only now is the bounce committed for the DSN writer to see

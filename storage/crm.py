@@ -41,9 +41,13 @@ async def contact_facts(session: AsyncSession, emails: set[str]) -> list[tuple[s
 
 
 def _contact_facts_sqlite(db: direct.Db, emails: list[str]) -> list[tuple[str, str | None, bool]]:
-    rows = db.execute("SELECT email, legal_basis, do_not_track FROM contacts "
-                      f"WHERE email IN ({direct.in_list(len(emails))})", emails).fetchall()
-    return [(e, basis, bool(dnt)) for e, basis, dnt in rows]
+    out = []
+    for i in range(0, len(emails), direct.MAX_PARAMS):
+        chunk = emails[i:i + direct.MAX_PARAMS]
+        out += [(e, basis, bool(dnt)) for e, basis, dnt in db.execute(
+            "SELECT email, legal_basis, do_not_track FROM contacts "
+            f"WHERE email IN ({direct.in_list(len(chunk))})", chunk)]
+    return out
 
 
 #: Built once: a statement object reused keeps its cache key (SQLAlchemy memoizes it).
@@ -128,11 +132,38 @@ async def touch_contacts(session: AsyncSession, updates: dict[str, dict[str, dat
     logged recipients have one). One look-up, then one executemany over the contacts found."""
     if not updates:
         return
-    conn = await session.connection()
+    conn = await connection_of(session)
+    if direct.usable(conn):
+        await direct.run(conn, touch_contacts_sqlite, updates)
+        return
     found = (await conn.execute(_CONTACT_IDS, {"emails": list(updates)})).all()
     if found:
         await conn.execute(_TOUCH, [{"contact": pk, **{n: updates[email].get(n) for n in _DATE_COLUMNS}}
                                     for pk, email in found])
+
+
+_TOUCH_SQL = "UPDATE contacts SET " + ", ".join(
+    f"{c} = CASE WHEN ? IS NOT NULL AND ({c} IS NULL OR {c} < ?) THEN ? ELSE {c} END" for c in _DATE_COLUMNS
+) + " WHERE id = ?"
+
+
+def touch_contacts_sqlite(db: direct.Db, updates: dict[str, dict[str, datetime]]) -> None:
+    emails = list(updates)
+    found: list[tuple[int, str]] = []
+    for i in range(0, len(emails), direct.MAX_PARAMS):
+        chunk = emails[i:i + direct.MAX_PARAMS]
+        found += db.execute(f"SELECT id, email FROM contacts WHERE email IN ({direct.in_list(len(chunk))})",
+                            chunk).fetchall()
+    rows = []
+    for pk, email in found:
+        params: list = []
+        for name in _DATE_COLUMNS:
+            at = updates[email].get(name)
+            value = direct.sqlite_time(at) if at is not None else None
+            params += (value, value, value)
+        rows.append((*params, pk))
+    if rows:
+        db.executemany(_TOUCH_SQL, rows)
 
 
 # -- Never Log --------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 aiosqlite runs every call on its own thread, and SQLAlchemy's adapter makes one round trip there
 per execute, per fetch and per commit; each trip wakes the event loop through its self-pipe, and
 each statement costs SQLAlchemy's per-statement and per-row work. The spool's group commit and the
-delivery outcomes run several statements per batch many times a second: on SQLite they run here
-as one plain function on the ``sqlite3`` connection, inside that connection's thread, within the
-transaction the caller opened with SQLAlchemy (which still commits or rolls it back).
+delivery outcomes and the tracker's events run several statements per batch many times a second:
+on SQLite they run here as one plain function on the ``sqlite3`` connection, inside that
+connection's thread — either within a transaction the caller opened with SQLAlchemy (``run``), or
+with its own commit in the same trip (``transaction``).
 
 Only SQLite goes this way (``usable``); PostgreSQL keeps the callers' SQLAlchemy Core path. Values
 are bound exactly as SQLAlchemy binds them on SQLite (``tests/test_schema.py`` compares the stored
@@ -16,9 +17,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import datetime, timezone
 from typing import Any, Callable, Sequence, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 T = TypeVar("T")
 
@@ -37,6 +39,29 @@ async def run(conn: AsyncConnection, fn: Callable[..., T], *args: Any) -> T:
     return await driver._execute(fn, driver._conn, *args)
 
 
+def usable_engine(engine: AsyncEngine) -> bool:
+    return engine.dialect.name == "sqlite" and engine.dialect.driver == "aiosqlite"
+
+
+async def transaction(engine: AsyncEngine, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(sqlite3_connection, *args)`` and its commit (or rollback, if it raised) in one trip.
+
+    The connection comes from the engine's pool outside any SQLAlchemy transaction; the engine
+    must not roll back on return (``storage.engine.make_engine`` sets that for SQLite)."""
+    async with engine.connect() as conn:
+        return await run(conn, _committed, fn, *args)
+
+
+def _committed(db: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+    try:
+        result = fn(db, *args)
+    except BaseException:
+        db.rollback()
+        raise
+    db.commit()
+    return result
+
+
 def insert_sql(table: str, columns: Sequence[str]) -> str:
     cols = ", ".join(f'"{c}"' for c in columns)
     return f'INSERT INTO "{table}" ({cols}) VALUES ({", ".join("?" for _ in columns)})'
@@ -47,8 +72,24 @@ def json_text(value: Any) -> str:
     return json.dumps(value)
 
 
+#: Parameters per statement, well under SQLite's limit (32,766 since 3.32; 999 before).
+MAX_PARAMS = 900
+
+
 def in_list(n: int) -> str:
     return ", ".join("?" for _ in range(n))
+
+
+def sqlite_time(at: datetime) -> str:
+    """A datetime as SQLAlchemy stores UTCDateTime on SQLite (naive UTC text, microseconds always)."""
+    if at.tzinfo is timezone.utc:  # the usual case (utcnow): no conversion
+        return at.isoformat(" ", "microseconds")[:26]
+    return at.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    """A stored UTCDateTime back as an aware datetime, as SQLAlchemy reads it on SQLite."""
+    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
 
 
 Db = sqlite3.Connection

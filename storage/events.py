@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from sqlalchemy import and_, func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from storage import direct
 from storage.engine import connection_of
 from storage.models import Event, Message, Recipient, utcnow
 
@@ -24,15 +25,31 @@ class TokenInfo:
     never_log: bool
 
 
-async def resolve_tokens(session: AsyncSession, tokens: set[str]) -> dict[str, TokenInfo]:
+async def resolve_tokens(session: AsyncSession | AsyncConnection, tokens: set[str]) -> dict[str, TokenInfo]:
     if not tokens:
         return {}
-    rows = await session.execute(
+    conn = await connection_of(session)
+    if direct.usable(conn):
+        return await direct.run(conn, resolve_tokens_sqlite, list(tokens))
+    rows = await conn.execute(
         select(Recipient.token, Recipient.id, Recipient.message_pk, Recipient.address, Message.user,
                Message.client_ip, Message.accepted_at, Recipient.sent_at, Recipient.never_log)
         .join(Message, Message.id == Recipient.message_pk)
         .where(Recipient.token.in_(tokens)))
     return {r[0]: TokenInfo(*r[1:]) for r in rows.all()}
+
+
+def resolve_tokens_sqlite(db: direct.Db, tokens: list[str]) -> dict[str, TokenInfo]:
+    out = {}
+    for i in range(0, len(tokens), direct.MAX_PARAMS):
+        chunk = tokens[i:i + direct.MAX_PARAMS]
+        for token, rid, mpk, address, user, ip, accepted, sent, never_log in db.execute(
+                "SELECT r.token, r.id, r.message_pk, r.address, m.user, m.client_ip, m.accepted_at, "
+                "r.sent_at, r.never_log FROM recipients r JOIN messages m ON m.id = r.message_pk "
+                f"WHERE r.token IN ({direct.in_list(len(chunk))})", chunk):
+            out[token] = TokenInfo(rid, mpk, address, user, ip, direct.parse_time(accepted),
+                                   direct.parse_time(sent), bool(never_log))
+    return out
 
 
 #: Event types whose first human occurrence per recipient is marked ``first``.
@@ -51,9 +68,32 @@ async def human_history(session: AsyncSession, recipient_pks: set[int]) -> set[t
     grow with the number of events a recipient already has."""
     if not recipient_pks:
         return set()
-    rows = await session.execute(
-        select(Recipient.id, *(_has_human(k) for k in FIRST_TYPES)).where(Recipient.id.in_(recipient_pks)))
-    return {(r[0], k) for r in rows.all() for k, has in zip(FIRST_TYPES, r[1:]) if has}
+    conn = await connection_of(session)
+    if direct.usable(conn):
+        rows = await direct.run(conn, human_history_sqlite, sorted(recipient_pks))
+    else:
+        rows = (await conn.execute(select(Recipient.id, *(_has_human(k) for k in FIRST_TYPES))
+                                   .where(Recipient.id.in_(recipient_pks)))).all()
+    return human_pairs(rows)
+
+
+def human_pairs(rows) -> set[tuple[int, str]]:
+    """(recipient id, has opened, has clicked, has replied) rows as (recipient, type) pairs."""
+    return {(r[0], k) for r in rows for k, has in zip(FIRST_TYPES, r[1:]) if has}
+
+
+_HAS_HUMAN_SQL = ", ".join(
+    f"EXISTS (SELECT 1 FROM events e WHERE e.recipient_pk = r.id AND e.type = '{k}' "
+    "AND e.classification = 'human')" for k in FIRST_TYPES)
+
+
+def human_history_sqlite(db: direct.Db, pks: list[int]) -> list[tuple]:
+    rows: list[tuple] = []
+    for i in range(0, len(pks), direct.MAX_PARAMS):
+        chunk = pks[i:i + direct.MAX_PARAMS]
+        rows += db.execute(f"SELECT r.id, {_HAS_HUMAN_SQL} FROM recipients r "
+                           f"WHERE r.id IN ({direct.in_list(len(chunk))})", chunk).fetchall()
+    return rows
 
 
 #: The columns an event is written with (id is the sequence; txid the server default on PostgreSQL).
@@ -78,9 +118,7 @@ def insert_sql(dialect) -> str:
     return sql
 
 
-def sqlite_time(at: datetime) -> str:
-    """A datetime as SQLAlchemy stores UTCDateTime on SQLite (naive UTC text, microseconds always)."""
-    return at.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "microseconds")
+sqlite_time = direct.sqlite_time
 
 
 def _aware_utc(at: datetime) -> datetime:
@@ -99,7 +137,14 @@ async def insert_rows(session: AsyncSession | AsyncConnection, rows: list[tuple]
     a retried batch writes nothing twice."""
     if rows:
         conn = await connection_of(session)
-        await conn.exec_driver_sql(insert_sql(conn.dialect), rows)
+        if direct.usable(conn):
+            await direct.run(conn, _executemany, insert_sql(conn.dialect), rows)
+        else:
+            await conn.exec_driver_sql(insert_sql(conn.dialect), rows)
+
+
+def _executemany(db: direct.Db, sql: str, rows: list[tuple]) -> None:
+    db.executemany(sql, rows)
 
 
 async def insert_idempotent(session: AsyncSession | AsyncConnection, rows: list[dict]) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, bindparam, case, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from storage import direct, events
 from storage.engine import connection_of
@@ -129,16 +129,7 @@ async def record(session: AsyncSession | AsyncConnection, outcomes: list[Outcome
     kind of outcome, one for the events, one to mark finished messages done."""
     if not outcomes:
         return
-    by_columns: dict[tuple[str, ...], list[dict]] = {}
-    for o in outcomes:
-        row = {"rid": o.recipient_id, "status": o.status, "last_reply": o.reply[:2000],
-               "lease_owner": None, "lease_until": None, "attempts": o.attempts,
-               "render_note": o.render_note, "sent_at": now if o.status == "sent" else None}
-        if o.status == "deferred":
-            row["next_attempt_at"] = o.next_attempt_at or now
-        elif o.status == "bounced":
-            row["dsn"] = "pending" if o.dsn_wanted else "suppressed"
-        by_columns.setdefault(tuple(k for k in row if k != "rid"), []).append(row)
+    by_columns = _settle_rows(outcomes, now)
     conn = await connection_of(session)
     if direct.usable(conn):
         await direct.run(conn, _record_sqlite, outcomes, by_columns, now, events.insert_sql(conn.dialect))
@@ -151,6 +142,31 @@ async def record(session: AsyncSession | AsyncConnection, outcomes: list[Outcome
     touched = {o.message_pk for o in outcomes if o.status in FINAL}
     if touched:
         await conn.execute(_MARK_DONE, {"touched": sorted(touched), "now": now})
+
+
+def _settle_rows(outcomes: list[Outcome], now: datetime) -> dict[tuple[str, ...], list[dict]]:
+    """The settling UPDATE's rows, grouped by the columns they set."""
+    by_columns: dict[tuple[str, ...], list[dict]] = {}
+    for o in outcomes:
+        row = {"rid": o.recipient_id, "status": o.status, "last_reply": o.reply[:2000],
+               "lease_owner": None, "lease_until": None, "attempts": o.attempts,
+               "render_note": o.render_note, "sent_at": now if o.status == "sent" else None}
+        if o.status == "deferred":
+            row["next_attempt_at"] = o.next_attempt_at or now
+        elif o.status == "bounced":
+            row["dsn"] = "pending" if o.dsn_wanted else "suppressed"
+        by_columns.setdefault(tuple(k for k in row if k != "rid"), []).append(row)
+    return by_columns
+
+
+async def record_committed(engine: AsyncEngine, outcomes: list[Outcome], now: datetime) -> None:
+    """``record`` in a transaction of its own (on SQLite, statements and commit in one trip)."""
+    if outcomes and direct.usable_engine(engine):
+        await direct.transaction(engine, _record_sqlite, outcomes, _settle_rows(outcomes, now), now,
+                                 events.insert_sql(engine.dialect))
+        return
+    async with engine.begin() as conn:
+        await record(conn, outcomes, now)
 
 
 _TIME_COLUMNS = frozenset({"lease_until", "sent_at", "next_attempt_at"})

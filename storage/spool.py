@@ -224,6 +224,8 @@ def spool_writer(sessionmaker: async_sessionmaker) -> Batcher[SpoolEntry, tuple[
     engine = engine_of(sessionmaker)
 
     async def flush(entries: list[SpoolEntry]) -> list[tuple[int, list[int]]]:
+        if direct.usable_engine(engine):  # rows and commit in one trip to SQLite's thread
+            return await direct.transaction(engine, _add_entries_sqlite, entries, events.insert_sql(engine.dialect))
         async with engine.begin() as conn:  # Core rows only: no ORM session to set up and close
             return await add_entries(conn, entries)
 

@@ -121,7 +121,8 @@ async def test_click_redirects_to_the_original_and_records_click_with_inferred_o
         ("clicked", "human", "https://example.com/offer?a=1&b=2", True, False)]
 
 
-@pytest.mark.parametrize("mangle", ["tamper_target", "tamper_sig", "other_key", "javascript", "crlf", "truncated"])
+@pytest.mark.parametrize("mangle", ["tamper_target", "tamper_sig", "other_key", "javascript", "crlf", "truncated",
+                                    "non_ascii_index", "non_ascii_target"])
 async def test_bad_click_urls_get_404_never_a_redirect(relay, sink, mangle):
     await start(relay)
     t = await send_tracked(relay)
@@ -139,6 +140,10 @@ async def test_bad_click_urls_get_404_never_a_redirect(relay, sink, mangle):
     elif mangle == "crlf":
         bad = click_url(base, Keyring.from_strings(["test-key-0123456789abcdef"]), token, 0,
                         "https://example.com/\r\nSet-Cookie: x=1")
+    elif mangle == "non_ascii_index":  # "²" passes str.isdigit
+        bad = f"{base}/c/{kid}.{token}.\u00b2.{target}.{sig}"
+    elif mangle == "non_ascii_target":
+        bad = f"{base}/c/{kid}.{token}.{idx}.{target}\u00e9.{sig}"
     else:
         bad = good[:-5]
     async with browser() as s:

@@ -20,8 +20,9 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from storage import crm
+from storage import crm, direct
 from storage import events as ev
+from storage.engine import engine_of
 from storage.models import utcnow
 from tracker_http.classify import BURST_SECONDS, HUMAN, Facts, classify, client_of
 from tracker_http.netaddr import RangeSet, stored_ip
@@ -68,6 +69,7 @@ class Recorder:
                  signed_in_ips: "SignedInIps | None" = None, on_written=None):
         self.config = config
         self.sessionmaker = sessionmaker
+        self._engine = engine_of(sessionmaker)
         self.apple = apple
         self.signed_in = signed_in_ips or SignedInIps()
         self.on_written = on_written
@@ -158,46 +160,70 @@ class Recorder:
     # -- the batch ---------------------------------------------------------------------------
 
     async def _write(self, batch: list[Hit]) -> int:
-        cfg = self.config
-        window = cfg.tracking.scanner_window_seconds
-        store_ip = cfg.privacy.store_ip
-        async with self.sessionmaker() as session:
-            async with session.begin():
-                stamp = ev.time_param((await session.connection()).dialect)
-                info = await ev.resolve_tokens(session, {h.token for h in batch})
-                history = await self._history(session, {i.recipient_pk for i in info.values()})
-                rows: list[tuple] = []  # in ev.EVENT_COLUMNS order
-                dates: dict[str, dict[str, datetime]] = {}  # contact dates that human events move
-                for h in batch:
-                    t = info.get(h.token)
-                    if t is None:
-                        self.stats.unknown_tokens += 1
-                        continue
-                    kind = "opened" if h.kind == "open" else "clicked"
-                    ua = h.user_agent[:1000]
-                    cls, reason = classify(Facts(h.kind, h.method, h.ip, ua, h.at, t.sent_at or t.accepted_at,
-                                                 t.client_ip, t.accepted_at, h.ip in self.apple, self._burst(h),
-                                                 self.signed_in.recent(h.ip, h.at)), window)
-                    rcpt, at, ip, client = t.recipient_pk, stamp(h.at), stored_ip(h.ip, store_ip), client_of(ua)
-                    first = False
-                    if cls == HUMAN:
-                        if kind == "clicked" and (rcpt, "opened") not in history:
-                            rows.append(("opened", at, t.message_pk, rcpt, t.user, None, ip, ua, client, cls,
-                                         "inferred_from_click", True, True, h.key + ":open"))
-                            history.add((rcpt, "opened"))
-                        first = (rcpt, kind) not in history
-                        history.add((rcpt, kind))
-                        if not t.never_log:  # a Never Log recipient's contact is never touched
-                            self._move_dates(dates.setdefault(t.address.lower(), {}), kind, h.at)
-                    rows.append((kind, at, t.message_pk, rcpt, t.user, h.url, ip, ua, client, cls, reason,
-                                 first, False, h.key))
-                await ev.insert_rows(session, rows)
+        tokens = {h.token for h in batch}
+        if direct.usable_engine(self._engine):
+            # SQLite: one trip to its thread for what the batch needs to know, one for the rows
+            # and their commit.
+            info, history = await direct.transaction(self._engine, self._facts_sqlite, list(tokens))
+            rows, dates = self._rows(batch, info, history, ev.sqlite_time)
+            await direct.transaction(self._engine, _store_sqlite, ev.insert_sql(self._engine.dialect), rows, dates)
+        else:
+            async with self._engine.begin() as conn:  # a bare connection: no ORM here
+                info = await ev.resolve_tokens(conn, tokens)
+                history = await self._history(conn, {i.recipient_pk for i in info.values()})
+                rows, dates = self._rows(batch, info, history, ev.time_param(conn.dialect))
+                await ev.insert_rows(conn, rows)
                 if dates:
-                    await crm.touch_contacts(session, dates)
+                    await crm.touch_contacts(conn, dates)
         if len(self._human) > HUMAN_CACHE_MAX:
             self._human.clear()
         self._human |= history  # committed now
         return len(rows)
+
+    def _rows(self, batch: list[Hit], info: dict[str, ev.TokenInfo], history: set[tuple[int, str]],
+              stamp) -> tuple[list[tuple], dict[str, dict[str, datetime]]]:
+        """Classify the batch: its event rows (in ev.EVENT_COLUMNS order, inferred opens included)
+        and the contact dates its human events move. ``history`` gains the batch's human pairs."""
+        window = self.config.tracking.scanner_window_seconds
+        store_ip = self.config.privacy.store_ip
+        rows: list[tuple] = []
+        dates: dict[str, dict[str, datetime]] = {}
+        for h in batch:
+            t = info.get(h.token)
+            if t is None:
+                self.stats.unknown_tokens += 1
+                continue
+            kind = "opened" if h.kind == "open" else "clicked"
+            ua = h.user_agent[:1000]
+            cls, reason = classify(Facts(h.kind, h.method, h.ip, ua, h.at, t.sent_at or t.accepted_at,
+                                         t.client_ip, t.accepted_at, h.ip in self.apple, self._burst(h),
+                                         self.signed_in.recent(h.ip, h.at)), window)
+            rcpt, at, ip, client = t.recipient_pk, stamp(h.at), stored_ip(h.ip, store_ip), client_of(ua)
+            first = False
+            if cls == HUMAN:
+                if kind == "clicked" and (rcpt, "opened") not in history:
+                    rows.append(("opened", at, t.message_pk, rcpt, t.user, None, ip, ua, client, cls,
+                                 "inferred_from_click", True, True, h.key + ":open"))
+                    history.add((rcpt, "opened"))
+                first = (rcpt, kind) not in history
+                history.add((rcpt, kind))
+                if not t.never_log:  # a Never Log recipient's contact is never touched
+                    self._move_dates(dates.setdefault(t.address.lower(), {}), kind, h.at)
+            rows.append((kind, at, t.message_pk, rcpt, t.user, h.url, ip, ua, client, cls, reason,
+                         first, False, h.key))
+        return rows, dates
+
+    def _facts_sqlite(self, db, tokens: list[str]) -> tuple[dict[str, ev.TokenInfo], set[tuple[int, str]]]:
+        """On SQLite's thread: the batch's tokens resolved, and the human history of their
+        recipients that memory does not already hold (``_history``'s rule)."""
+        info = ev.resolve_tokens_sqlite(db, tokens)
+        known = self._human
+        pks = {i.recipient_pk for i in info.values()}
+        unknown = {pk for pk in pks if (pk, "opened") not in known or (pk, "clicked") not in known}
+        history = {(pk, k) for pk in pks - unknown for k in ("opened", "clicked")}
+        if unknown:
+            history |= ev.human_pairs(ev.human_history_sqlite(db, sorted(unknown)))
+        return info, history
 
     async def _history(self, session, recipient_pks: set[int]) -> set[tuple[int, str]]:
         """The pairs of these recipients with a human open/click: from memory where known."""
@@ -230,6 +256,13 @@ class Recorder:
         burst = any(i != index and now - t < BURST_SECONDS for i, t in last.items())
         last[index] = now  # per link of the copy, its latest click
         return burst
+
+
+def _store_sqlite(db, events_sql: str, rows: list[tuple], dates: dict[str, dict[str, datetime]]) -> None:
+    """On SQLite's thread: the batch's events and the contact dates they move."""
+    db.executemany(events_sql, rows)
+    if dates:
+        crm.touch_contacts_sqlite(db, dates)
 
 
 class SignedInIps:

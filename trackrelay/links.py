@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -86,8 +87,7 @@ class Keyring:
         return _b64e(o.digest()[:16])
 
 
-@dataclass(frozen=True)
-class Click:
+class Click(NamedTuple):
     token: str
     index: int
     target: str
@@ -114,22 +114,25 @@ def signed_click(public_url: str, keyring: Keyring, token: str, index: int, targ
 def verify_click(keyring: Keyring, path_part: str) -> Click | None:
     """The Click behind the part of a click URL after ``/c/``, or None if it does not verify."""
     parts = path_part.split(".")
-    if len(parts) != 5:
+    if len(parts) != 5 or not path_part.isascii():  # what we sign is ASCII; "²" is a digit too
         return None
     kid, token, index, target_b64, sig = parts
     key = keyring._by_id(kid)
     if key is None or not _SAFE_TOKEN.match(token) or not index.isdigit() or len(index) > 6:
         return None
-    payload = f"{kid}.{token}.{index}.{target_b64}"
+    payload = path_part[:-len(sig) - 1]  # kid.token.index.target, as signed
     if not hmac.compare_digest(keyring.sign(payload, key), sig):
         return None
     try:
         target = _b64d(target_b64).decode("utf-8")
     except (ValueError, UnicodeDecodeError):
         return None
-    if not is_http_url(target) or any(c in target for c in "\r\n\x00"):
+    if not is_http_url(target) or _CONTROL.search(target):
         return None
     return Click(token, int(index), target)
+
+
+_CONTROL = re.compile(r"[\r\n\x00]")
 
 
 _HTTP_URL = re.compile(r"^\s*https?://[^/?#\s]", re.IGNORECASE)
