@@ -127,6 +127,9 @@ class SmtpUpstream:
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as e:
                 _close(client)
                 return _failure(e)
+            except BaseException:  # anything else: the connection's state is unknown
+                _close(client)
+                raise
             if keep:
                 self._idle.append((client, time.monotonic()))
             else:
@@ -145,14 +148,28 @@ class SmtpUpstream:
     async def _transaction(self, client: aiosmtplib.SMTP, mail_from: str, rcpt: str,
                            data: bytes) -> tuple[Result, bool]:
         """One MAIL/RCPT/DATA. Returns the result and whether the connection may be reused."""
+        options = []
+        encoding = "ascii"
         try:
-            await client.mail(mail_from, options=_size_option(client, data))
+            if client.is_ehlo_or_helo_needed:  # the options below depend on the extensions
+                await _greet(client)
+            if client.supports_extension("size"):
+                options.append(f"SIZE={len(data)}")
+            if not (mail_from.isascii() and rcpt.isascii()):
+                # An internationalised address (accepted with SMTPUTF8) goes on only with SMTPUTF8;
+                # without it no upstream can take it: a permanent failure (RFC 6531 §3.2).
+                if not client.supports_extension("smtputf8"):
+                    return Result("bounced", "553 5.6.7 Non-ASCII address, and the upstream does not "
+                                             "offer SMTPUTF8"), True
+                options.append("SMTPUTF8")
+                encoding = "utf-8"
+            await client.mail(mail_from, options=options, encoding=encoding)
         except aiosmtplib.SMTPResponseException as e:
             return await _refused(client, e)
         except aiosmtplib.SMTPServerDisconnected as e:
             raise _RetryFresh(str(e)) from e
         try:
-            await client.rcpt(rcpt)
+            await client.rcpt(rcpt, encoding=encoding)
         except aiosmtplib.SMTPResponseException as e:
             return await _refused(client, e)
         try:
@@ -174,8 +191,14 @@ class _RetryFresh(Exception):
     pass
 
 
-def _size_option(client: aiosmtplib.SMTP, data: bytes) -> list[str]:
-    return [f"SIZE={len(data)}"] if client.supports_extension("size") else []
+async def _greet(client: aiosmtplib.SMTP) -> None:
+    """EHLO, or HELO from a server that refuses EHLO (what aiosmtplib does before MAIL)."""
+    try:
+        await client.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not client.is_connected:
+            raise
+        await client.helo()
 
 
 async def _refused(client: aiosmtplib.SMTP, e: aiosmtplib.SMTPResponseException) -> tuple[Result, bool]:

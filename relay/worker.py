@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from relay import dsn
+from relay.upstream import Result
 from storage import queue as q
 from trackrelay.aio import cancel, finish
 from storage.engine import engine_of
@@ -246,7 +247,11 @@ class DeliveryWorker:
             data, note = self.render(msg.raw, msg, c)
         except Exception as exc:  # fail open: deliver as it came
             data, note = msg.raw, f"render failed: {type(exc).__name__}"
-        result = await self.upstream.send(msg.mail_from, c.address, data)
+        try:
+            result = await self.upstream.send(msg.mail_from, c.address, data)
+        except Exception as exc:  # a fault of ours: the copy waits for a retry, the lane goes on
+            log.error("delivery attempt failed: %s", type(exc).__name__)  # no text: it may hold addresses
+            result = Result("deferred", f"451 4.3.0 Internal error ({type(exc).__name__})")
         if result.status == "sent":
             self.delivered += 1
             return q.Outcome(c.id, c.message_pk, msg.user, "sent", result.reply, render_note=note)

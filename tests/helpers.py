@@ -48,6 +48,8 @@ class SinkBehaviour:
     size: int | None = None
     #: seconds to wait after the final dot before answering (a slow upstream)
     data_delay: float = 0.0
+    #: offer SMTPUTF8 (internationalised addresses)
+    smtputf8: bool = True
 
 
 class SinkHandler:
@@ -103,7 +105,7 @@ class Sink:
         def factory():
             handler.connections += 1
             proto = SMTP(handler, hostname="sink.test", data_size_limit=behaviour.size,
-                         enable_SMTPUTF8=True)
+                         enable_SMTPUTF8=behaviour.smtputf8)
             self._protocols.append(proto)
             return proto
 

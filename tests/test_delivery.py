@@ -210,3 +210,34 @@ async def test_lease_of_a_copy_in_delivery_is_renewed_while_the_upstream_is_slow
     assert status == "sending" and later > first
     await relay.wait_status({"sent"}, 1)
     assert len(await sink.wait_for(1)) == 1
+
+
+async def _send_utf8(relay, rcpt: str):
+    c = await client(relay.port)
+    await c.mail("alice@example.com", options=["SMTPUTF8"], encoding="utf-8")
+    await c.rcpt(rcpt, encoding="utf-8")
+    await c.data(simple_message(to="Jürgen <j@ext.test>"))
+    await c.quit()
+
+
+async def test_internationalised_recipient_goes_on_with_smtputf8(relay, sink):
+    await relay.start()
+    await _send_utf8(relay, "jürgen@ext.test")
+    (r,) = await sink.wait_for(1)
+    assert r.rcpt_tos == ["jürgen@ext.test"]
+    await relay.wait_status({"sent"}, 1)
+
+
+async def test_internationalised_recipient_bounces_when_the_upstream_lacks_smtputf8(relay, sink):
+    """No upstream without SMTPUTF8 can take it: a bounce with a DSN, and the worker carries on."""
+    sink.behaviour.smtputf8 = False
+    await relay.start()
+    await _send_utf8(relay, "jürgen@ext.test")
+    await relay.wait_status({"bounced"}, 1)
+    ((reply,),) = await relay.rows("SELECT last_reply FROM recipients WHERE address = :a", a="jürgen@ext.test")
+    assert reply.startswith("553 5.6.7")
+    await send(relay, ["carol@ext.test"])  # the lanes are all alive: later mail still flows
+    received = await sink.wait_for(2)
+    dsn_msg, _ = dsn_parts(next(r.data for r in received if r.rcpt_tos == ["alice@example.com"]))
+    assert any(r.rcpt_tos == ["carol@ext.test"] for r in received)
+    assert all(not t.done() for t in relay.service.worker._tasks)
