@@ -156,40 +156,48 @@ class DeliveryWorker:
     # -- the lanes ---------------------------------------------------------------------------
 
     async def _lane(self, index: int) -> None:
-        loop = asyncio.get_running_loop()
         while not self._stopping:
-            if not self._handed.empty():
-                batch: list[q.Claimed] = []
-                messages: dict[int, q.Spooled] = {}
-                while not self._handed.empty() and len(batch) < CLAIM_BATCH:
-                    msg, claimed = self._handed.get_nowait()
-                    self._handed_copies -= len(claimed)
-                    messages[msg.id] = msg
-                    batch += claimed
-                await self._deliver_batch(batch, messages)
-                continue
-            self._wake.clear()
-            since = loop.time() - self._last_claim
-            if not self._db_due and since < IDLE_POLL_SECONDS:
-                # Nothing new in the database (deferred copies come due with the next poll).
-                try:
-                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS - since)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            self._db_due = False
-            self._last_claim = loop.time()
             try:
-                claimed = await self._claim()
-            except Exception as exc:
-                log.error("claim failed: %s", type(exc).__name__)
-                self._db_due = True
+                await self._lane_step()
+            except Exception as exc:  # e.g. the database gone while loading a batch: the copies
+                # stay claimed, their leases lapse and they are claimed again; the lane lives on
+                log.error("delivery lane %d: %s", index, type(exc).__name__)
                 await asyncio.sleep(IDLE_POLL_SECONDS)
-                continue
-            if len(claimed) >= CLAIM_BATCH:
-                self._db_due = True  # more may be waiting
-            if claimed:
-                await self._deliver_batch(claimed)
+
+    async def _lane_step(self) -> None:
+        """Deliver what was handed over, else claim from the database when something may be due
+        there, else wait for a wake-up or the next poll."""
+        if not self._handed.empty():
+            batch: list[q.Claimed] = []
+            messages: dict[int, q.Spooled] = {}
+            while not self._handed.empty() and len(batch) < CLAIM_BATCH:
+                msg, claimed = self._handed.get_nowait()
+                self._handed_copies -= len(claimed)
+                messages[msg.id] = msg
+                batch += claimed
+            await self._deliver_batch(batch, messages)
+            return
+        self._wake.clear()
+        loop = asyncio.get_running_loop()
+        since = loop.time() - self._last_claim
+        if not self._db_due and since < IDLE_POLL_SECONDS:
+            # Nothing new in the database (deferred copies come due with the next poll).
+            try:
+                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS - since)
+            except asyncio.TimeoutError:
+                pass
+            return
+        self._db_due = False
+        self._last_claim = loop.time()
+        try:
+            claimed = await self._claim()
+        except Exception:
+            self._db_due = True
+            raise
+        if len(claimed) >= CLAIM_BATCH:
+            self._db_due = True  # more may be waiting
+        if claimed:
+            await self._deliver_batch(claimed)
 
     async def _claim(self) -> list[q.Claimed]:
         async with self.sessionmaker() as session:

@@ -25,8 +25,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 T = TypeVar("T")
 
 
-def usable(conn: AsyncConnection) -> bool:
-    return conn.dialect.name == "sqlite" and conn.dialect.driver == "aiosqlite"
+def usable(db: AsyncConnection | AsyncEngine) -> bool:
+    """Whether this connection (or engine) is SQLite through aiosqlite."""
+    return db.dialect.name == "sqlite" and db.dialect.driver == "aiosqlite"
 
 
 async def run(conn: AsyncConnection, fn: Callable[..., T], *args: Any) -> T:
@@ -37,10 +38,6 @@ async def run(conn: AsyncConnection, fn: Callable[..., T], *args: Any) -> T:
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
     return await driver._execute(fn, driver._conn, *args)
-
-
-def usable_engine(engine: AsyncEngine) -> bool:
-    return engine.dialect.name == "sqlite" and engine.dialect.driver == "aiosqlite"
 
 
 async def transaction(engine: AsyncEngine, fn: Callable[..., T], *args: Any) -> T:

@@ -161,7 +161,7 @@ def _settle_rows(outcomes: list[Outcome], now: datetime) -> dict[tuple[str, ...]
 
 async def record_committed(engine: AsyncEngine, outcomes: list[Outcome], now: datetime) -> None:
     """``record`` in a transaction of its own (on SQLite, statements and commit in one trip)."""
-    if outcomes and direct.usable_engine(engine):
+    if outcomes and direct.usable(engine):
         await direct.transaction(engine, _record_sqlite, outcomes, _settle_rows(outcomes, now), now,
                                  events.insert_sql(engine.dialect))
         return

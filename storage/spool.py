@@ -75,13 +75,13 @@ class Batcher(Generic[T, R]):
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            if self._linger and self._queue.qsize() < self._max:
-                await asyncio.sleep(self._linger)
-            while len(batch) < self._max and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            items = [item for item, _ in batch]
-            self._busy = True
+            self._busy = True  # from here on stop() waits for this batch (lingering included)
             try:
+                if self._linger and self._queue.qsize() < self._max:
+                    await asyncio.sleep(self._linger)
+                while len(batch) < self._max and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                items = [item for item, _ in batch]
                 results = await self._flush(items)
             except asyncio.CancelledError:
                 for _, fut in batch:
@@ -89,7 +89,7 @@ class Batcher(Generic[T, R]):
                         fut.set_exception(RuntimeError("shutting down"))
                 raise
             except Exception as exc:  # every waiter learns the batch failed
-                log.error("%s: commit of %d items failed: %s", self._name, len(items), type(exc).__name__)
+                log.error("%s: commit of %d items failed: %s", self._name, len(batch), type(exc).__name__)
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
@@ -224,7 +224,7 @@ def spool_writer(sessionmaker: async_sessionmaker) -> Batcher[SpoolEntry, tuple[
     engine = engine_of(sessionmaker)
 
     async def flush(entries: list[SpoolEntry]) -> list[tuple[int, list[int]]]:
-        if direct.usable_engine(engine):  # rows and commit in one trip to SQLite's thread
+        if direct.usable(engine):  # rows and commit in one trip to SQLite's thread
             return await direct.transaction(engine, _add_entries_sqlite, entries, events.insert_sql(engine.dialect))
         async with engine.begin() as conn:  # Core rows only: no ORM session to set up and close
             return await add_entries(conn, entries)

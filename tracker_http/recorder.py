@@ -161,7 +161,7 @@ class Recorder:
 
     async def _write(self, batch: list[Hit]) -> int:
         tokens = {h.token for h in batch}
-        if direct.usable_engine(self._engine):
+        if direct.usable(self._engine):
             # SQLite: one trip to its thread for what the batch needs to know, one for the rows
             # and their commit.
             info, history = await direct.transaction(self._engine, self._facts_sqlite, list(tokens))
@@ -217,22 +217,24 @@ class Recorder:
         """On SQLite's thread: the batch's tokens resolved, and the human history of their
         recipients that memory does not already hold (``_history``'s rule)."""
         info = ev.resolve_tokens_sqlite(db, tokens)
-        known = self._human
-        pks = {i.recipient_pk for i in info.values()}
-        unknown = {pk for pk in pks if (pk, "opened") not in known or (pk, "clicked") not in known}
-        history = {(pk, k) for pk in pks - unknown for k in ("opened", "clicked")}
+        history, unknown = self._known_history({i.recipient_pk for i in info.values()})
         if unknown:
             history |= ev.human_pairs(ev.human_history_sqlite(db, sorted(unknown)))
         return info, history
 
     async def _history(self, session, recipient_pks: set[int]) -> set[tuple[int, str]]:
         """The pairs of these recipients with a human open/click: from memory where known."""
-        known = self._human
-        unknown = {pk for pk in recipient_pks if (pk, "opened") not in known or (pk, "clicked") not in known}
-        history = {(pk, k) for pk in recipient_pks - unknown for k in ("opened", "clicked")}
+        history, unknown = self._known_history(recipient_pks)
         if unknown:
             history |= await ev.human_history(session, unknown)
         return history
+
+    def _known_history(self, recipient_pks: set[int]) -> tuple[set[tuple[int, str]], set[int]]:
+        """The history memory holds in full (both kinds known human), and the recipients to ask
+        the database about."""
+        known = self._human
+        unknown = {pk for pk in recipient_pks if (pk, "opened") not in known or (pk, "clicked") not in known}
+        return {(pk, k) for pk in recipient_pks - unknown for k in ("opened", "clicked")}, unknown
 
     @staticmethod
     def _move_dates(dates: dict[str, datetime], kind: str, at: datetime) -> None:
