@@ -41,13 +41,8 @@ async def contact_facts(session: AsyncSession, emails: set[str]) -> list[tuple[s
 
 
 def _contact_facts_sqlite(db: direct.Db, emails: list[str]) -> list[tuple[str, str | None, bool]]:
-    out = []
-    for i in range(0, len(emails), direct.MAX_PARAMS):
-        chunk = emails[i:i + direct.MAX_PARAMS]
-        out += [(e, basis, bool(dnt)) for e, basis, dnt in db.execute(
-            "SELECT email, legal_basis, do_not_track FROM contacts "
-            f"WHERE email IN ({direct.in_list(len(chunk))})", chunk)]
-    return out
+    return [(e, basis, bool(dnt)) for e, basis, dnt in direct.select_in(
+        db, "SELECT email, legal_basis, do_not_track FROM contacts WHERE email IN ({in})", emails)]
 
 
 #: Built once: a statement object reused keeps its cache key (SQLAlchemy memoizes it).
@@ -148,12 +143,7 @@ _TOUCH_SQL = "UPDATE contacts SET " + ", ".join(
 
 
 def touch_contacts_sqlite(db: direct.Db, updates: dict[str, dict[str, datetime]]) -> None:
-    emails = list(updates)
-    found: list[tuple[int, str]] = []
-    for i in range(0, len(emails), direct.MAX_PARAMS):
-        chunk = emails[i:i + direct.MAX_PARAMS]
-        found += db.execute(f"SELECT id, email FROM contacts WHERE email IN ({direct.in_list(len(chunk))})",
-                            chunk).fetchall()
+    found = direct.select_in(db, "SELECT id, email FROM contacts WHERE email IN ({in})", list(updates))
     rows = []
     for pk, email in found:
         params: list = []

@@ -77,6 +77,15 @@ def in_list(n: int) -> str:
     return ", ".join("?" for _ in range(n))
 
 
+def select_in(db: sqlite3.Connection, sql: str, values: Sequence[Any]) -> list[tuple]:
+    """Rows of ``sql`` whose ``{in}`` is an IN list of ``values``, run in chunks of MAX_PARAMS."""
+    rows: list[tuple] = []
+    for i in range(0, len(values), MAX_PARAMS):
+        chunk = values[i:i + MAX_PARAMS]
+        rows += db.execute(sql.format(**{"in": in_list(len(chunk))}), chunk).fetchall()
+    return rows
+
+
 def sqlite_time(at: datetime) -> str:
     """A datetime as SQLAlchemy stores UTCDateTime on SQLite (naive UTC text, microseconds always)."""
     if at.tzinfo is timezone.utc:  # the usual case (utcnow): no conversion

@@ -40,16 +40,12 @@ async def resolve_tokens(session: AsyncSession | AsyncConnection, tokens: set[st
 
 
 def resolve_tokens_sqlite(db: direct.Db, tokens: list[str]) -> dict[str, TokenInfo]:
-    out = {}
-    for i in range(0, len(tokens), direct.MAX_PARAMS):
-        chunk = tokens[i:i + direct.MAX_PARAMS]
-        for token, rid, mpk, address, user, ip, accepted, sent, never_log in db.execute(
-                "SELECT r.token, r.id, r.message_pk, r.address, m.user, m.client_ip, m.accepted_at, "
-                "r.sent_at, r.never_log FROM recipients r JOIN messages m ON m.id = r.message_pk "
-                f"WHERE r.token IN ({direct.in_list(len(chunk))})", chunk):
-            out[token] = TokenInfo(rid, mpk, address, user, ip, direct.parse_time(accepted),
-                                   direct.parse_time(sent), bool(never_log))
-    return out
+    rows = direct.select_in(
+        db, "SELECT r.token, r.id, r.message_pk, r.address, m.user, m.client_ip, m.accepted_at, r.sent_at, "
+            "r.never_log FROM recipients r JOIN messages m ON m.id = r.message_pk WHERE r.token IN ({in})", tokens)
+    return {token: TokenInfo(rid, mpk, address, user, ip, direct.parse_time(accepted), direct.parse_time(sent),
+                             bool(never_log))
+            for token, rid, mpk, address, user, ip, accepted, sent, never_log in rows}
 
 
 #: Event types whose first human occurrence per recipient is marked ``first``.
@@ -88,12 +84,7 @@ _HAS_HUMAN_SQL = ", ".join(
 
 
 def human_history_sqlite(db: direct.Db, pks: list[int]) -> list[tuple]:
-    rows: list[tuple] = []
-    for i in range(0, len(pks), direct.MAX_PARAMS):
-        chunk = pks[i:i + direct.MAX_PARAMS]
-        rows += db.execute(f"SELECT r.id, {_HAS_HUMAN_SQL} FROM recipients r "
-                           f"WHERE r.id IN ({direct.in_list(len(chunk))})", chunk).fetchall()
-    return rows
+    return direct.select_in(db, f"SELECT r.id, {_HAS_HUMAN_SQL} FROM recipients r WHERE r.id IN ({{in}})", pks)
 
 
 #: The columns an event is written with (id is the sequence; txid the server default on PostgreSQL).
