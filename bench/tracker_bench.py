@@ -1,11 +1,11 @@
 """Tracker throughput: trackrelay's pixel and redirect against a bare aiohttp handler.
 
 One run, side by side: the server under test is a subprocess pinned to CPU 0 (a bare aiohttp app
-returning the same GIF or 302, then `trackrelay serve` on SQLite); the load generator (aiohttp
-client, 32 concurrent connections, keep-alive) runs here on CPU 1. For trackrelay, every request's
+returning the same GIF or 302 with the same headers, then `trackrelay serve` on SQLite); the load
+generator (aiohttp client, 32 concurrent connections, keep-alive) runs here on CPU 1. For trackrelay, every request's
 event is then counted in the database.
 
-    .venv/bin/python bench/tracker_bench.py [--requests 20000]
+    .venv/bin/python bench/tracker_bench.py [--requests 20000] [--kinds pixel,redirect]
 """
 
 from __future__ import annotations
@@ -33,10 +33,15 @@ BARE = r'''
 import sys
 from aiohttp import web
 GIF = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
+NO_STORE = "no-store, no-cache, must-revalidate, private, max-age=0"
+# The very responses trackrelay sends (same status, body and headers), without its work.
 async def pixel(request):
-    return web.Response(body=GIF, content_type="image/gif", headers={"Cache-Control": "no-store"})
+    return web.Response(body=GIF, content_type="image/gif",
+                        headers={"Cache-Control": NO_STORE, "Pragma": "no-cache", "Expires": "0",
+                                 "Referrer-Policy": "no-referrer"})
 async def click(request):
-    return web.Response(status=302, headers={"Location": "https://example.com/landing"})
+    return web.Response(status=302, headers={"Location": "https://example.com/p/0", "Cache-Control": NO_STORE,
+                                             "Referrer-Policy": "no-referrer"})
 app = web.Application()
 app.router.add_get("/o/{token}.gif", pixel)
 app.router.add_get("/c/{rest}", click)
