@@ -136,9 +136,8 @@ async def record(session: AsyncSession | AsyncConnection, outcomes: list[Outcome
         return
     for columns, rows in by_columns.items():
         await conn.execute(_settle(columns), rows)
-    await events.insert_idempotent(conn, [
-        dict(type=o.status, at=now, message_pk=o.message_pk, recipient_pk=o.recipient_id, user=o.user,
-             reason=o.reply[:500]) for o in outcomes])
+    stamp = events.time_param(conn.dialect)(now)
+    await events.insert_rows(conn, [_outcome_event(o, stamp) for o in outcomes])
     touched = {o.message_pk for o in outcomes if o.status in FINAL}
     if touched:
         await conn.execute(_MARK_DONE, {"touched": sorted(touched), "now": now})
@@ -169,6 +168,12 @@ async def record_committed(engine: AsyncEngine, outcomes: list[Outcome], now: da
         await record(conn, outcomes, now)
 
 
+def _outcome_event(o: Outcome, at) -> tuple:
+    """An outcome's event in events.EVENT_COLUMNS order (``at`` as the driver takes it)."""
+    return (o.status, at, o.message_pk, o.recipient_id, o.user, None, None, None, None, None, o.reply[:500],
+            False, False, None)
+
+
 _TIME_COLUMNS = frozenset({"lease_until", "sent_at", "next_attempt_at"})
 _ACTIVE_SQL = ", ".join(f"'{s}'" for s in ACTIVE)
 
@@ -183,9 +188,7 @@ def _record_sqlite(db: direct.Db, outcomes: list[Outcome], by_columns: dict[tupl
             tuple(events.sqlite_time(row[c]) if c in _TIME_COLUMNS and row[c] is not None else row[c]
                   for c in columns) + (row["rid"],) for row in rows])
     now = events.sqlite_time(at)
-    cur.executemany(events_sql, [
-        (o.status, now, o.message_pk, o.recipient_id, o.user, None, None, None, None, None, o.reply[:500],
-         False, False, None) for o in outcomes])
+    cur.executemany(events_sql, [_outcome_event(o, now) for o in outcomes])
     touched = sorted({o.message_pk for o in outcomes if o.status in FINAL})
     if touched:
         cur.execute(f"UPDATE messages SET done_at = ? WHERE id IN ({direct.in_list(len(touched))}) "

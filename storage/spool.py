@@ -148,15 +148,9 @@ async def add_entries(session: AsyncSession | AsyncConnection, entries: list[Spo
     if direct.usable(conn):
         return await direct.run(conn, _add_entries_sqlite, entries, events.insert_sql(conn.dialect))
     msg_ids = (await conn.execute(_INSERT_MESSAGES, [
-        dict(kind=e.kind, message_id=e.message_id, user=e.user, mail_from=e.mail_from,
-             from_header=e.from_header, subject=e.subject, client_ip=e.client_ip,
-             accepted_at=e.accepted_at, size=len(e.raw), raw=e.raw, log=e.log,
-             log_associate=e.log_associate) for e in entries])).scalars().all()
-    rcpt_rows = [dict(message_pk=mid, address=r.address, token=r.token, track_opens=r.track_opens,
-                      track_clicks=r.track_clicks, log=r.log, reasons=list(r.reasons),
-                      status="sending" if e.claim_owner else "queued", lease_owner=e.claim_owner,
-                      lease_until=e.lease_until, never_log=r.never_log,
-                      attempts=0, next_attempt_at=e.accepted_at, reclaims=0, dsn="none")
+        dict(zip(_MESSAGE_COLUMNS, _message_values(e, e.accepted_at))) for e in entries])).scalars().all()
+    rcpt_rows = [dict(zip(_RECIPIENT_COLUMNS, _recipient_values(e, mid, r, e.accepted_at, e.lease_until,
+                                                                list(r.reasons))))
                  for e, mid in zip(entries, msg_ids) for r in e.recipients]
     rcpt_ids: list[int] = []
     if rcpt_rows:
@@ -182,6 +176,19 @@ _RECIPIENT_COLUMNS = ("message_pk", "address", "token", "track_opens", "track_cl
                       "status", "lease_owner", "lease_until", "never_log", "attempts", "next_attempt_at",
                       "reclaims", "dsn")
 _MESSAGE_SQL = direct.insert_sql("messages", _MESSAGE_COLUMNS)
+
+
+def _message_values(e: SpoolEntry, accepted_at) -> tuple:
+    """A message row in _MESSAGE_COLUMNS order (``accepted_at`` as the path binds times)."""
+    return (e.kind, e.message_id, e.user, e.mail_from, e.from_header, e.subject, e.client_ip, accepted_at,
+            len(e.raw), e.raw, e.log, e.log_associate)
+
+
+def _recipient_values(e: SpoolEntry, mid: int, r: SpoolRecipient, accepted_at, lease_until, reasons) -> tuple:
+    """A recipient row in _RECIPIENT_COLUMNS order (times and reasons as the path binds them)."""
+    return (mid, r.address, r.token, r.track_opens, r.track_clicks, r.log, reasons,
+            "sending" if e.claim_owner else "queued", e.claim_owner, lease_until, r.never_log, 0,
+            accepted_at, 0, "none")
 _RECIPIENT_SQL = direct.insert_sql("recipients", _RECIPIENT_COLUMNS)
 _JOB_SQL = direct.insert_sql("crm_jobs", ("message_pk", "state", "created_at", "attempts"))
 
@@ -195,16 +202,12 @@ def _add_entries_sqlite(db: direct.Db, entries: list[SpoolEntry], events_sql: st
     jobs: list[tuple] = []
     for e in entries:
         at = events.sqlite_time(e.accepted_at)
-        cur.execute(_MESSAGE_SQL, (e.kind, e.message_id, e.user, e.mail_from, e.from_header, e.subject,
-                                   e.client_ip, at, len(e.raw), e.raw, e.log, e.log_associate))
+        cur.execute(_MESSAGE_SQL, _message_values(e, at))
         mid = cur.lastrowid
-        status = "sending" if e.claim_owner else "queued"
         lease = events.sqlite_time(e.lease_until) if e.lease_until is not None else None
         rids = []
         for r in e.recipients:
-            cur.execute(_RECIPIENT_SQL, (mid, r.address, r.token, r.track_opens, r.track_clicks, r.log,
-                                         direct.json_text(list(r.reasons)), status, e.claim_owner, lease,
-                                         r.never_log, 0, at, 0, "none"))
+            cur.execute(_RECIPIENT_SQL, _recipient_values(e, mid, r, at, lease, direct.json_text(list(r.reasons))))
             rid = cur.lastrowid
             rids.append(rid)
             queued.append(("queued", now, mid, rid, e.user, None, None, None, None, None, None,
