@@ -1,11 +1,13 @@
 """Tracker throughput: trackrelay's pixel and redirect against a bare aiohttp handler.
 
-One run, side by side: the server under test is a subprocess pinned to CPU 0 (a bare aiohttp app
-returning the same GIF or 302 with the same headers, then `trackrelay serve` on SQLite); the load
-generator (aiohttp client, 32 concurrent connections, keep-alive) runs here on CPU 1. For trackrelay, every request's
-event is then counted in the database.
+One run, side by side: both servers are subprocesses pinned to CPU 0 (a bare aiohttp app returning
+the same GIF or 302 with the same headers, and `trackrelay serve` on SQLite); the load generator
+(aiohttp client, 32 concurrent connections, keep-alive) runs here on CPU 1. Rows of bare and
+trackrelay alternate for several rounds, the server not under load stopped (SIGSTOP), so a drift of
+the machine's speed falls on both. After each trackrelay row, every request's event is counted in
+the database.
 
-    .venv/bin/python bench/tracker_bench.py [--requests 20000] [--kinds pixel,redirect]
+    .venv/bin/python bench/tracker_bench.py [--requests 20000] [--rounds 3] [--kinds pixel,redirect]
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,38 +99,7 @@ def summary(name: str, elapsed: float, lat: list[float], cpu: float) -> dict:
             "p50": lat[len(lat) // 2] * 1000, "cpu_us": cpu / len(lat) * 1e6}
 
 
-async def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=20000)
-    ap.add_argument("--kinds", default="pixel,redirect", help="which handlers to measure (comma-separated)")
-    args = ap.parse_args()
-    n = args.requests
-    kinds = args.kinds.split(",")
-    if (os.cpu_count() or 1) >= 2:
-        os.sched_setaffinity(0, {1})
-    results = []
-
-    port = free_port()
-    bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)], preexec_fn=pin0)
-    try:
-        await wait_http(f"http://127.0.0.1:{port}/o/x.gif")
-        for kind, urls in (("pixel", [f"http://127.0.0.1:{port}/o/T{i:026d}.gif" for i in range(50)]),
-                           ("redirect", [f"http://127.0.0.1:{port}/c/abc{i}" for i in range(50)])):
-            if kind not in kinds:
-                continue
-            await load(urls, 1000)
-            cpu0 = cpu_seconds(bare.pid)
-            elapsed, lat = await load(urls, n)
-            results.append(summary(f"bare aiohttp {kind}", elapsed, lat, cpu_seconds(bare.pid) - cpu0))
-    finally:
-        bare.terminate()
-        bare.wait()
-
-    from trackrelay.passwords import hash_password
-    with tempfile.TemporaryDirectory() as tmp:
-        relay_port, t_port, a_port = free_port(), free_port(), free_port()
-        cfg = Path(tmp) / "t.toml"
-        cfg.write_text(f"""
+CONFIG = """
 [relay]
 listen = "127.0.0.1:{relay_port}"
 hostname = "relay.bench.test"
@@ -146,31 +119,61 @@ scanner_window_seconds = 0
 level = "warning"
 [[users]]
 name = "alice"
-password_hash = "{hash_password('pw')}"
+password_hash = "{password_hash}"
 addresses = ["alice@example.com"]
-""")
+"""
+
+
+async def tracked_urls(tmp: str, relay_port: int) -> tuple[list[str], list[str]]:
+    """Send one message to 50 recipients through the relay; the pixel and click URLs delivered."""
+    import aiosmtplib
+    links = "".join(f'<a href="https://example.com/p/{i}">product {i}</a><br>' for i in range(5))
+    msg = ("From: alice@example.com\r\nTo: carol@ext.test\r\nSubject: b\r\nMIME-Version: 1.0\r\n"
+           "Content-Type: text/html; charset=utf-8\r\n\r\n<html><body><p>Hello</p>" + links +
+           "</body></html>\r\n")
+    rcpts = [f"r{i}@ext.test" for i in range(50)]
+    await aiosmtplib.send(msg, sender="alice@example.com", recipients=rcpts, hostname="127.0.0.1",
+                          port=relay_port, username="alice", password="pw", start_tls=False,
+                          source_address=("127.0.0.2", 0))
+    outbox = Path(tmp) / "outbox" / "new"
+    deadline = time.monotonic() + 30
+    while len(list(outbox.glob("*"))) < len(rcpts) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    pixels, clicks = [], []
+    for f in outbox.glob("*"):
+        data = f.read_bytes()
+        pixels += [u.decode() for u in re.findall(rb'src="(http://[^"]+/o/[^"]+)"', data)]
+        clicks += [u.decode() for u in re.findall(rb'href="(http://[^"]+/c/[^"]+)"', data)]
+    return pixels, clicks
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=20000, help="requests per row and round")
+    ap.add_argument("--rounds", type=int, default=3, help="bare and trackrelay rows alternate this often")
+    ap.add_argument("--kinds", default="pixel,redirect", help="which handlers to measure (comma-separated)")
+    args = ap.parse_args()
+    n = args.requests
+    kinds = args.kinds.split(",")
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {1})
+    from trackrelay.passwords import hash_password
+
+    with tempfile.TemporaryDirectory() as tmp:
+        port, relay_port, t_port, a_port = free_port(), free_port(), free_port(), free_port()
+        cfg = Path(tmp) / "t.toml"
+        cfg.write_text(CONFIG.format(relay_port=relay_port, t_port=t_port, a_port=a_port, tmp=tmp,
+                                     password_hash=hash_password("pw")))
+        bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)], preexec_fn=pin0)
         proc = subprocess.Popen([sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "serve"],
                                 preexec_fn=pin0, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         try:
+            await wait_http(f"http://127.0.0.1:{port}/o/x.gif")
             await wait_http(f"http://127.0.0.1:{t_port}/healthz")
-            import aiosmtplib
-            links = "".join(f'<a href="https://example.com/p/{i}">product {i}</a><br>' for i in range(5))
-            msg = ("From: alice@example.com\r\nTo: carol@ext.test\r\nSubject: b\r\nMIME-Version: 1.0\r\n"
-                   "Content-Type: text/html; charset=utf-8\r\n\r\n<html><body><p>Hello</p>" + links +
-                   "</body></html>\r\n")
-            rcpts = [f"r{i}@ext.test" for i in range(50)]
-            await aiosmtplib.send(msg, sender="alice@example.com", recipients=rcpts, hostname="127.0.0.1",
-                                  port=relay_port, username="alice", password="pw", start_tls=False,
-                                  source_address=("127.0.0.2", 0))
-            outbox = Path(tmp) / "outbox" / "new"
-            deadline = time.monotonic() + 30
-            while len(list(outbox.glob("*"))) < len(rcpts) and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            pixels, clicks = [], []
-            for f in outbox.glob("*"):
-                data = f.read_bytes()
-                pixels += [u.decode() for u in re.findall(rb'src="(http://[^"]+/o/[^"]+)"', data)]
-                clicks += [u.decode() for u in re.findall(rb'href="(http://[^"]+/c/[^"]+)"', data)]
+            pixels, clicks = await tracked_urls(tmp, relay_port)
+            urls = {("bare", "pixel"): [f"http://127.0.0.1:{port}/o/T{i:026d}.gif" for i in range(50)],
+                    ("bare", "redirect"): [f"http://127.0.0.1:{port}/c/abc{i}" for i in range(50)],
+                    ("trackrelay", "pixel"): pixels, ("trackrelay", "redirect"): clicks}
 
             def count() -> int:
                 with sqlite3.connect(f"{tmp}/t.db") as db:
@@ -183,33 +186,55 @@ addresses = ["alice@example.com"]
                     await asyncio.sleep(0.05)
                 return c
 
+            # Only the server under load runs: the other one is stopped (SIGSTOP) during a row.
+            servers = {"bare": bare, "trackrelay": proc}
             total = 0
-            for kind, urls in (("pixel", pixels), ("redirect", clicks)):
-                if kind not in kinds:
-                    continue
-                await load(urls, 1000)
-                total += 1000
-                await persisted(total)
-                # CPU from the first request of the row until its last event is in the database
-                cpu0 = cpu_seconds(proc.pid)
-                elapsed, lat = await load(urls, n)
-                total += n
-                c = await persisted(total)
-                results.append(summary(f"trackrelay {kind}", elapsed, lat, cpu_seconds(proc.pid) - cpu0))
+            for name, server in servers.items():
+                for kind in kinds:
+                    await load(urls[(name, kind)], 1000)
+                    total += 1000 if name == "trackrelay" else 0
+            await persisted(total)
+            rows: dict[tuple[str, str], list[dict]] = {}
+            for r in range(args.rounds):
+                for kind in kinds:
+                    # alternate which goes first, so a drift of the machine's speed is shared
+                    for name in (("bare", "trackrelay") if r % 2 == 0 else ("trackrelay", "bare")):
+                        server, other = servers[name], servers["trackrelay" if name == "bare" else "bare"]
+                        other.send_signal(signal.SIGSTOP)
+                        try:
+                            # server CPU from the row's first request until its last event is written
+                            cpu0 = cpu_seconds(server.pid)
+                            elapsed, lat = await load(urls[(name, kind)], n)
+                            if name == "trackrelay":
+                                total += n
+                                c = await persisted(total)
+                            cpu = cpu_seconds(server.pid) - cpu0
+                        finally:
+                            other.send_signal(signal.SIGCONT)
+                        rows.setdefault((name, kind), []).append(summary(f"{name} {kind}", elapsed, lat, cpu))
         finally:
-            proc.terminate()
+            for server in (bare, proc):
+                server.send_signal(signal.SIGCONT)
+                server.terminate()
+            bare.wait()
             proc.wait(30)
 
-    print(f"{n} requests per row after 1,000 warm-up requests, 32 concurrent keep-alive connections; "
-          "server on CPU 0, load on CPU 1\n")
-    print("| server | requests/s | p50 (ms) | p99 (ms) | server CPU µs per request |\n|---|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['name']} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['cpu_us']:.0f} |")
+    print(f"{n} requests per row, {args.rounds} rounds (bare and trackrelay alternating), after 1,000 "
+          "warm-up requests each; 32 concurrent keep-alive connections; server on CPU 0, load on CPU 1\n")
+    print("| server | round | requests/s | p50 (ms) | p99 (ms) | server CPU µs per request |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for kind in kinds:
-        b = next(r for r in results if r["name"] == f"bare aiohttp {kind}")
-        o = next(r for r in results if r["name"] == f"trackrelay {kind}")
-        print(f"\n{kind}: trackrelay / bare = {o['rps'] / b['rps']:.2f} requests/s, "
-              f"{b['cpu_us'] / o['cpu_us']:.2f} by CPU per request (event written included)")
+        for name in ("bare", "trackrelay"):
+            for i, r in enumerate(rows[(name, kind)], 1):
+                label = f"bare aiohttp {kind}" if name == "bare" else f"trackrelay {kind}"
+                print(f"| {label} | {i} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['cpu_us']:.0f} |")
+    for kind in kinds:
+        pairs = list(zip(rows[("bare", kind)], rows[("trackrelay", kind)]))
+        by_rps = sorted(o["rps"] / b["rps"] for b, o in pairs)
+        by_cpu = sorted(b["cpu_us"] / o["cpu_us"] for b, o in pairs)
+        print(f"\n{kind}: trackrelay / bare by requests/s per round {', '.join(f'{x:.2f}' for x in by_rps)} "
+              f"(median {statistics.median(by_rps):.2f}); by CPU per request (event written included) "
+              f"{', '.join(f'{x:.2f}' for x in by_cpu)} (median {statistics.median(by_cpu):.2f})")
     print(f"\nevents persisted: {c} of {total} requests")
 
 

@@ -121,6 +121,15 @@ def time_param(dialect):
     return sqlite_time if dialect.name == "sqlite" else _aware_utc
 
 
+def _epoch_utc(at: float) -> datetime:
+    return datetime.fromtimestamp(at, timezone.utc)
+
+
+def epoch_param(dialect):
+    """How epoch seconds (the tracker's hit times) go to the driver in ``insert_rows``."""
+    return direct.sqlite_epoch if dialect.name == "sqlite" else _epoch_utc
+
+
 async def insert_rows(session: AsyncSession | AsyncConnection, rows: list[tuple]) -> None:
     """Insert events given as tuples in EVENT_COLUMNS order (``at`` already passed through
     ``time_param``), in one driver-level executemany: no ORM, no per-row statement compilation

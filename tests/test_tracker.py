@@ -285,6 +285,37 @@ async def test_database_locked_clicks_still_redirect_and_events_are_written_once
     assert len(rows) == 101  # plus the one inferred open
 
 
+async def test_a_batch_written_but_reported_failed_is_retried_without_duplicates(relay, sink):
+    """The database commits a batch but the answer is lost (a dropped connection): the recorder
+    keeps the batch and writes it again; the events' idempotency keys make the retry a no-op."""
+    await start(relay)
+    t = await send_tracked(relay)
+    recorder = relay.service.tracker.recorder
+    real_write, failed = recorder._write, []
+
+    async def write_then_lose_the_answer(batch):
+        written = await real_write(batch)
+        if not failed:
+            failed.append(len(batch))
+            raise ConnectionResetError("the commit's answer was lost")
+        return written
+
+    recorder._write = write_then_lose_the_answer
+    async with browser() as s:
+        for url in t.clicks("carol@ext.test"):
+            async with s.get(url, allow_redirects=False) as r:
+                assert r.status == 302
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while (recorder.depth or not failed) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    assert failed and recorder.depth == 0 and recorder.stats.failures == 1
+    rows = await events(relay, want=3)
+    assert sorted((r[0], r[4]) for r in rows) == [
+        ("clicked", "https://example.com/offer?a=1&b=2"), ("clicked", "https://example.com/pricing"),
+        ("opened", None)]  # each click once, and the open inferred from the first
+
+
 async def test_events_api_shows_own_events_only_and_admin_sees_all(relay, sink):
     await start(relay)
     t_alice = await send_tracked(relay, user="alice")

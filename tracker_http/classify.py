@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from functools import lru_cache
 
 HUMAN, MACHINE, SELF = "human", "machine", "self"
@@ -23,7 +22,7 @@ SCANNER_AGENTS = re.compile(
 #: Apple Mail Privacy Protection fetches with exactly this agent.
 APPLE_MPP_AGENT = "Mozilla/5.0"
 BURST_SECONDS = 2.0
-SELF_WINDOW = timedelta(days=1)
+SELF_WINDOW = 86400.0  # seconds
 
 
 @dataclass(slots=True)
@@ -32,10 +31,10 @@ class Facts:
     method: str  # GET | HEAD
     ip: str
     user_agent: str
-    at: datetime
-    delivered_at: datetime  # when the copy went out (or was accepted, until then)
+    at: float  # epoch seconds, as are the other times
+    delivered_at: float  # when the copy went out (or was accepted, until then)
     sender_ip: str | None  # the address that submitted the message
-    accepted_at: datetime
+    accepted_at: float
     apple_ip: bool
     burst: bool  # another link of this copy was clicked within BURST_SECONDS
     signed_in_ip: bool  # a team member signed in from this address recently
@@ -58,7 +57,7 @@ def classify(f: Facts, scanner_window_seconds: float) -> tuple[str, str | None]:
         return MACHINE, "apple_privacy_proxy"
     if f.apple_ip:
         return MACHINE, "apple_privacy_proxy"
-    if (f.at - f.delivered_at).total_seconds() < scanner_window_seconds:
+    if f.at - f.delivered_at < scanner_window_seconds:
         return MACHINE, "scanner_window"
     if f.kind == "click" and f.burst:
         return MACHINE, "click_burst"

@@ -8,12 +8,12 @@ event log.
 from __future__ import annotations
 
 import re
+from time import time
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from tracker_http.netaddr import client_ip
-from tracker_http.recorder import Hit
 from tracker_http.state import CTX, Context
 from trackrelay.links import to_uri, verify_click
 
@@ -38,7 +38,7 @@ async def pixel(request: web.Request) -> web.Response:
     token = request.match_info["token"]
     if _TOKEN.match(token):
         ip, ua = _who(request, ctx)
-        ctx.recorder.add(Hit("open", token, request.method, ip, ua))
+        ctx.recorder.add(("open", token, request.method, ip, ua, time(), None, None))  # a recorder.Hit
     return web.Response(body=GIF, content_type="image/gif",
                         headers={"Cache-Control": NO_STORE, "Pragma": "no-cache", "Expires": "0",
                                  "Referrer-Policy": "no-referrer"})
@@ -54,8 +54,7 @@ async def click(request: web.Request) -> web.Response:
     # verify_click lets through only http(s) targets without CR, LF or NUL
     location = to_uri(found.target.strip())
     ip, ua = _who(request, ctx)
-    ctx.recorder.add(Hit("click", found.token, request.method, ip, ua, url=found.target,
-                         link_index=found.index))
+    ctx.recorder.add(("click", found.token, request.method, ip, ua, time(), found.target, found.index))
     return web.Response(status=302, headers={"Location": location, "Cache-Control": NO_STORE,
                                              "Referrer-Policy": "no-referrer"})
 
