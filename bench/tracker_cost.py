@@ -1,0 +1,180 @@
+"""What a pixel or redirect costs trackrelay beyond the bare response, part by part, in process.
+
+The HTTP benchmark (tracker_bench.py) measures the whole server, but this machine's speed drifts by
+up to 40 % between runs. This script isolates trackrelay's own work for one request: the handler
+(called with aiohttp's test request, so no socket work) and the recording of its event (classifying
+the batch, then writing it to SQLite), against a handler that only builds the same response.
+
+    .venv/bin/python bench/tracker_cost.py [--requests 20000]             # CPU µs (process time)
+    .venv/bin/python bench/tracker_cost.py --requests 3000 --instructions  # under valgrind: exact
+
+With ``--instructions`` the script runs itself under callgrind and counts the instructions of each
+part (all threads, SQLite's included), which repeat to the instruction whatever else the machine
+does; it takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tracker_bench import tracked_urls  # noqa: E402  (bench/ is on sys.path as the script's directory)
+
+UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Meter:
+    """CPU seconds of this process; under callgrind also the instructions since the last start()."""
+
+    def __init__(self, instructions: bool):
+        self.instructions = instructions
+        self.dumps = 0
+
+    async def _control(self, flag: str) -> None:
+        p = await asyncio.create_subprocess_exec("callgrind_control", flag, str(os.getpid()),
+                                                 stdout=asyncio.subprocess.DEVNULL)
+        await p.wait()
+
+    async def start(self) -> None:
+        if self.instructions:
+            await self._control("-z")
+        self.t0 = time.process_time()
+
+    async def stop(self) -> tuple[float, int | None]:
+        cpu = time.process_time() - self.t0
+        if not self.instructions:
+            return cpu, None
+        await self._control("-d")
+        self.dumps += 1
+        out = Path(os.environ["TRACKRELAY_COST_OUT"] + f".{self.dumps}")
+        for _ in range(100):
+            if out.exists() and "summary:" in (text := out.read_text()):
+                return cpu, int(re.search(r"^summary: (\d+)", text, re.M).group(1))
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"no callgrind dump at {out}")
+
+
+async def main(n: int, instructions: bool) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    import tracker_http.public as public
+    from trackrelay import config as config_mod
+    from trackrelay.passwords import hash_password
+    from trackrelay.service import Service
+
+    tmp = tempfile.mkdtemp()
+    relay_port = free_port()
+    cfg = config_mod.from_dict({
+        "relay": {"listen": f"127.0.0.1:{relay_port}", "hostname": "relay.bench.test"},
+        "upstream": {"url": f"maildir://{tmp}/outbox"},
+        "storage": {"url": f"sqlite+aiosqlite:///{tmp}/t.db"},
+        "tracker": {"listen": f"127.0.0.1:{free_port()}", "public_url": "http://tracker.bench.test",
+                    "secret_keys": ["bench-key-0123456789abcdef"]},
+        "api": {"listen": f"127.0.0.1:{free_port()}"},
+        "tracking": {"scanner_window_seconds": 0},
+        "log": {"level": "warning"},
+        "users": [{"name": "alice", "password_hash": hash_password("pw"), "addresses": ["alice@example.com"]}],
+    }, "tracker_cost")
+    service = Service(cfg)
+    await service.start()
+    try:
+        pixel_urls, click_urls = await tracked_urls(tmp, relay_port)
+        pixels = [u.rsplit("/o/", 1)[1][:-len(".gif")] for u in pixel_urls]
+        clicks = [u.rsplit("/c/", 1)[1] for u in click_urls]
+
+        class Peer:  # what the handlers ask of the connection
+            def get_extra_info(self, name, default=None):
+                return ("127.0.0.1", 50000) if name == "peername" else default
+
+            def is_closing(self):
+                return False
+
+        app = service.tracker._runners[0].app
+        recorder = service.tracker.recorder
+        recorder._task.cancel()  # flushed here, part by part
+
+        def requests(kind: str) -> list:
+            if kind == "pixel":
+                return [make_mocked_request("GET", f"/o/{t}.gif", headers={"User-Agent": UA}, app=app,
+                                            match_info={"token": t}, transport=Peer()) for t in pixels]
+            return [make_mocked_request("GET", f"/c/{c}", headers={"User-Agent": UA}, app=app,
+                                        match_info={"rest": c}, transport=Peer()) for c in clicks]
+
+        async def bare_pixel(request):  # the responses of tracker_bench.py's bare app
+            return web.Response(body=public.GIF, content_type="image/gif",
+                                headers={"Cache-Control": public.NO_STORE, "Pragma": "no-cache", "Expires": "0",
+                                         "Referrer-Policy": "no-referrer"})
+
+        async def bare_redirect(request):
+            return web.Response(status=302, headers={"Location": "https://example.com/p/0",
+                                                     "Cache-Control": public.NO_STORE, "Referrer-Policy": "no-referrer"})
+
+        async def flush() -> None:
+            while recorder.depth:
+                if not await recorder.flush_once():
+                    raise RuntimeError("writing events failed")
+
+        meter = Meter(instructions)
+        results: list[tuple[str, float, int | None]] = []
+        for name, handler, kind in (("bare pixel (the response only)", bare_pixel, "pixel"),
+                                    ("trackrelay pixel handler", public.pixel, "pixel"),
+                                    ("bare redirect (the response only)", bare_redirect, "redirect"),
+                                    ("trackrelay redirect handler", public.click, "redirect")):
+            reqs = requests(kind)
+            for i in range(1000):  # warm-up
+                await handler(reqs[i % len(reqs)])
+            await flush()
+            await meter.start()
+            for i in range(n):
+                await handler(reqs[i % len(reqs)])
+            results.append((name, *await meter.stop()))
+            if handler not in (bare_pixel, bare_redirect):
+                written = recorder.stats.written
+                await meter.start()
+                await flush()
+                results.append((f"  its event recorded ({kind}: classified, written to SQLite)", *await meter.stop()))
+                assert recorder.stats.written - written == n, "every event written"
+    finally:
+        await service.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"{n} requests per part, after 1,000 warm-up requests; in one process on SQLite\n")
+    print("| part | CPU µs per request |" + (" instructions per request |" if instructions else "")
+          + "\n|---|---:|" + ("---:|" if instructions else ""))
+    for name, cpu, ir in results:
+        print(f"| {name} | {cpu / n * 1e6:.1f} |" + (f" {ir // n:,} |" if ir is not None else ""))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--instructions", action="store_true", help="count instructions under valgrind's callgrind")
+    args = ap.parse_args()
+    if args.instructions and "TRACKRELAY_COST_OUT" not in os.environ:
+        if not shutil.which("valgrind"):
+            sys.exit("--instructions needs valgrind (apt-get install valgrind)")
+        with tempfile.TemporaryDirectory() as out:
+            base = f"{out}/callgrind.out"
+            sys.exit(subprocess.call(["valgrind", "--tool=callgrind", "-q", f"--callgrind-out-file={base}",
+                                      sys.executable, __file__, "--requests", str(args.requests), "--instructions"],
+                                     env=dict(os.environ, TRACKRELAY_COST_OUT=base)))
+    asyncio.run(main(args.requests, args.instructions))
