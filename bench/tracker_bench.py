@@ -232,7 +232,7 @@ async def main() -> None:
         pairs = list(zip(rows[("bare", kind)], rows[("trackrelay", kind)]))
         by_rps = sorted(o["rps"] / b["rps"] for b, o in pairs)
         by_cpu = sorted(b["cpu_us"] / o["cpu_us"] for b, o in pairs)
-        print(f"\n{kind}: trackrelay / bare by requests/s per round {', '.join(f'{x:.2f}' for x in by_rps)} "
+        print(f"\n{kind}: trackrelay / bare by requests/s, rounds lowest first: {', '.join(f'{x:.2f}' for x in by_rps)} "
               f"(median {statistics.median(by_rps):.2f}); by CPU per request (event written included) "
               f"{', '.join(f'{x:.2f}' for x in by_cpu)} (median {statistics.median(by_cpu):.2f})")
     print(f"\nevents persisted: {c} of {total} requests")

@@ -50,7 +50,7 @@ class Meter:
 
     async def _control(self, flag: str) -> None:
         p = await asyncio.create_subprocess_exec("callgrind_control", flag, str(os.getpid()),
-                                                 stdout=asyncio.subprocess.DEVNULL)
+                                                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         await p.wait()
 
     async def start(self) -> None:
@@ -100,6 +100,11 @@ async def main(n: int, instructions: bool) -> None:
         pixel_urls, click_urls = await tracked_urls(tmp, relay_port)
         pixels = [u.rsplit("/o/", 1)[1][:-len(".gif")] for u in pixel_urls]
         clicks = [u.rsplit("/c/", 1)[1] for u in click_urls]
+        await asyncio.sleep(1)  # the copies' outcomes committed
+        # Only the tracker from here on: the relay's and worker's timers would count too.
+        await service.stop()
+        service = Service(cfg, roles=("tracker",))
+        await service.start()
 
         class Peer:  # what the handlers ask of the connection
             def get_extra_info(self, name, default=None):
