@@ -54,9 +54,6 @@ class Keyring:
     def _ids(self) -> dict[str, bytes]:
         return {key_id(k): k for k in reversed(self.keys)}
 
-    def _by_id(self, kid: str) -> bytes | None:
-        return self._ids.get(kid)
-
     @functools.cached_property
     def signing_id(self) -> str:
         return key_id(self.keys[0])
@@ -135,7 +132,8 @@ _click = functools.partial(tuple.__new__, Click)  # Click(…) without its Pytho
 @functools.lru_cache(maxsize=4096)
 def _target(target_b64: str) -> str | None:
     """A signed target decoded, if it is an http(s) URL without CR, LF or NUL. Cached: every copy
-    of a message carries the same targets, so a campaign's clicks share a handful of them."""
+    of a message carries the same targets, so a campaign's clicks share a handful of them (and
+    only text whose signature verified gets here: nobody else can fill the cache)."""
     try:
         b64 = target_b64.encode("ascii").translate(_FROM_URLSAFE)
         target = binascii.a2b_base64(b64 + b"=" * (-len(b64) % 4)).decode("utf-8")
