@@ -27,8 +27,8 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
 def _who(request: web.Request, ctx: Context) -> tuple[str, str]:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    ip = client_ip(peer[0] if peer else None, request.headers.get("X-Forwarded-For"), ctx.trusted_proxies)
+    # request.remote: the socket's peer, which aiohttp looks up once per connection
+    ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), ctx.trusted_proxies)
     return ip, request.headers.get("User-Agent", "")
 
 
