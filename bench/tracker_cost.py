@@ -25,12 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tracker_bench import tracked_urls  # noqa: E402  (bench/ is on sys.path as the script's directory)
+from tracker_bench import CONFIG, tracked_urls  # noqa: E402  (bench/ is on sys.path as the script's directory)
 
 UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
 
@@ -83,17 +84,9 @@ async def main(n: int, instructions: bool) -> None:
 
     tmp = tempfile.mkdtemp()
     relay_port = free_port()
-    cfg = config_mod.from_dict({
-        "relay": {"listen": f"127.0.0.1:{relay_port}", "hostname": "relay.bench.test"},
-        "upstream": {"url": f"maildir://{tmp}/outbox"},
-        "storage": {"url": f"sqlite+aiosqlite:///{tmp}/t.db"},
-        "tracker": {"listen": f"127.0.0.1:{free_port()}", "public_url": "http://tracker.bench.test",
-                    "secret_keys": ["bench-key-0123456789abcdef"]},
-        "api": {"listen": f"127.0.0.1:{free_port()}"},
-        "tracking": {"scanner_window_seconds": 0},
-        "log": {"level": "warning"},
-        "users": [{"name": "alice", "password_hash": hash_password("pw"), "addresses": ["alice@example.com"]}],
-    }, "tracker_cost")
+    cfg = config_mod.from_dict(tomllib.loads(CONFIG.format(  # the HTTP benchmark's configuration
+        relay_port=relay_port, t_port=free_port(), a_port=free_port(), tmp=tmp,
+        password_hash=hash_password("pw"))), "tracker_cost")
     service = Service(cfg)
     await service.start()
     try:

@@ -70,10 +70,11 @@ class Recorder:
         #: safe beside other tracker processes; what is not here is asked of the database.
         self._human: set[tuple[int, str]] = set()
         #: Idempotency keys: a prefix unique to this process start, then the hit's position in
-        #: the stream of hits buffered (``_written``: how many have left the buffer). A batch
-        #: retried holds the same hits at the same positions, so it gets the same keys.
+        #: the stream of hits buffered (``_flushed``: how many have left the buffer, written or
+        #: of an unknown token). A batch retried holds the same hits at the same positions, so it gets
+        #: the same keys.
         self._key_prefix = secrets.token_hex(8) + "."
-        self._written = 0
+        self._flushed = 0
         self.stats = Stats()
 
     # -- the hot path ------------------------------------------------------------------------
@@ -142,7 +143,7 @@ class Recorder:
             return False
         for _ in batch:
             self._buf.popleft()
-        self._written += len(batch)
+        self._flushed += len(batch)
         self.stats.written += written
         if written and self.on_written:
             self.on_written()
@@ -179,7 +180,7 @@ class Recorder:
         window = self.config.tracking.scanner_window_seconds
         store_ip = self.config.privacy.store_ip
         apple, recent_sign_in, burst = self.apple, self.signed_in.recent, self._burst
-        key_prefix, position = self._key_prefix, self._written
+        key_prefix, position = self._key_prefix, self._flushed
         rows: list[tuple] = []
         dates: dict[str, dict[str, float]] = {}
         copies: dict[str, tuple[float, float]] = {}  # token → (delivered, accepted) in epoch seconds
