@@ -6,6 +6,7 @@ import asyncio
 import re
 import sqlite3
 import threading
+import time
 
 import aiohttp
 import pytest
@@ -314,6 +315,72 @@ async def test_a_batch_written_but_reported_failed_is_retried_without_duplicates
     assert sorted((r[0], r[4]) for r in rows) == [
         ("clicked", "https://example.com/offer?a=1&b=2"), ("clicked", "https://example.com/pricing"),
         ("opened", None)]  # each click once, and the open inferred from the first
+
+
+def count_history_reads(monkeypatch) -> list[int]:
+    """The recipients whose human history the recorders ask of the database, as they ask."""
+    from storage import events as ev
+    asked: list[int] = []
+    real_sqlite, real_sa = ev.human_history_sqlite, ev.human_history
+
+    def sqlite_reads(db, pks):
+        asked.extend(pks)
+        return real_sqlite(db, pks)
+
+    async def sa_reads(session, pks):
+        asked.extend(pks)
+        return await real_sa(session, pks)
+
+    monkeypatch.setattr(ev, "human_history_sqlite", sqlite_reads)
+    monkeypatch.setattr(ev, "human_history", sa_reads)
+    return asked
+
+
+async def test_a_recipients_history_is_read_once_then_kept_in_memory(relay, sink, monkeypatch):
+    """Most recipients open and never click: their history is asked of the database once, not on
+    every batch again, and this process's own writes keep it current."""
+    await start(relay)
+    t = await send_tracked(relay)
+    asked = count_history_reads(monkeypatch)
+    async with browser() as s:
+        for written in (1, 2):  # each open its own batch
+            async with s.get(t.pixel("carol@ext.test")) as r:
+                assert r.status == 200
+            assert len(await events(relay, want=written)) == written
+        async with s.get(t.clicks("carol@ext.test")[0], allow_redirects=False) as r:
+            assert r.status == 302
+    rows = await events(relay, want=3)
+    assert [(r[0], r[2], bool(r[6]), bool(r[7])) for r in rows] == [
+        ("opened", "human", True, False), ("opened", "human", False, False),
+        ("clicked", "human", True, False)]  # no open inferred: the first one is remembered
+    assert len(asked) == 1
+
+
+async def test_history_read_from_the_database_is_trusted_for_history_ttl_only(relay, sink, monkeypatch):
+    """Another tracker process may write a recipient's human open meanwhile: once HISTORY_TTL has
+    passed the database is asked again, and a click infers no second open."""
+    from tracker_http import recorder as recorder_module
+    monkeypatch.setattr(recorder_module, "HISTORY_TTL", 0.5)
+    await start(relay)
+    t = await send_tracked(relay)
+    asked = count_history_reads(monkeypatch)
+    ours = relay.service.tracker.recorder
+    async with browser() as s:
+        async with s.head(t.pixel("carol@ext.test")) as r:  # a machine's open: nothing human yet
+            assert r.status == 200
+        await events(relay, want=1)
+        other = recorder_module.Recorder(ours.config, ours.sessionmaker, ours.apple)  # another process
+        token = t.pixel("carol@ext.test").rsplit("/o/", 1)[1][:-len(".gif")]
+        other.add(("open", token, "GET", "127.0.0.1", BROWSER_UA, time.time(), None, None))
+        assert await other.flush_once()
+        await asyncio.sleep(0.6)  # our memory of carol's history is stale now
+        async with s.get(t.clicks("carol@ext.test")[0], allow_redirects=False) as r:
+            assert r.status == 302
+    rows = await events(relay, want=3)
+    assert [(r[0], r[2], r[3], bool(r[6]), bool(r[7])) for r in rows] == [
+        ("opened", "machine", "head_request", False, False), ("opened", "human", None, True, False),
+        ("clicked", "human", None, True, False)]
+    assert len(asked) == 3  # ours before the HEAD, the other's, ours again before the click
 
 
 async def test_events_api_shows_own_events_only_and_admin_sees_all(relay, sink):

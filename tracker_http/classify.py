@@ -1,12 +1,13 @@
 """Is an open or click a human reading, a machine (privacy proxy, link scanner) or the sender?
 
-Pure: facts in, (classification, reason) out. Rules are tried in order; the first that fires wins.
+Pure: facts in, (classification, reason) out. Rules are tried in order; the first that fires wins:
+first those that look only at the request (``request_verdict``), then those about its time and
+company (``timing_verdict``) — the recorder asks the second only when the first has no answer.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 
 HUMAN, MACHINE, SELF = "human", "machine", "self"
@@ -25,21 +26,6 @@ BURST_SECONDS = 2.0
 SELF_WINDOW = 86400.0  # seconds
 
 
-@dataclass(slots=True)
-class Facts:
-    kind: str  # open | click
-    method: str  # GET | HEAD
-    ip: str
-    user_agent: str
-    at: float  # epoch seconds, as are the other times
-    delivered_at: float  # when the copy went out (or was accepted, until then)
-    sender_ip: str | None  # the address that submitted the message
-    accepted_at: float
-    apple_ip: bool
-    burst: bool  # another link of this copy was clicked within BURST_SECONDS
-    signed_in_ip: bool  # a team member signed in from this address recently
-
-
 @lru_cache(maxsize=4096)
 def is_scanner_agent(user_agent: str) -> bool:
     """Known scanners and HTTP libraries (the image proxies of Gmail and Yahoo are readers)."""
@@ -48,22 +34,32 @@ def is_scanner_agent(user_agent: str) -> bool:
     return bool(SCANNER_AGENTS.search(user_agent))
 
 
-def classify(f: Facts, scanner_window_seconds: float) -> tuple[str, str | None]:
-    if f.method == "HEAD":
+@lru_cache(maxsize=8192)
+def request_verdict(kind: str, method: str, user_agent: str, apple_ip: bool) -> tuple[str, str] | None:
+    """The rules that look only at the request (method, agent, Apple's addresses), in their order;
+    None when none fires. Cached: a reader's or scanner's requests repeat these four."""
+    if method == "HEAD":
         return MACHINE, "head_request"
-    if is_scanner_agent(f.user_agent):
+    if is_scanner_agent(user_agent):
         return MACHINE, "scanner_agent"
-    if f.kind == "open" and (f.apple_ip or f.user_agent.strip() == APPLE_MPP_AGENT):
+    if kind == "open" and (apple_ip or user_agent.strip() == APPLE_MPP_AGENT):
         return MACHINE, "apple_privacy_proxy"
-    if f.apple_ip:
+    if apple_ip:
         return MACHINE, "apple_privacy_proxy"
-    if f.at - f.delivered_at < scanner_window_seconds:
+    return None
+
+
+def timing_verdict(kind: str, ip: str, at: float, delivered_at: float, sender_ip: str | None,
+                   accepted_at: float, burst: bool, signed_in_ip: bool,
+                   scanner_window_seconds: float) -> tuple[str, str | None]:
+    """The rules after the request's own (``request_verdict``): when, in what company, from whom."""
+    if at - delivered_at < scanner_window_seconds:
         return MACHINE, "scanner_window"
-    if f.kind == "click" and f.burst:
+    if kind == "click" and burst:
         return MACHINE, "click_burst"
-    if f.sender_ip and f.ip == f.sender_ip and f.at - f.accepted_at < SELF_WINDOW:
+    if sender_ip and ip == sender_ip and at - accepted_at < SELF_WINDOW:
         return SELF, "sender_ip"
-    if f.signed_in_ip:
+    if signed_in_ip:
         return SELF, "signed_in_ip"
     return HUMAN, None
 

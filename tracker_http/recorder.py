@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from storage import crm, direct
 from storage import events as ev
 from storage.engine import engine_of
-from tracker_http.classify import BURST_SECONDS, HUMAN, Facts, classify, client_of
+from tracker_http.classify import BURST_SECONDS, HUMAN, client_of, request_verdict, timing_verdict
 from tracker_http.netaddr import RangeSet, stored_ip
 from trackrelay.config import Config
 from trackrelay.aio import finish
@@ -34,6 +34,12 @@ BUFFER_MAX = 100_000
 BATCH_MAX = 1000
 FLUSH_INTERVAL = 0.05
 HUMAN_CACHE_MAX = 200_000
+#: How long a recipient's human history read from the database is trusted, with this process's
+#: own writes added since. Only another tracker process's writes can make it stale (a duplicate
+#: inferred open or `first` within this window, the race two processes have anyway); without it
+#: every batch asked again about every recipient who opened but never clicked — most of them.
+HISTORY_TTL = 10.0
+REQUEST_CACHE_MAX = 8192
 
 
 #: One pixel fetch or click as a handler saw it, buffered until written: a plain tuple, one per
@@ -67,8 +73,14 @@ class Recorder:
         self._stopping = False
         self._recent_clicks: dict[str, dict[int, float]] = {}  # token → link index → last click
         #: (recipient, type) pairs known to have a human event (committed): only ever true, so
-        #: safe beside other tracker processes; what is not here is asked of the database.
+        #: safe beside other tracker processes.
         self._human: set[tuple[int, str]] = set()
+        #: recipient → when (monotonic) its history was last read from the database: until
+        #: HISTORY_TTL later, what ``_human`` lacks of it is known not to exist.
+        self._asked: dict[int, float] = {}
+        #: (kind, method, user agent, ip) → (request_verdict, stored ip, client): what depends on
+        #: the request alone, worked out once per reader or scanner.
+        self._request_facts: dict[tuple[str, str, str, str], tuple] = {}
         #: Idempotency keys: a prefix unique to this process start, then the hit's position in
         #: the stream of hits buffered (``_flushed``: how many have left the buffer, written or
         #: of an unknown token). A batch retried holds the same hits at the same positions, so it gets
@@ -156,20 +168,22 @@ class Recorder:
         if direct.usable(self._engine):
             # SQLite: one trip to its thread for what the batch needs to know, one for the rows
             # and their commit.
-            info, history = await direct.transaction(self._engine, self._facts_sqlite, list(tokens))
+            info, history, asked = await direct.transaction(self._engine, self._facts_sqlite, list(tokens))
             rows, dates = self._rows(batch, info, history, direct.sqlite_epoch)
             await direct.transaction(self._engine, _store_sqlite, ev.insert_sql(self._engine.dialect), rows, dates)
         else:
             async with self._engine.begin() as conn:  # a bare connection: no ORM here
                 info = await ev.resolve_tokens(conn, tokens)
-                history = await self._history(conn, {i.recipient_pk for i in info.values()})
+                history, asked = await self._history(conn, {i.recipient_pk for i in info.values()})
                 rows, dates = self._rows(batch, info, history, ev.epoch_param(conn.dialect))
                 await ev.insert_rows(conn, rows)
                 if dates:
                     await crm.touch_contacts(conn, dates)
-        if len(self._human) > HUMAN_CACHE_MAX:
+        if len(self._human) > HUMAN_CACHE_MAX or len(self._asked) > HUMAN_CACHE_MAX:
             self._human.clear()
+            self._asked.clear()
         self._human |= history  # committed now
+        self._asked.update(asked)
         return len(rows)
 
     def _rows(self, batch: list[Hit], info: dict[str, ev.TokenInfo], history: set[tuple[int, str]],
@@ -178,8 +192,7 @@ class Recorder:
         and the contact dates its human events move. ``history`` gains the batch's human pairs.
         ``stamp`` turns epoch seconds into the driver's time parameter."""
         window = self.config.tracking.scanner_window_seconds
-        store_ip = self.config.privacy.store_ip
-        apple, recent_sign_in, burst = self.apple, self.signed_in.recent, self._burst
+        recent_sign_in, burst, request_facts = self.signed_in.recent, self._burst, self._request_facts
         key_prefix, position = self._key_prefix, self._flushed
         rows: list[tuple] = []
         dates: dict[str, dict[str, float]] = {}
@@ -193,12 +206,15 @@ class Recorder:
             if times is None:
                 accepted = t.accepted_at.timestamp()
                 times = copies[token] = (t.sent_at.timestamp() if t.sent_at else accepted, accepted)
+            request = request_facts.get((kind, method, ua, ip))
+            if request is None:
+                request = self._request(kind, method, ua, ip)
+            # a click's time is remembered for bursts whatever its verdict (scanners click them all)
+            clicked_with_others = kind == "click" and burst(token, link_index, at)
+            cls, reason = request[0] or timing_verdict(kind, ip, at, times[0], t.client_ip, times[1],
+                                                       clicked_with_others, recent_sign_in(ip, at), window)
             event = "opened" if kind == "open" else "clicked"
-            ua = ua[:1000]
-            cls, reason = classify(Facts(kind, method, ip, ua, at, times[0], t.client_ip, times[1], ip in apple,
-                                         kind == "click" and burst(token, link_index, at),
-                                         recent_sign_in(ip, at)), window)
-            rcpt, stamped, stored, client = t.recipient_pk, stamp(at), stored_ip(ip, store_ip), client_of(ua)
+            rcpt, stamped, stored, ua, client = t.recipient_pk, stamp(at), request[1], request[2], request[3]
             key = f"{key_prefix}{position + i:012x}"
             first = False
             if cls == HUMAN:
@@ -215,28 +231,47 @@ class Recorder:
         return rows, {address: {name: datetime.fromtimestamp(at, timezone.utc) for name, at in moved.items()}
                       for address, moved in dates.items()}
 
-    def _facts_sqlite(self, db, tokens: list[str]) -> tuple[dict[str, ev.TokenInfo], set[tuple[int, str]]]:
+    def _request(self, kind: str, method: str, ua: str, ip: str) -> tuple:
+        """What a request's event owes to the request alone: (request_verdict, stored ip, user agent
+        as kept, client), remembered for the reader's or scanner's next request."""
+        ua_kept = ua[:1000]
+        found = (request_verdict(kind, method, ua_kept, ip in self.apple),
+                 stored_ip(ip, self.config.privacy.store_ip), ua_kept, client_of(ua_kept))
+        facts = self._request_facts
+        if len(facts) >= REQUEST_CACHE_MAX:
+            facts.clear()
+        if len(ua) <= 1000:  # a few MB at most
+            facts[(kind, method, ua, ip)] = found
+        return found
+
+    def _facts_sqlite(self, db, tokens: list[str]) -> tuple[dict[str, ev.TokenInfo], set[tuple[int, str]], dict[int, float]]:
         """On SQLite's thread: the batch's tokens resolved, and the human history of their
         recipients that memory does not already hold (``_history``'s rule)."""
         info = ev.resolve_tokens_sqlite(db, tokens)
         history, unknown = self._known_history({i.recipient_pk for i in info.values()})
+        asked = dict.fromkeys(unknown, time.monotonic())
         if unknown:
             history |= ev.human_pairs(ev.human_history_sqlite(db, sorted(unknown)))
-        return info, history
+        return info, history, asked
 
-    async def _history(self, session, recipient_pks: set[int]) -> set[tuple[int, str]]:
-        """The pairs of these recipients with a human open/click: from memory where known."""
+    async def _history(self, session, recipient_pks: set[int]) -> tuple[set[tuple[int, str]], dict[int, float]]:
+        """The pairs of these recipients with a human open/click: from memory where known; and
+        when the others were asked of the database."""
         history, unknown = self._known_history(recipient_pks)
+        asked = dict.fromkeys(unknown, time.monotonic())
         if unknown:
             history |= await ev.human_history(session, unknown)
-        return history
+        return history, asked
 
     def _known_history(self, recipient_pks: set[int]) -> tuple[set[tuple[int, str]], set[int]]:
-        """The history memory holds in full (both kinds known human), and the recipients to ask
-        the database about."""
-        known = self._human
-        unknown = {pk for pk in recipient_pks if (pk, "opened") not in known or (pk, "clicked") not in known}
-        return {(pk, k) for pk in recipient_pks - unknown for k in ("opened", "clicked")}, unknown
+        """The history memory holds in full — both kinds known human, or the database asked within
+        HISTORY_TTL (and this process's writes since added) — and the recipients to ask about.
+        What is asked counts only once its batch is committed (``_write``): a batch that failed
+        leaves memory as it was."""
+        known, asked, fresh = self._human, self._asked, time.monotonic() - HISTORY_TTL
+        unknown = {pk for pk in recipient_pks
+                   if ((pk, "opened") not in known or (pk, "clicked") not in known) and asked.get(pk, fresh) <= fresh}
+        return {(pk, k) for pk in recipient_pks - unknown for k in ("opened", "clicked") if (pk, k) in known}, unknown
 
     @staticmethod
     def _move_dates(dates: dict[str, float], kind: str, at: float) -> None:
