@@ -124,12 +124,13 @@ _TOUCH = (update(Contact).where(Contact.id == bindparam("contact"))
 async def touch_contacts(session: AsyncSession, updates: dict[str, dict[str, datetime]]) -> None:
     """Move contact dates forward (last_open_at, last_click_at, last_engagement_at), never back.
     ``updates`` is keyed by lower-cased address; addresses without a contact are skipped (only
-    logged recipients have one). One look-up, then one executemany over the contacts found."""
+    logged recipients have one)."""
     if not updates:
         return
     conn = await connection_of(session)
     if direct.usable(conn):
-        await direct.run(conn, touch_contacts_sqlite, updates)
+        await direct.run(conn, touch_contacts_sqlite, {
+            email: {name: direct.sqlite_time(at) for name, at in moved.items()} for email, moved in updates.items()})
         return
     found = (await conn.execute(_CONTACT_IDS, {"emails": list(updates)})).all()
     if found:
@@ -137,23 +138,18 @@ async def touch_contacts(session: AsyncSession, updates: dict[str, dict[str, dat
                                     for pk, email in found])
 
 
+#: One UPDATE per address through the unique email index (none where there is no contact); SQLite's
+#: max() of two texts is NULL when either is, hence coalesce: the later of the two, or whichever
+#: is set. The stored text sorts as the time does (fixed-width UTC, as ``direct.sqlite_time``).
 _TOUCH_SQL = "UPDATE contacts SET " + ", ".join(
-    f"{c} = CASE WHEN ? IS NOT NULL AND ({c} IS NULL OR {c} < ?) THEN ? ELSE {c} END" for c in _DATE_COLUMNS
-) + " WHERE id = ?"
+    f"{c} = coalesce(max({c}, ?{i}), ?{i}, {c})" for i, c in enumerate(_DATE_COLUMNS, 1)) + " WHERE email = ?4"
 
 
-def touch_contacts_sqlite(db: direct.Db, updates: dict[str, dict[str, datetime]]) -> None:
-    found = direct.select_in(db, "SELECT id, email FROM contacts WHERE email IN ({in})", list(updates))
-    rows = []
-    for pk, email in found:
-        params: list = []
-        for name in _DATE_COLUMNS:
-            at = updates[email].get(name)
-            value = direct.sqlite_time(at) if at is not None else None
-            params += (value, value, value)
-        rows.append((*params, pk))
-    if rows:
-        db.executemany(_TOUCH_SQL, rows)
+def touch_contacts_sqlite(db: direct.Db, updates: dict[str, dict[str, str]]) -> None:
+    """``touch_contacts`` on SQLite's thread, the dates already in SQLite's text (the tracker's
+    events make them from epoch seconds with ``direct.sqlite_epoch``)."""
+    db.executemany(_TOUCH_SQL, [(moved.get("last_open_at"), moved.get("last_click_at"),
+                                 moved.get("last_engagement_at"), email) for email, moved in updates.items()])
 
 
 # -- Never Log --------------------------------------------------------------------------------

@@ -170,7 +170,8 @@ class Recorder:
             # and their commit.
             info, history, asked = await direct.transaction(self._engine, self._facts_sqlite, list(tokens))
             rows, dates = self._rows(batch, info, history, direct.sqlite_epoch)
-            await direct.transaction(self._engine, _store_sqlite, ev.insert_sql(self._engine.dialect), rows, dates)
+            await direct.transaction(self._engine, _store_sqlite, ev.insert_sql(self._engine.dialect), rows,
+                                     _stamped(dates, direct.sqlite_epoch))
         else:
             async with self._engine.begin() as conn:  # a bare connection: no ORM here
                 info = await ev.resolve_tokens(conn, tokens)
@@ -178,7 +179,7 @@ class Recorder:
                 rows, dates = self._rows(batch, info, history, ev.epoch_param(conn.dialect))
                 await ev.insert_rows(conn, rows)
                 if dates:
-                    await crm.touch_contacts(conn, dates)
+                    await crm.touch_contacts(conn, _stamped(dates, _utc))
         if len(self._human) > HUMAN_CACHE_MAX or len(self._asked) > HUMAN_CACHE_MAX:
             self._human.clear()
             self._asked.clear()
@@ -187,10 +188,11 @@ class Recorder:
         return len(rows)
 
     def _rows(self, batch: list[Hit], info: dict[str, ev.TokenInfo], history: set[tuple[int, str]],
-              stamp) -> tuple[list[tuple], dict[str, dict[str, datetime]]]:
+              stamp) -> tuple[list[tuple], dict[str, dict[str, float]]]:
         """Classify the batch: its event rows (in ev.EVENT_COLUMNS order, inferred opens included)
-        and the contact dates its human events move. ``history`` gains the batch's human pairs.
-        ``stamp`` turns epoch seconds into the driver's time parameter."""
+        and the contact dates its human events move (epoch seconds, by lower-cased address).
+        ``history`` gains the batch's human pairs. ``stamp`` turns epoch seconds into the driver's
+        time parameter."""
         window = self.config.tracking.scanner_window_seconds
         recent_sign_in, burst, request_facts = self.signed_in.recent, self._burst, self._request_facts
         key_prefix, position = self._key_prefix, self._flushed
@@ -228,8 +230,7 @@ class Recorder:
                     self._move_dates(dates.setdefault(t.address.lower(), {}), event, at)
             rows.append((event, stamped, t.message_pk, rcpt, t.user, url, stored, ua, client, cls, reason,
                          first, False, key))
-        return rows, {address: {name: datetime.fromtimestamp(at, timezone.utc) for name, at in moved.items()}
-                      for address, moved in dates.items()}
+        return rows, dates
 
     def _request(self, kind: str, method: str, ua: str, ip: str) -> tuple:
         """What a request's event owes to the request alone: (request_verdict, stored ip, user agent
@@ -294,7 +295,16 @@ class Recorder:
         return burst
 
 
-def _store_sqlite(db, events_sql: str, rows: list[tuple], dates: dict[str, dict[str, datetime]]) -> None:
+def _stamped(dates: dict[str, dict[str, float]], stamp) -> dict:
+    """Contact dates in epoch seconds as the driver's time parameters."""
+    return {address: {name: stamp(at) for name, at in moved.items()} for address, moved in dates.items()}
+
+
+def _utc(at: float) -> datetime:
+    return datetime.fromtimestamp(at, timezone.utc)
+
+
+def _store_sqlite(db, events_sql: str, rows: list[tuple], dates: dict[str, dict[str, str]]) -> None:
     """On SQLite's thread: the batch's events and the contact dates they move."""
     db.executemany(events_sql, rows)
     if dates:
