@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import sys
 import tempfile
@@ -26,54 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from helpers import Sink  # noqa: E402
 from topology import Topology, hit_trackers, send_many  # noqa: E402
-
-PG = os.environ.get("TRACKRELAY_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
-DB = "trackrelay_bench"
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def dsn(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://")
-
-
-async def fresh_db() -> str:
-    import asyncpg
-    conn = await asyncpg.connect(dsn(PG))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{DB}"')
-    finally:
-        await conn.close()
-    return PG.rpartition("/")[0] + "/" + DB
-
-
-async def scalar(url: str, sql: str) -> int:
-    import asyncpg
-    conn = await asyncpg.connect(dsn(url))
-    try:
-        return await conn.fetchval(sql)
-    finally:
-        await conn.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
-    except (FileNotFoundError, IndexError):
-        return 0.0
-
-
-def postgres_cpu() -> float:
-    total = 0.0
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if (p / "comm").read_text().strip() in ("postgres", "postmaster"):
-                    total += cpu_seconds(int(p.name))
-            except OSError:
-                pass
-    return total
+from pg import cpu_seconds, fresh_db, postgres_cpu, scalar  # noqa: E402  (bench/ is on sys.path as the script's directory)
 
 
 async def run(n: int, messages: int, hits: int) -> dict:

@@ -9,6 +9,11 @@ the database. Server CPU is given in all and for the event loop's thread alone (
 trackrelay's is mostly SQLite's thread writing the events).
 
     .venv/bin/python bench/tracker_bench.py [--requests 20000] [--rounds 3] [--kinds pixel,redirect]
+        [--db sqlite|postgresql]
+
+With ``--db postgresql`` trackrelay writes to the database trackrelay_bench on the server of
+TRACKRELAY_TEST_PG_URL (dropped and created first), and the PostgreSQL server's CPU per request is
+reported beside the server's: it is not pinned, so it shares both cores with everything else.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proc_cpu import cpu_seconds, main_thread_cpu_seconds  # noqa: E402  (bench/ is on sys.path as the script's directory)
+from pg import fresh_db, postgres_cpu, scalar  # noqa: E402  (bench/ is on sys.path as the script's directory)
+from proc_cpu import cpu_seconds, main_thread_cpu_seconds  # noqa: E402
 
 UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
 BARE = r'''
@@ -94,11 +100,11 @@ def pin0():
     os.sched_setaffinity(0, {0})
 
 
-def summary(name: str, elapsed: float, lat: list[float], cpu: float, loop_cpu: float) -> dict:
+def summary(name: str, elapsed: float, lat: list[float], cpu: float, loop_cpu: float, pg_cpu: float) -> dict:
     lat.sort()
     return {"name": name, "rps": len(lat) / elapsed, "p99": lat[int(len(lat) * 0.99) - 1] * 1000,
             "p50": lat[len(lat) // 2] * 1000, "cpu_us": cpu / len(lat) * 1e6,
-            "loop_us": loop_cpu / len(lat) * 1e6}
+            "loop_us": loop_cpu / len(lat) * 1e6, "pg_us": pg_cpu / len(lat) * 1e6}
 
 
 CONFIG = """
@@ -108,7 +114,7 @@ hostname = "relay.bench.test"
 [upstream]
 url = "maildir://{tmp}/outbox"
 [storage]
-url = "sqlite+aiosqlite:///{tmp}/t.db"
+url = "{db_url}"
 [tracker]
 listen = "127.0.0.1:{t_port}"
 public_url = "http://127.0.0.1:{t_port}"
@@ -154,6 +160,9 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=20000, help="requests per row and round")
     ap.add_argument("--rounds", type=int, default=3, help="bare and trackrelay rows alternate this often")
     ap.add_argument("--kinds", default="pixel,redirect", help="which handlers to measure (comma-separated)")
+    ap.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite",
+                    help="trackrelay's database: SQLite (the embedded default) or PostgreSQL (database "
+                         "trackrelay_bench on the server of TRACKRELAY_TEST_PG_URL, emptied first)")
     args = ap.parse_args()
     n = args.requests
     kinds = args.kinds.split(",")
@@ -164,7 +173,8 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         port, relay_port, t_port, a_port = free_port(), free_port(), free_port(), free_port()
         cfg = Path(tmp) / "t.toml"
-        cfg.write_text(CONFIG.format(relay_port=relay_port, t_port=t_port, a_port=a_port, tmp=tmp,
+        db_url = f"sqlite+aiosqlite:///{tmp}/t.db" if args.db == "sqlite" else await fresh_db()
+        cfg.write_text(CONFIG.format(relay_port=relay_port, t_port=t_port, a_port=a_port, tmp=tmp, db_url=db_url,
                                      password_hash=hash_password("pw")))
         bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)], preexec_fn=pin0)
         proc = subprocess.Popen([sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "serve"],
@@ -177,14 +187,18 @@ async def main() -> None:
                     ("bare", "redirect"): [f"http://127.0.0.1:{port}/c/abc{i}" for i in range(50)],
                     ("trackrelay", "pixel"): pixels, ("trackrelay", "redirect"): clicks}
 
-            def count() -> int:
+            events_sql = "SELECT count(*) FROM events WHERE type IN ('opened','clicked') AND NOT inferred"
+
+            def count_sqlite() -> int:
                 with sqlite3.connect(f"{tmp}/t.db") as db:
-                    return db.execute("SELECT count(*) FROM events WHERE type IN ('opened','clicked') "
-                                      "AND inferred = 0").fetchone()[0]
+                    return db.execute(events_sql).fetchone()[0]
+
+            async def count() -> int:
+                return await (asyncio.to_thread(count_sqlite) if args.db == "sqlite" else scalar(db_url, events_sql))
 
             async def persisted(expected: int) -> int:
                 deadline = time.monotonic() + 120
-                while (c := await asyncio.to_thread(count)) < expected and time.monotonic() < deadline:
+                while (c := await count()) < expected and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 return c
 
@@ -205,16 +219,17 @@ async def main() -> None:
                         other.send_signal(signal.SIGSTOP)
                         try:
                             # server CPU from the row's first request until its last event is written
-                            cpu0, loop0 = cpu_seconds(server.pid), main_thread_cpu_seconds(server.pid)
+                            cpu0, loop0, pg0 = cpu_seconds(server.pid), main_thread_cpu_seconds(server.pid), postgres_cpu()
                             elapsed, lat = await load(urls[(name, kind)], n)
                             if name == "trackrelay":
                                 total += n
                                 c = await persisted(total)
                             cpu = cpu_seconds(server.pid) - cpu0
                             loop_cpu = main_thread_cpu_seconds(server.pid) - loop0
+                            pg_cpu = postgres_cpu() - pg0 if args.db == "postgresql" else 0.0
                         finally:
                             other.send_signal(signal.SIGCONT)
-                        rows.setdefault((name, kind), []).append(summary(f"{name} {kind}", elapsed, lat, cpu, loop_cpu))
+                        rows.setdefault((name, kind), []).append(summary(f"{name} {kind}", elapsed, lat, cpu, loop_cpu, pg_cpu))
         finally:
             for server in (bare, proc):
                 server.send_signal(signal.SIGCONT)
@@ -222,22 +237,26 @@ async def main() -> None:
             bare.wait()
             proc.wait(30)
 
+    pg = args.db == "postgresql"
     print(f"{n} requests per row, {args.rounds} rounds (bare and trackrelay alternating), after 1,000 "
-          "warm-up requests each; 32 concurrent keep-alive connections; server on CPU 0, load on CPU 1\n")
-    print("| server | round | requests/s | p50 (ms) | p99 (ms) | server CPU µs per request | of which the event loop's |\n"
-          "|---|---:|---:|---:|---:|---:|---:|")
+          "warm-up requests each; 32 concurrent keep-alive connections; server on CPU 0, load on CPU 1; "
+          f"trackrelay on {'PostgreSQL (its server unpinned, on both cores)' if pg else 'SQLite'}\n")
+    print("| server | round | requests/s | p50 (ms) | p99 (ms) | server CPU µs per request | of which the event loop's |"
+          + (" PostgreSQL's CPU µs per request |" if pg else "") + "\n|---|---:|---:|---:|---:|---:|---:|"
+          + ("---:|" if pg else ""))
     for kind in kinds:
         for name in ("bare", "trackrelay"):
             for i, r in enumerate(rows[(name, kind)], 1):
                 label = f"bare aiohttp {kind}" if name == "bare" else f"trackrelay {kind}"
                 print(f"| {label} | {i} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['cpu_us']:.0f} "
-                      f"| {r['loop_us']:.0f} |")
+                      f"| {r['loop_us']:.0f} |" + (f" {r['pg_us']:.0f} |" if pg else ""))
     for kind in kinds:
         pairs = list(zip(rows[("bare", kind)], rows[("trackrelay", kind)]))
         by_rps = sorted(o["rps"] / b["rps"] for b, o in pairs)
-        by_cpu = sorted(b["cpu_us"] / o["cpu_us"] for b, o in pairs)
+        by_cpu = sorted(b["cpu_us"] / (o["cpu_us"] + o["pg_us"]) for b, o in pairs)
         print(f"\n{kind}: trackrelay / bare by requests/s, rounds lowest first: {', '.join(f'{x:.2f}' for x in by_rps)} "
-              f"(median {statistics.median(by_rps):.2f}); by CPU per request (event written included) "
+              f"(median {statistics.median(by_rps):.2f}); by CPU per request (event written included"
+              f"{', PostgreSQL’s CPU too' if pg else ''}) "
               f"{', '.join(f'{x:.2f}' for x in by_cpu)} (median {statistics.median(by_cpu):.2f})")
     print(f"\nevents persisted: {c} of {total} requests")
 

@@ -86,7 +86,7 @@ async def main(n: int, instructions: bool) -> None:
     relay_port = free_port()
     cfg = config_mod.from_dict(tomllib.loads(CONFIG.format(  # the HTTP benchmark's configuration
         relay_port=relay_port, t_port=free_port(), a_port=free_port(), tmp=tmp,
-        password_hash=hash_password("pw"))), "tracker_cost")
+        db_url=f"sqlite+aiosqlite:///{tmp}/t.db", password_hash=hash_password("pw"))), "tracker_cost")
     service = Service(cfg)
     await service.start()
     try:
