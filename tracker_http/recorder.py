@@ -34,10 +34,11 @@ BUFFER_MAX = 100_000
 BATCH_MAX = 1000
 FLUSH_INTERVAL = 0.05
 HUMAN_CACHE_MAX = 200_000
-#: How long a recipient's human history read from the database is trusted, with this process's
-#: own writes added since. Only another tracker process's writes can make it stale (a duplicate
-#: inferred open or `first` within this window, the race two processes have anyway); without it
-#: every batch asked again about every recipient who opened but never clicked — most of them.
+#: How long a recipient's human history read from the database is trusted, with this recorder's
+#: own writes added since. Only other writers can make it stale — another tracker process, the
+#: relay recording a reply's inferred open — and then a `first` or an inferred open may be doubled
+#: within this window (two tracker processes race so anyway); without it every batch asked again
+#: about every recipient who opened but never clicked — most of them.
 HISTORY_TTL = 10.0
 REQUEST_CACHE_MAX = 8192
 
