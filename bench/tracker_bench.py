@@ -219,7 +219,8 @@ async def main() -> None:
                         other.send_signal(signal.SIGSTOP)
                         try:
                             # server CPU from the row's first request until its last event is written
-                            cpu0, loop0, pg0 = cpu_seconds(server.pid), main_thread_cpu_seconds(server.pid), postgres_cpu()
+                            cpu0, loop0 = cpu_seconds(server.pid), main_thread_cpu_seconds(server.pid)
+                            pg0 = postgres_cpu()
                             elapsed, lat = await load(urls[(name, kind)], n)
                             if name == "trackrelay":
                                 total += n
@@ -229,7 +230,8 @@ async def main() -> None:
                             pg_cpu = postgres_cpu() - pg0 if args.db == "postgresql" else 0.0
                         finally:
                             other.send_signal(signal.SIGCONT)
-                        rows.setdefault((name, kind), []).append(summary(f"{name} {kind}", elapsed, lat, cpu, loop_cpu, pg_cpu))
+                        rows.setdefault((name, kind), []).append(
+                            summary(f"{name} {kind}", elapsed, lat, cpu, loop_cpu, pg_cpu))
         finally:
             for server in (bare, proc):
                 server.send_signal(signal.SIGCONT)
@@ -241,9 +243,9 @@ async def main() -> None:
     print(f"{n} requests per row, {args.rounds} rounds (bare and trackrelay alternating), after 1,000 "
           "warm-up requests each; 32 concurrent keep-alive connections; server on CPU 0, load on CPU 1; "
           f"trackrelay on {'PostgreSQL (its server unpinned, on both cores)' if pg else 'SQLite'}\n")
-    print("| server | round | requests/s | p50 (ms) | p99 (ms) | server CPU µs per request | of which the event loop's |"
-          + (" PostgreSQL's CPU µs per request |" if pg else "") + "\n|---|---:|---:|---:|---:|---:|---:|"
-          + ("---:|" if pg else ""))
+    print("| server | round | requests/s | p50 (ms) | p99 (ms) | server CPU µs per request "
+          "| of which the event loop's |" + (" PostgreSQL's CPU µs per request |" if pg else "")
+          + "\n|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if pg else ""))
     for kind in kinds:
         for name in ("bare", "trackrelay"):
             for i, r in enumerate(rows[(name, kind)], 1):

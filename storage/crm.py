@@ -142,14 +142,14 @@ async def touch_contacts(session: AsyncSession, updates: dict[str, dict[str, dat
 #: max() of two texts is NULL when either is, hence coalesce: the later of the two, or whichever
 #: is set. The stored text sorts as the time does (fixed-width UTC, as ``direct.sqlite_time``).
 _TOUCH_SQL = "UPDATE contacts SET " + ", ".join(
-    f"{c} = coalesce(max({c}, ?{i}), ?{i}, {c})" for i, c in enumerate(_DATE_COLUMNS, 1)) + " WHERE email = ?4"
+    f"{c} = coalesce(max({c}, ?{i}), ?{i}, {c})" for i, c in enumerate(_DATE_COLUMNS, 1)
+) + f" WHERE email = ?{len(_DATE_COLUMNS) + 1}"
 
 
 def touch_contacts_sqlite(db: direct.Db, updates: dict[str, dict[str, str]]) -> None:
     """``touch_contacts`` on SQLite's thread, the dates already in SQLite's text (the tracker's
     events make them from epoch seconds with ``direct.sqlite_epoch``)."""
-    db.executemany(_TOUCH_SQL, [(moved.get("last_open_at"), moved.get("last_click_at"),
-                                 moved.get("last_engagement_at"), email) for email, moved in updates.items()])
+    db.executemany(_TOUCH_SQL, [(*map(moved.get, _DATE_COLUMNS), email) for email, moved in updates.items()])
 
 
 # -- Never Log --------------------------------------------------------------------------------

@@ -246,7 +246,8 @@ class Recorder:
             facts[(kind, method, ua, ip)] = found
         return found
 
-    def _facts_sqlite(self, db, tokens: list[str]) -> tuple[dict[str, ev.TokenInfo], set[tuple[int, str]], dict[int, float]]:
+    def _facts_sqlite(self, db, tokens: list[str]
+                      ) -> tuple[dict[str, ev.TokenInfo], set[tuple[int, str]], dict[int, float]]:
         """On SQLite's thread: the batch's tokens resolved, and the human history of their
         recipients that memory does not already hold (``_history``'s rule)."""
         info = ev.resolve_tokens_sqlite(db, tokens)
@@ -272,8 +273,10 @@ class Recorder:
         leaves memory as it was."""
         known, asked, fresh = self._human, self._asked, time.monotonic() - HISTORY_TTL
         unknown = {pk for pk in recipient_pks
-                   if ((pk, "opened") not in known or (pk, "clicked") not in known) and asked.get(pk, fresh) <= fresh}
-        return {(pk, k) for pk in recipient_pks - unknown for k in ("opened", "clicked") if (pk, k) in known}, unknown
+                   if ((pk, "opened") not in known or (pk, "clicked") not in known)
+                   and asked.get(pk, fresh) <= fresh}
+        history = {(pk, k) for pk in recipient_pks - unknown for k in ("opened", "clicked") if (pk, k) in known}
+        return history, unknown
 
     @staticmethod
     def _move_dates(dates: dict[str, float], kind: str, at: float) -> None:
