@@ -16,7 +16,6 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -79,8 +78,8 @@ class Recorder:
         #: recipient → when (monotonic) its history was last read from the database: until
         #: HISTORY_TTL later, what ``_human`` lacks of it is known not to exist.
         self._asked: dict[int, float] = {}
-        #: (kind, method, user agent, ip) → (request_verdict, stored ip, client): what depends on
-        #: the request alone, worked out once per reader or scanner.
+        #: (kind, method, user agent, ip) → (request_verdict, stored ip, user agent as kept,
+        #: client): what depends on the request alone, worked out once per reader or scanner.
         self._request_facts: dict[tuple[str, str, str, str], tuple] = {}
         #: Idempotency keys: a prefix unique to this process start, then the hit's position in
         #: the stream of hits buffered (``_flushed``: how many have left the buffer, written or
@@ -177,10 +176,11 @@ class Recorder:
             async with self._engine.begin() as conn:  # a bare connection: no ORM here
                 info = await ev.resolve_tokens(conn, tokens)
                 history, asked = await self._history(conn, {i.recipient_pk for i in info.values()})
-                rows, dates = self._rows(batch, info, history, ev.epoch_param(conn.dialect))
+                stamp = ev.epoch_param(conn.dialect)
+                rows, dates = self._rows(batch, info, history, stamp)
                 await ev.insert_rows(conn, rows)
                 if dates:
-                    await crm.touch_contacts(conn, _stamped(dates, _utc))
+                    await crm.touch_contacts(conn, _stamped(dates, stamp))
         if len(self._human) > HUMAN_CACHE_MAX or len(self._asked) > HUMAN_CACHE_MAX:
             self._human.clear()
             self._asked.clear()
@@ -302,10 +302,6 @@ class Recorder:
 def _stamped(dates: dict[str, dict[str, float]], stamp) -> dict:
     """Contact dates in epoch seconds as the driver's time parameters."""
     return {address: {name: stamp(at) for name, at in moved.items()} for address, moved in dates.items()}
-
-
-def _utc(at: float) -> datetime:
-    return datetime.fromtimestamp(at, timezone.utc)
 
 
 def _store_sqlite(db, events_sql: str, rows: list[tuple], dates: dict[str, dict[str, str]]) -> None:
