@@ -383,6 +383,35 @@ async def test_history_read_from_the_database_is_trusted_for_history_ttl_only(re
     assert len(asked) == 3  # ours before the HEAD, the other's, ours again before the click
 
 
+async def test_under_steady_load_events_are_written_a_batch_per_flush_interval(relay, sink, monkeypatch):
+    """Hits that come in while a batch is written wait for the next interval: at most a batch per
+    FLUSH_INTERVAL (or per BATCH_MAX hits), not small batches back to back, each with its own
+    commit, token look-up and contact updates. Every hit is still written."""
+    from tracker_http import recorder as recorder_module
+    interval = 0.2
+    monkeypatch.setattr(recorder_module, "FLUSH_INTERVAL", interval)
+    await start(relay)
+    t = await send_tracked(relay)
+    rec = relay.service.tracker.recorder
+    before, sent = rec.stats.batches, 0
+    async with browser() as s:
+        t0 = time.monotonic()
+
+        async def reader():
+            nonlocal sent
+            while time.monotonic() - t0 < 1.0:
+                async with s.get(t.pixel("carol@ext.test")) as r:
+                    assert r.status == 200
+                sent += 1
+
+        await asyncio.gather(*(reader() for _ in range(4)))
+        elapsed = time.monotonic() - t0
+    assert len(await events(relay, want=sent)) == sent
+    batches = rec.stats.batches - before
+    assert sent > 4 * elapsed / interval  # enough load to batch at all
+    assert batches <= elapsed / interval + sent // recorder_module.BATCH_MAX + 2, (batches, sent)
+
+
 async def test_events_api_shows_own_events_only_and_admin_sees_all(relay, sink):
     await start(relay)
     t_alice = await send_tracked(relay, user="alice")
@@ -424,6 +453,7 @@ async def test_events_api_shows_own_events_only_and_admin_sees_all(relay, sink):
             text = await r.text()
             assert 'trackrelay_tracker_requests_total{route="pixel"} 1' in text
             assert "trackrelay_events_dropped_total 0" in text
+            assert re.search(r"^trackrelay_event_batches_total [1-9]", text, re.M)
 
 
 @pytest.mark.browser
