@@ -6,7 +6,8 @@ SQLite); the load generator (aiohttp client, 32 concurrent connections, keep-ali
 CPU 1. Rows of bare and trackrelay alternate for several rounds, the server not under load stopped
 (SIGSTOP), so a drift of the machine's speed falls on both. After each trackrelay row, every
 request's event is counted in the database. Server CPU is given in all and for the event loop's
-thread alone (the rest of trackrelay's is mostly SQLite's thread writing the events).
+thread alone (the rest of trackrelay's is mostly SQLite's thread writing the events), and the
+server's disk writes (``write_bytes`` of /proc/<pid>/io: SQLite's WAL and its checkpoints).
 
     .venv/bin/python bench/tracker_bench.py [--requests 20000] [--rounds 3] [--kinds pixel,redirect]
         [--db sqlite|postgresql]
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pg import fresh_db, postgres_cpu, scalar  # noqa: E402  (bench/ is on sys.path as the script's directory)
-from proc_cpu import cpu_seconds, main_thread_cpu_seconds  # noqa: E402
+from proc_cpu import cpu_seconds, main_thread_cpu_seconds, write_bytes  # noqa: E402
 
 UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
 BARE = r'''
@@ -100,11 +101,13 @@ def pin0():
     os.sched_setaffinity(0, {0})
 
 
-def summary(name: str, elapsed: float, lat: list[float], cpu: float, loop_cpu: float, pg_cpu: float) -> dict:
+def summary(name: str, elapsed: float, lat: list[float], cpu: float, loop_cpu: float, pg_cpu: float,
+            written: int) -> dict:
     lat.sort()
     return {"name": name, "rps": len(lat) / elapsed, "p99": lat[int(len(lat) * 0.99) - 1] * 1000,
             "p50": lat[len(lat) // 2] * 1000, "cpu_us": cpu / len(lat) * 1e6,
-            "loop_us": loop_cpu / len(lat) * 1e6, "pg_us": pg_cpu / len(lat) * 1e6}
+            "loop_us": loop_cpu / len(lat) * 1e6, "pg_us": pg_cpu / len(lat) * 1e6,
+            "written_kb": written / len(lat) / 1000}
 
 
 CONFIG = """
@@ -223,6 +226,7 @@ async def main() -> None:
                         try:
                             # server CPU from the row's first request until its last event is written
                             cpu0, loop0 = cpu_seconds(server.pid), main_thread_cpu_seconds(server.pid)
+                            written0 = write_bytes(server.pid)
                             pg0 = postgres_cpu()
                             elapsed, lat = await load(urls[(name, kind)], n)
                             if name == "trackrelay":
@@ -230,11 +234,12 @@ async def main() -> None:
                                 c = await persisted(total)
                             cpu = cpu_seconds(server.pid) - cpu0
                             loop_cpu = main_thread_cpu_seconds(server.pid) - loop0
+                            written = write_bytes(server.pid) - written0
                             pg_cpu = postgres_cpu() - pg0 if args.db == "postgresql" else 0.0
                         finally:
                             other.send_signal(signal.SIGCONT)
                         rows.setdefault((name, kind), []).append(
-                            summary(f"{name} {kind}", elapsed, lat, cpu, loop_cpu, pg_cpu))
+                            summary(f"{name} {kind}", elapsed, lat, cpu, loop_cpu, pg_cpu, written))
         finally:
             for server in (bare, proc):
                 server.send_signal(signal.SIGCONT)
@@ -247,14 +252,15 @@ async def main() -> None:
           "warm-up requests each; 32 concurrent keep-alive connections; server on CPU 0, load on CPU 1; "
           f"trackrelay on {'PostgreSQL (its server unpinned, on both cores)' if pg else 'SQLite'}\n")
     print("| server | round | requests/s | p50 (ms) | p99 (ms) | server CPU µs per request "
-          "| of which the event loop's |" + (" PostgreSQL's CPU µs per request |" if pg else "")
-          + "\n|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if pg else ""))
+          "| of which the event loop's | server's disk writes per request (KB) |"
+          + (" PostgreSQL's CPU µs per request |" if pg else "")
+          + "\n|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if pg else ""))
     for kind in kinds:
         for name in ("bare", "trackrelay"):
             for i, r in enumerate(rows[(name, kind)], 1):
                 label = f"bare aiohttp {kind}" if name == "bare" else f"trackrelay {kind}"
                 print(f"| {label} | {i} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['cpu_us']:.0f} "
-                      f"| {r['loop_us']:.0f} |" + (f" {r['pg_us']:.0f} |" if pg else ""))
+                      f"| {r['loop_us']:.0f} | {r['written_kb']:.2f} |" + (f" {r['pg_us']:.0f} |" if pg else ""))
     for kind in kinds:
         pairs = list(zip(rows[("bare", kind)], rows[("trackrelay", kind)]))
         by_rps = sorted(o["rps"] / b["rps"] for b, o in pairs)
