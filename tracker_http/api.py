@@ -132,7 +132,7 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP trackrelay_events_written_total Events written to the database.",
         "# TYPE trackrelay_events_written_total counter",
         f"trackrelay_events_written_total {st.written}",
-        "# HELP trackrelay_event_batches_total Batches of events committed (a batch per flush interval at most, under load).",
+        "# HELP trackrelay_event_batches_total Batches of events committed (written / batches: their size).",
         "# TYPE trackrelay_event_batches_total counter",
         f"trackrelay_event_batches_total {st.batches}",
         "# HELP trackrelay_event_buffer_depth Events waiting in memory to be written.",
