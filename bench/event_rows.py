@@ -83,9 +83,10 @@ def _measure(spread: int, batch: int, batches: int, drop: tuple[str, ...]) -> tu
             db.commit()
         cpu = time.process_time() - t0
         frames = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
         db.close()
     events = batch * batches
-    return frames / batches, frames * 4096 / events, cpu / events * 1e6
+    return frames / batches, frames * page_size / events, cpu / events * 1e6
 
 
 def main() -> None:
@@ -94,8 +95,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=600, help="events per commit (the recorder's at ~12,000/s)")
     ap.add_argument("--batches", type=int, default=20)
     args = ap.parse_args()
-    print(f"batches of {args.batch} open events, {args.batches} commits, into 300,000 earlier events "
-          f"of {RECIPIENTS:,} recipients\n")
+    print(f"batches of {args.batch} open events, {args.batches} commits, into {3 * RECIPIENTS:,} earlier "
+          f"events of {RECIPIENTS:,} recipients\n")
     print("| opens spread over | WAL pages per commit | bytes written per event (WAL) | CPU µs per event |\n"
           "|---|---:|---:|---:|")
     spreads = [int(s) for s in args.spreads.split(",")]
