@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from proc_cpu import cpu_seconds  # bench/ is on sys.path as the scripts' directory
+
 PG = os.environ.get("TRACKRELAY_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 DB = "trackrelay_bench"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def dsn(url: str) -> str:
@@ -35,15 +36,6 @@ async def scalar(url: str, sql: str) -> int:
         await conn.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far; 0 for one that has gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
-    except (FileNotFoundError, IndexError):
-        return 0.0
-
-
 def postgres_cpu() -> float:
     """CPU of all the PostgreSQL server's processes so far (every database on it)."""
     total = 0.0
@@ -52,6 +44,6 @@ def postgres_cpu() -> float:
             try:
                 if (p / "comm").read_text().strip() in ("postgres", "postmaster"):
                     total += cpu_seconds(int(p.name))
-            except OSError:
+            except OSError:  # gone meanwhile
                 pass
     return total

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from helpers import Sink  # noqa: E402
 from topology import Topology, hit_trackers, send_many  # noqa: E402
-from pg import cpu_seconds, fresh_db, postgres_cpu, scalar  # noqa: E402  (bench/ is the script's directory)
+from pg import fresh_db, postgres_cpu, scalar  # noqa: E402  (bench/ is the script's directory)
+from proc_cpu import cpu_seconds  # noqa: E402
 
 
 async def run(n: int, messages: int, hits: int) -> dict:
