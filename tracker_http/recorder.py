@@ -54,7 +54,6 @@ Hit = tuple
 
 @dataclass
 class Stats:
-    buffered: int = 0
     dropped: int = 0
     written: int = 0
     batches: int = 0  # batches committed (written / batches: how well the flush interval groups)
