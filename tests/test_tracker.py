@@ -97,6 +97,14 @@ async def test_pixel_records_a_human_open_for_exactly_that_recipient(relay, sink
     assert row[6] in (True, 1) and row[8] == "Chrome/Windows"
 
 
+async def test_user_agent_parser_is_built_before_the_tracker_listens(relay, sink, monkeypatch):
+    # Built lazily at the first event instead, its ~130 ms would stall the event loop while serving.
+    import ua_parser
+    monkeypatch.delitem(vars(ua_parser), "parser", raising=False)  # as in a fresh process
+    await start(relay)
+    assert "parser" in vars(ua_parser)
+
+
 async def test_unknown_pixel_token_gets_the_gif_and_records_nothing(relay, sink):
     await start(relay)
     async with browser() as s:

@@ -8,6 +8,7 @@ from pathlib import Path
 from aiohttp import web
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from tracker_http import classify
 from tracker_http.api import create_api_app
 from tracker_http.netaddr import RangeSet, networks
 from tracker_http.public import create_public_app
@@ -40,6 +41,7 @@ class Tracker:
         self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
+        classify.warm_up()
         self.recorder.start()
         c = self.ctx.config
         for app, listen in ((create_public_app(self.ctx), c.tracker.listen),

@@ -64,6 +64,14 @@ def timing_verdict(kind: str, ip: str, at: float, delivered_at: float, sender_ip
     return HUMAN, None
 
 
+def warm_up() -> None:
+    """Build ua-parser's global parser now: compiling its regexes takes ~130 ms, which on the
+    event loop, at the first event's classification, would stall every request and SMTP session
+    of the process (``Tracker.start`` calls this before it listens)."""
+    import ua_parser
+    ua_parser.parser  # noqa: B018 - the module's lazy __getattr__ builds it
+
+
 @lru_cache(maxsize=4096)
 def client_of(user_agent: str) -> str | None:
     """A short client name, e.g. "Gmail", "Outlook/Windows", "Apple Mail/iOS", "Chrome/Android"."""
