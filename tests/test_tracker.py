@@ -420,6 +420,35 @@ async def test_under_steady_load_events_are_written_a_batch_per_flush_interval(r
     assert batches <= elapsed / interval + sent // recorder_module.BATCH_MAX + 2, (batches, sent)
 
 
+async def test_hits_left_after_a_full_batch_wait_for_the_next_interval(relay, sink, monkeypatch):
+    """A full batch's worth of hits arriving during a write wakes the recorder for that full batch
+    only: the remainder waits FLUSH_INTERVAL instead of going straight after as a small batch."""
+    from tracker_http import recorder as recorder_module
+    interval = 0.3
+    monkeypatch.setattr(recorder_module, "FLUSH_INTERVAL", interval)
+    await start(relay)
+    t = await send_tracked(relay)
+    rec = relay.service.tracker.recorder
+    write, calls = rec._write, []
+
+    async def write_while_hits_arrive(batch):
+        if not calls:  # hits come in while the first batch is written: a full batch and 200 more
+            for i in range(recorder_module.BATCH_MAX + 200):
+                rec.add(batch[0][:5] + (batch[0][5] + i * 1e-6,) + batch[0][6:])
+        started = time.monotonic()
+        n = await write(batch)
+        calls.append((len(batch), started, time.monotonic()))
+        return n
+
+    monkeypatch.setattr(rec, "_write", write_while_hits_arrive)
+    async with browser() as s:
+        async with s.get(t.pixel("carol@ext.test")) as r:
+            assert r.status == 200
+    assert len(await events(relay, want=recorder_module.BATCH_MAX + 201)) == recorder_module.BATCH_MAX + 201
+    assert [c[0] for c in calls] == [1, recorder_module.BATCH_MAX, 200]
+    assert calls[2][1] - calls[1][2] >= interval * 0.9, calls
+
+
 async def test_events_api_shows_own_events_only_and_admin_sees_all(relay, sink):
     await start(relay)
     t_alice = await send_tracked(relay, user="alice")

@@ -142,6 +142,10 @@ class Recorder:
                 backoff = 0.5
                 if len(self._buf) < BATCH_MAX:
                     break  # what came in meanwhile waits for the next interval: a batch, not a trickle
+            if len(self._buf) < BATCH_MAX:
+                # Set while a batch was written, for hits that have left with a full batch since:
+                # kept, it would send the remainder at once, a small batch back to back.
+                self._wake.clear()
 
     async def flush_once(self) -> bool:
         """Write one batch from the front of the buffer; False (batch kept) when that failed."""
