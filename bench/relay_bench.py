@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from helpers import free_port  # noqa: E402  (tests/ is on sys.path: its helpers)
 from proc_cpu import cpu_seconds  # noqa: E402  (bench/ is on sys.path as the script's directory)
 
 PASSWORD = "bench-password"
@@ -167,13 +168,6 @@ async def measure(name: str, argv: list[str], port: int, sink: CountingSink, n: 
 async def _until(sink: CountingSink, n: int) -> None:
     while sink.count < n:
         await asyncio.sleep(0.01)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def measure_trackrelay(track: bool, sink: CountingSink, sink_port: int, n: int, clients: int,

@@ -2,19 +2,23 @@
 
 One run, side by side: both servers are subprocesses pinned to CPU 0 (a bare aiohttp app returning
 the same GIF or 302 with the same headers, asked for the very same paths, and `trackrelay serve` on
-SQLite); the load generator (aiohttp client, 32 concurrent connections, keep-alive) runs here on
-CPU 1. Rows of bare and trackrelay alternate for several rounds, the server not under load stopped
-(SIGSTOP), so a drift of the machine's speed falls on both. After each trackrelay row, every
+SQLite); the load generator (``httpload.py``: raw asyncio connections, 32 concurrent, keep-alive;
+aiohttp's own client was too slow to saturate the bare server) runs here on CPU 1. Rows of bare
+and trackrelay alternate for several rounds, the server not under load stopped (SIGSTOP), so a
+drift of the machine's speed falls on both. After each trackrelay row, every
 request's event is counted in the database. Server CPU is given in all and for the event loop's
 thread alone (the rest of trackrelay's is mostly SQLite's thread writing the events), and the
 server's disk writes (``write_bytes`` of /proc/<pid>/io: SQLite's WAL and its checkpoints).
 
     .venv/bin/python bench/tracker_bench.py [--requests 20000] [--rounds 3] [--kinds pixel,redirect]
-        [--db sqlite|postgresql]
+        [--db sqlite|postgresql] [--probe-writer-process]
 
 With ``--db postgresql`` trackrelay writes to the database trackrelay_bench on the server of
 TRACKRELAY_TEST_PG_URL (dropped and created first), and the PostgreSQL server's CPU per request is
 reported beside the server's: it is not pinned, so it shares both cores with everything else.
+``--probe-writer-process`` measures a design, not the product: ``writer_probe.py`` in place of
+``trackrelay serve`` (the recorder in a child process on CPU 1, or the CPUs ``PROBE_CHILD_CPU``
+lists, at the niceness ``PROBE_CHILD_NICE`` adds; its CPU is counted in the server's).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import httpload  # noqa: E402
 from pg import fresh_db, postgres_cpu, scalar  # noqa: E402  (bench/ is on sys.path as the script's directory)
 from proc_cpu import cpu_seconds, main_thread_cpu_seconds, write_bytes  # noqa: E402
 
@@ -81,20 +86,13 @@ async def wait_http(url: str, timeout: float = 30) -> None:
 
 
 async def load(urls: list[str], n: int, concurrency: int = 32) -> tuple[float, list[float]]:
-    lat: list[float] = []
-    it = iter(range(n))
-    conn = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=conn, headers={"User-Agent": UA}) as s:
-        async def worker():
-            for i in it:
-                t0 = time.perf_counter()
-                async with s.get(urls[i % len(urls)], allow_redirects=False) as r:
-                    await r.read()
-                    assert r.status in (200, 302), r.status
-                lat.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - t0, lat
+    return await httpload.load(urls, n, concurrency, UA)
+
+
+def server_cpu(pid: int) -> float:
+    """CPU of a server process and its children (writer_probe.py's recorder process)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return cpu_seconds(pid) + sum(cpu_seconds(int(c)) for c in children)
 
 
 def pin0():
@@ -163,6 +161,9 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=20000, help="requests per row and round")
     ap.add_argument("--rounds", type=int, default=3, help="bare and trackrelay rows alternate this often")
     ap.add_argument("--kinds", default="pixel,redirect", help="which handlers to measure (comma-separated)")
+    ap.add_argument("--probe-writer-process", action="store_true",
+                    help="run writer_probe.py instead of trackrelay serve: the recorder in a child "
+                         "process pinned to CPU 1 (a measurement of that design, not the product)")
     ap.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite",
                     help="trackrelay's database: SQLite (the embedded default) or PostgreSQL (database "
                          "trackrelay_bench on the server of TRACKRELAY_TEST_PG_URL, emptied first)")
@@ -180,8 +181,11 @@ async def main() -> None:
         cfg.write_text(CONFIG.format(relay_port=relay_port, t_port=t_port, a_port=a_port, tmp=tmp, db_url=db_url,
                                      password_hash=hash_password("pw")))
         bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)], preexec_fn=pin0)
-        proc = subprocess.Popen([sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "serve"],
-                                preexec_fn=pin0, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        server = ([str(ROOT / "bench" / "writer_probe.py")] if args.probe_writer_process
+                  else ["-m", "trackrelay.cli"])
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env.setdefault("PROBE_CHILD_CPU", "1")  # writer_probe.py's child (unused otherwise)
+        proc = subprocess.Popen([sys.executable, *server, "-c", str(cfg), "serve"], preexec_fn=pin0, env=env)
         try:
             await wait_http(f"http://127.0.0.1:{port}/o/x.gif")
             await wait_http(f"http://127.0.0.1:{t_port}/healthz")
@@ -225,14 +229,14 @@ async def main() -> None:
                         other.send_signal(signal.SIGSTOP)
                         try:
                             # server CPU from the row's first request until its last event is written
-                            cpu0, loop0 = cpu_seconds(server.pid), main_thread_cpu_seconds(server.pid)
+                            cpu0, loop0 = server_cpu(server.pid), main_thread_cpu_seconds(server.pid)
                             written0 = write_bytes(server.pid)
                             pg0 = postgres_cpu()
                             elapsed, lat = await load(urls[(name, kind)], n)
                             if name == "trackrelay":
                                 total += n
                                 c = await persisted(total)
-                            cpu = cpu_seconds(server.pid) - cpu0
+                            cpu = server_cpu(server.pid) - cpu0
                             loop_cpu = main_thread_cpu_seconds(server.pid) - loop0
                             written = write_bytes(server.pid) - written0
                             pg_cpu = postgres_cpu() - pg0 if args.db == "postgresql" else 0.0
@@ -250,7 +254,9 @@ async def main() -> None:
     pg = args.db == "postgresql"
     print(f"{n} requests per row, {args.rounds} rounds (bare and trackrelay alternating), after 1,000 "
           "warm-up requests each; 32 concurrent keep-alive connections; server on CPU 0, load on CPU 1; "
-          f"trackrelay on {'PostgreSQL (its server unpinned, on both cores)' if pg else 'SQLite'}\n")
+          f"trackrelay on {'PostgreSQL (its server unpinned, on both cores)' if pg else 'SQLite'}"
+          + ("; PROBE: writer_probe.py, the recorder in a child process on CPU 1 (its CPU counted in "
+             "the server's)" if args.probe_writer_process else "") + "\n")
     print("| server | round | requests/s | p50 (ms) | p99 (ms) | server CPU µs per request "
           "| of which the event loop's | server's disk writes per request (KB) |"
           + (" PostgreSQL's CPU µs per request |" if pg else "")
@@ -265,10 +271,13 @@ async def main() -> None:
         pairs = list(zip(rows[("bare", kind)], rows[("trackrelay", kind)]))
         by_rps = sorted(o["rps"] / b["rps"] for b, o in pairs)
         by_cpu = sorted(b["cpu_us"] / (o["cpu_us"] + o["pg_us"]) for b, o in pairs)
+        by_loop = sorted(b["loop_us"] / o["loop_us"] for b, o in pairs)
         print(f"\n{kind}: trackrelay / bare by requests/s, rounds lowest first: {', '.join(f'{x:.2f}' for x in by_rps)} "
               f"(median {statistics.median(by_rps):.2f}); by CPU per request (event written included"
               f"{', PostgreSQL’s CPU too' if pg else ''}) "
-              f"{', '.join(f'{x:.2f}' for x in by_cpu)} (median {statistics.median(by_cpu):.2f})")
+              f"{', '.join(f'{x:.2f}' for x in by_cpu)} (median {statistics.median(by_cpu):.2f}); by the event "
+              f"loop's CPU alone (the bound of any design that writes the events off the loop's core) "
+              f"{', '.join(f'{x:.2f}' for x in by_loop)} (median {statistics.median(by_loop):.2f})")
     print(f"\nevents persisted: {c} of {total} requests")
 
 
