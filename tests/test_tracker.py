@@ -131,7 +131,7 @@ async def test_click_redirects_to_the_original_and_records_click_with_inferred_o
 
 
 @pytest.mark.parametrize("mangle", ["tamper_target", "tamper_sig", "other_key", "javascript", "crlf", "truncated",
-                                    "non_ascii_index", "non_ascii_target"])
+                                    "non_ascii_index", "non_ascii_target", "control_char"])
 async def test_bad_click_urls_get_404_never_a_redirect(relay, sink, mangle):
     await start(relay)
     t = await send_tracked(relay)
@@ -149,6 +149,9 @@ async def test_bad_click_urls_get_404_never_a_redirect(relay, sink, mangle):
     elif mangle == "crlf":
         bad = click_url(base, Keyring.from_strings(["test-key-0123456789abcdef"]), token, 0,
                         "https://example.com/\r\nSet-Cookie: x=1")
+    elif mangle == "control_char":  # signed, http(s), no CR/LF/NUL: still no header value
+        bad = click_url(base, Keyring.from_strings(["test-key-0123456789abcdef"]), token, 0,
+                        "https://example.com/\x01x")
     elif mangle == "non_ascii_index":  # "²" passes str.isdigit
         bad = f"{base}/c/{kid}.{token}.\u00b2.{target}.{sig}"
     elif mangle == "non_ascii_target":

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from tracker_http.netaddr import client_ip
+from tracker_http.prepared import Prepared, header_safe, headers
 from tracker_http.state import CTX, Context
 from trackrelay.links import to_uri, verify_click
 
@@ -23,6 +24,9 @@ GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01
 assert len(GIF) == 43
 
 NO_STORE = "no-store, no-cache, must-revalidate, private, max-age=0"
+_PIXEL_HEAD = headers(Content_Type="image/gif", Cache_Control=NO_STORE, Pragma="no-cache", Expires="0",
+                      Referrer_Policy="no-referrer")
+_REDIRECT_HEAD = headers(Cache_Control=NO_STORE, Referrer_Policy="no-referrer")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
@@ -32,31 +36,28 @@ def _who(request: web.Request, ctx: Context) -> tuple[str, str]:
     return ip, request.headers.get("User-Agent", "")
 
 
-async def pixel(request: web.Request) -> web.Response:
+async def pixel(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     ctx.metrics.inc("pixel")
     token = request.match_info["token"]
     if _TOKEN.match(token):
         ip, ua = _who(request, ctx)
         ctx.recorder.add(("open", token, request.method, ip, ua, time(), None, None))  # a recorder.Hit
-    return web.Response(body=GIF, content_type="image/gif",
-                        headers={"Cache-Control": NO_STORE, "Pragma": "no-cache", "Expires": "0",
-                                 "Referrer-Policy": "no-referrer"})
+    return Prepared(200, _PIXEL_HEAD, GIF)
 
 
-async def click(request: web.Request) -> web.Response:
+async def click(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     ctx.metrics.inc("click")
     found = verify_click(ctx.keyring, request.match_info["rest"])
-    if found is None:
+    # verify_click lets through only http(s) targets without CR, LF or NUL; to_uri makes them ASCII
+    location = to_uri(found.target.strip()) if found is not None else ""
+    if found is None or not header_safe(location):
         ctx.metrics.inc("click_rejected")
         raise web.HTTPNotFound(text="Not found\n", headers={"Cache-Control": NO_STORE})
-    # verify_click lets through only http(s) targets without CR, LF or NUL
-    location = to_uri(found.target.strip())
     ip, ua = _who(request, ctx)
     ctx.recorder.add(("click", found.token, request.method, ip, ua, time(), found.target, found.index))
-    return web.Response(status=302, headers={"Location": location, "Cache-Control": NO_STORE,
-                                             "Referrer-Policy": "no-referrer"})
+    return Prepared(302, b"Location: " + location.encode("ascii") + b"\r\n" + _REDIRECT_HEAD)
 
 
 async def healthz(request: web.Request) -> web.Response:

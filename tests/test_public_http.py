@@ -1,0 +1,153 @@
+"""The public listener's responses at the level of HTTP/1.x bytes on a raw socket.
+
+The pixel and the redirect are written as prepared bytes (tracker_http/prepared.py) rather than by
+aiohttp's response machinery; these tests hold them to what aiohttp would have sent: framing,
+keep-alive and close, HTTP/1.0, HEAD, and the headers SPEC §6 asks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+
+import pytest
+
+from test_tracker import GIF, public, send_tracked, start
+from tracker_http.public import NO_STORE
+
+pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # HTTP framing, not storage
+
+UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
+
+
+class Conn:
+    """One TCP connection to the public listener, reading responses exactly by their framing."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, relay) -> "Conn":
+        host, port = relay.config.tracker.listen.rsplit(":", 1)
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    async def request(self, method: str, path: str, version: str = "1.1", extra: str = "") -> None:
+        self.writer.write(f"{method} {path} HTTP/{version}\r\nHost: t.example\r\nUser-Agent: {UA}\r\n"
+                          f"{extra}\r\n".encode())
+        await self.writer.drain()
+
+    async def response(self, body: bool = True) -> tuple[str, list[tuple[str, str]], bytes]:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 5)
+        status, *lines = head[:-4].decode("ascii").split("\r\n")
+        fields = [tuple(x.strip() for x in line.split(":", 1)) for line in lines]
+        length = int(dict((k.lower(), v) for k, v in fields).get("content-length", "0"))
+        data = await asyncio.wait_for(self.reader.readexactly(length), 5) if body else b""
+        return status, fields, data
+
+    async def closed_by_server(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(1), 5) == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+async def tracked_paths(relay, link: int = 0) -> tuple[str, str]:
+    """Start the relay, send a tracked message: its pixel's and a link's path on the listener."""
+    await start(relay)
+    t = await send_tracked(relay)
+    base = public(relay)
+    return t.pixel("carol@ext.test").split(base, 1)[1], t.clicks("carol@ext.test")[link].split(base, 1)[1]
+
+
+def names(fields) -> dict[str, str]:
+    out = {}
+    for k, v in fields:
+        assert k.lower() not in out, f"{k} twice"
+        out[k.lower()] = v
+    return out
+
+
+async def test_pixel_response_bytes_are_a_complete_http_1_1_response_with_the_spec_headers(relay, sink):
+    path, _ = await tracked_paths(relay)
+    c = await Conn.open(relay)
+    await c.request("GET", path)
+    status, fields, body = await c.response()
+    h = names(fields)
+    assert status == "HTTP/1.1 200 OK" and body == GIF
+    assert {k: h[k] for k in ("content-type", "content-length", "cache-control", "pragma", "expires",
+                              "referrer-policy")} == {
+        "content-type": "image/gif", "content-length": "43", "cache-control": NO_STORE, "pragma": "no-cache",
+        "expires": "0", "referrer-policy": "no-referrer"}
+    assert abs(email.utils.parsedate_to_datetime(h["date"]).timestamp() - time.time()) < 5
+    assert "connection" not in h and "transfer-encoding" not in h
+    await c.close()
+
+
+async def test_keep_alive_connection_carries_pixels_heads_and_redirects_in_turn(relay, sink):
+    pixel, click = await tracked_paths(relay)
+    c = await Conn.open(relay)
+    for method, path in [("GET", pixel), ("HEAD", pixel), ("GET", click), ("HEAD", click), ("GET", pixel)]:
+        await c.request(method, path)
+        status, fields, body = await c.response(body=method != "HEAD")
+        h = names(fields)
+        if path == pixel:
+            assert (status, h["content-length"]) == ("HTTP/1.1 200 OK", "43")
+            assert body == (GIF if method == "GET" else b"")
+        else:
+            assert (status, h["location"], h["content-length"]) == (
+                "HTTP/1.1 302 Found", "https://example.com/offer?a=1&b=2", "0")
+            assert h["cache-control"] == NO_STORE and h["referrer-policy"] == "no-referrer"
+    # a HEAD's response carries no body: had it, the next status line would not have parsed
+    await c.request("GET", "/healthz")
+    status, _, body = await c.response()
+    assert status == "HTTP/1.1 200 OK" and b"ok" in body
+    await c.close()
+
+
+async def test_pipelined_requests_get_their_responses_in_order(relay, sink):
+    pixel, click = await tracked_paths(relay, link=1)
+    c = await Conn.open(relay)
+    raw = b"".join(f"GET {p} HTTP/1.1\r\nHost: t.example\r\nUser-Agent: {UA}\r\n\r\n".encode()
+                   for p in (pixel, click, pixel))
+    c.writer.write(raw)
+    got = [(await c.response())[0] for _ in range(3)]
+    assert got == ["HTTP/1.1 200 OK", "HTTP/1.1 302 Found", "HTTP/1.1 200 OK"]
+    await c.close()
+
+
+async def test_connection_close_request_is_answered_with_close_and_the_socket_closed(relay, sink):
+    path, _ = await tracked_paths(relay)
+    c = await Conn.open(relay)
+    await c.request("GET", path, extra="Connection: close\r\n")
+    status, fields, body = await c.response()
+    assert status == "HTTP/1.1 200 OK" and body == GIF and names(fields)["connection"] == "close"
+    assert await c.closed_by_server()
+    await c.close()
+
+
+async def test_http_1_0_is_answered_in_1_0_and_kept_open_only_when_asked(relay, sink):
+    _, click = await tracked_paths(relay)
+    c = await Conn.open(relay)
+    await c.request("GET", click, version="1.0", extra="Connection: keep-alive\r\n")
+    status, fields, _ = await c.response()
+    assert status == "HTTP/1.0 302 Found" and names(fields)["connection"] == "keep-alive"
+    await c.request("GET", click, version="1.0")
+    status, fields, _ = await c.response()
+    assert status == "HTTP/1.0 302 Found" and "connection" not in names(fields)
+    assert await c.closed_by_server()
+    await c.close()
+
+
+async def test_every_response_on_the_public_listener_is_recorded_once_per_request(relay, sink):
+    """The prepared responses still feed the recorder: 3 GETs and a HEAD of the pixel, 4 events."""
+    from test_tracker import events
+    path, _ = await tracked_paths(relay)
+    c = await Conn.open(relay)
+    for method in ("GET", "HEAD", "GET", "GET"):
+        await c.request(method, path)
+        await c.response(body=method != "HEAD")
+    await c.close()
+    rows = await events(relay, want=4)
+    assert len(rows) == 4 and sum(r[3] == "head_request" for r in rows) == 1
