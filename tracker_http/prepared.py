@@ -4,7 +4,7 @@ aiohttp's general response path — a header multidict per response, the content
 and keep-alive decisions, the headers serialised, then the body written after them — is about a
 fifth of a bare aiohttp server's CPU per request (bench/README.md, "The responses written whole"). The pixel's response is a constant but for
 its Date, the redirect's but for its Location and Date; ``Prepared`` writes each as one bytes
-string from ``prepare()``, making the same decisions aiohttp makes for such a response:
+string from ``prepare()`` through the request's stream writer, making the same decisions aiohttp makes for such a response:
 
 - the status line in the request's HTTP version, as aiohttp answers;
 - ``Connection: close`` when the connection will not be kept (HTTP/1.1), ``Connection: keep-alive``
@@ -77,9 +77,6 @@ class Prepared(web.StreamResponse):
     async def prepare(self, request: web.BaseRequest) -> None:
         if self._done:
             return None
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("Cannot write to closing transport")
         keep = request.keep_alive
         version = _VERSIONS.get(request.version, b"HTTP/1.1")  # HttpVersion is a tuple
         head, body = self._raw
@@ -91,8 +88,11 @@ class Prepared(web.StreamResponse):
         if request.method != "HEAD":
             data += body
             self._written = len(body)
-        transport.write(data)
         self._keep, self._done = keep, True
+        # The request's own writer: it refuses a closing transport (ConnectionResetError, which
+        # aiohttp's handler expects) and waits while the socket's buffer is over its high-water
+        # mark, so a client that pipelines requests and never reads gets no unbounded buffer.
+        await request.writer.write_eof(data)
         return None
 
     async def write_eof(self, data: bytes = b"") -> None:
