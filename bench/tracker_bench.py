@@ -39,9 +39,11 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import httpload  # noqa: E402
+from helpers import free_port  # noqa: E402  (tests/ is on sys.path: its helpers)
 from pg import fresh_db, postgres_cpu, scalar  # noqa: E402  (bench/ is on sys.path as the script's directory)
 from proc_cpu import cpu_seconds, main_thread_cpu_seconds, write_bytes  # noqa: E402
 
@@ -64,13 +66,6 @@ app.router.add_get("/o/{token}.gif", pixel)
 app.router.add_get("/c/{rest}", click)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
 '''
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def wait_http(url: str, timeout: float = 30) -> None:
