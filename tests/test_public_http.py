@@ -151,3 +151,43 @@ async def test_every_response_on_the_public_listener_is_recorded_once_per_reques
     await c.close()
     rows = await events(relay, want=4)
     assert len(rows) == 4 and sum(r[3] == "head_request" for r in rows) == 1
+
+
+async def test_a_client_that_pipelines_and_never_reads_gets_a_bounded_write_buffer(relay, sink):
+    """Responses go out through aiohttp's stream writer, which waits while the socket's buffer is
+    over its high-water mark: the server stops taking that connection's requests instead of
+    buffering responses without limit (SO_RCVBUF is kept small on the client's side)."""
+    import socket
+    import threading
+    await start(relay)
+    tracker = relay.service.tracker
+    host, port = relay.config.tracker.listen.rsplit(":", 1)
+    n = 60_000  # ~17 MB of responses: far beyond the kernel's buffers (tcp_wmem's 4 MB by default)
+    request = f"GET /o/x.gif HTTP/1.1\r\nHost: t.example\r\nUser-Agent: {UA}\r\n\r\n".encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+
+    def pipeline():
+        try:
+            sock.sendall(request * n)
+        except OSError:
+            pass  # the socket shut down at the test's end
+
+    writer = threading.Thread(target=pipeline, daemon=True)
+    writer.start()
+    served = lambda: tracker.ctx.metrics.requests["pixel"]  # noqa: E731
+    last, still = -1, 0
+    for _ in range(300):  # until the server has stopped taking requests for a second
+        await asyncio.sleep(0.1)
+        still = still + 1 if served() == last else 0
+        last = served()
+        if still >= 10:
+            break
+    buffered = max(h.transport.get_write_buffer_size() for r in tracker._runners if r.server
+                   for h in r.server.connections if h.transport is not None)
+    sock.shutdown(socket.SHUT_RDWR)  # unblocks the sending thread, and the server sees the end
+    writer.join(5)
+    sock.close()
+    assert still >= 10 and served() < n, (served(), still)
+    assert buffered <= 64 * 1024 + 1024, buffered
