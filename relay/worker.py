@@ -287,6 +287,9 @@ class DeliveryWorker:
         last_purge = 0.0
         loop = asyncio.get_running_loop()
         while not self._stopping:
+            # Cleared before the work, not after: a wake-up that comes during it (a bounce to
+            # answer, or stop()) is then not lost for MAINTENANCE_SECONDS.
+            self._dsn_wake.clear()
             try:
                 if await self.write_dsns():
                     self.wake()
@@ -296,7 +299,6 @@ class DeliveryWorker:
                     last_purge = loop.time()
             except Exception as exc:
                 log.error("maintenance failed: %s", type(exc).__name__)
-            self._dsn_wake.clear()
             try:
                 await asyncio.wait_for(self._dsn_wake.wait(), MAINTENANCE_SECONDS)
             except asyncio.TimeoutError:

@@ -241,3 +241,25 @@ async def test_internationalised_recipient_bounces_when_the_upstream_lacks_smtpu
     dsn_msg, _ = dsn_parts(next(r.data for r in received if r.rcpt_tos == ["alice@example.com"]))
     assert any(r.rcpt_tos == ["carol@ext.test"] for r in received)
     assert all(not t.done() for t in relay.service.worker._tasks)
+
+
+async def test_stop_during_a_maintenance_step_does_not_wait_out_the_maintenance_interval(relay, sink, monkeypatch):
+    """stop() wakes the maintenance loop; a wake-up that comes while a step (DSNs, purges) runs
+    must not be cleared after it, or the loop sleeps its 30 s interval and the stop waits until
+    it is cancelled (10 s)."""
+    from relay.worker import DeliveryWorker
+    in_step = asyncio.Event()
+    write_dsns = DeliveryWorker.write_dsns
+
+    async def slow_write_dsns(self):
+        in_step.set()
+        await asyncio.sleep(0.5)  # a step that takes a while, as a purge of a big spool does
+        return await write_dsns(self)
+
+    monkeypatch.setattr(DeliveryWorker, "write_dsns", slow_write_dsns)
+    await relay.start()
+    await asyncio.wait_for(in_step.wait(), 10)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await relay.stop()
+    assert loop.time() - t0 < 3.0
