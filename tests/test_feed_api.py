@@ -243,3 +243,21 @@ async def test_cli_feed_prints_the_table_and_follows_new_events(relay, sink, tmp
     finally:
         follow.terminate()
         await follow.wait()
+
+
+async def test_an_open_live_stream_ends_at_stop_and_does_not_hold_it(relay, sink):
+    """A browser with the feed open keeps an event stream open; stopping the service ends that
+    stream's response at once instead of waiting out aiohttp's 60 s shutdown timeout."""
+    await start(relay)
+    api = f"http://{relay.config.api.listen}/api/v1/events/stream"
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(api, headers={"Authorization": f"Bearer {API_TOKENS['alice']}"}) as resp:
+            assert resp.status == 200
+            assert (await resp.content.readline()).startswith(b"retry:")
+            t0 = loop.time()
+            await asyncio.wait_for(relay.stop(), 30)
+            stopped = loop.time() - t0
+            rest = await asyncio.wait_for(resp.content.read(), 5)  # the response is complete
+    assert stopped < 3.0, stopped
+    assert b"data:" not in rest

@@ -160,9 +160,18 @@ async def not_found(request: web.Request) -> web.Response:
     return error(404, "not_found", "no such endpoint")
 
 
+async def _end_streams(app: web.Application) -> None:
+    """On shutdown: live streams finish their response (a browser's EventSource reconnects later)
+    instead of running until the runner's shutdown timeout cancels them."""
+    ctx = app[CTX]
+    ctx.closing = True
+    ctx.bus.notify()
+
+
 def create_api_app(ctx) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=1024 * 1024)
     app[CTX] = ctx
+    app.on_shutdown.append(_end_streams)
     app.router.add_get("/api/v1/events", list_events)
     from tracker_http.stream import stream
     app.router.add_get("/api/v1/events/stream", stream)

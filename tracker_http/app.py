@@ -21,6 +21,9 @@ from trackrelay.links import Keyring, key_file_path
 log = logging.getLogger("trackrelay.tracker")
 
 SHIPPED_APPLE_RANGES = Path(__file__).parent / "data" / "apple_mpp_ranges.txt"
+#: At stop, how long a request still being handled gets before it is cancelled (aiohttp's default,
+#: 60 s, held `trackrelay serve`'s SIGTERM for two minutes behind one open live stream).
+SHUTDOWN_SECONDS = 5.0
 
 
 def apple_ranges_path(config: Config) -> Path:
@@ -46,7 +49,8 @@ class Tracker:
         c = self.ctx.config
         for app, listen in ((create_public_app(self.ctx), c.tracker.listen),
                             (create_api_app(self.ctx), c.api.listen)):
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                   shutdown_timeout=SHUTDOWN_SECONDS)
             await runner.setup()
             host, port = parse_hostport(listen)
             await web.TCPSite(runner, host, port, reuse_address=True).start()

@@ -33,6 +33,8 @@ class Context:
     signed_in: SignedInIps
     bus: EventBus = field(default_factory=EventBus)
     metrics: Metrics = field(default_factory=Metrics)
+    #: Set when the API listener shuts down: live streams end instead of holding the stop.
+    closing: bool = False
 
 
 CTX = web.AppKey("ctx", Context)

@@ -39,7 +39,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await response.write(b"retry: 2000\n\n")
     last_write = time.monotonic()
     try:
-        while True:
+        while not ctx.closing:
             async with ctx.sessionmaker() as session:
                 rows = await ev.list_after(session, who, cursor, BATCH)
             for e, mid, rcpt in rows:
