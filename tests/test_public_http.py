@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from test_tracker import GIF, public, send_tracked, start
+from test_tracker import GIF, events, public, send_tracked, start
 from tracker_http.public import NO_STORE
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # HTTP framing, not storage
@@ -142,7 +142,6 @@ async def test_http_1_0_is_answered_in_1_0_and_kept_open_only_when_asked(relay, 
 
 async def test_every_response_on_the_public_listener_is_recorded_once_per_request(relay, sink):
     """The prepared responses still feed the recorder: 3 GETs and a HEAD of the pixel, 4 events."""
-    from test_tracker import events
     path, _ = await tracked_paths(relay)
     c = await Conn.open(relay)
     for method in ("GET", "HEAD", "GET", "GET"):

@@ -2,9 +2,10 @@
 
 aiohttp's general response path — a header multidict per response, the content-length, chunking
 and keep-alive decisions, the headers serialised, then the body written after them — is about a
-fifth of a bare aiohttp server's CPU per request (bench/README.md, "The responses written whole"). The pixel's response is a constant but for
-its Date, the redirect's but for its Location and Date; ``Prepared`` writes each as one bytes
-string from ``prepare()`` through the request's stream writer, making the same decisions aiohttp makes for such a response:
+fifth of a bare aiohttp server's CPU per request (bench/README.md, "The responses written
+whole"). The pixel's response is a constant but for its Date, the redirect's but for its Location
+and Date; ``Prepared`` writes each as one bytes string from ``prepare()`` through the request's
+stream writer, making the same decisions aiohttp makes for such a response:
 
 - the status line in the request's HTTP version, as aiohttp answers;
 - ``Connection: close`` when the connection will not be kept (HTTP/1.1), ``Connection: keep-alive``
@@ -53,14 +54,14 @@ def _date_line() -> bytes:
 
 
 class Prepared(web.StreamResponse):
-    """A response of ``status`` (200 or 302) with the header lines ``head`` and ``body``."""
+    """A response of ``status`` (200 or 302): the header lines ``head``, which include the
+    Content-Length of ``body`` (built once, with ``headers``), then ``body``."""
 
     def __init__(self, status: int, head: bytes, body: bytes = b""):
         super().__init__(status=status)
-        self._raw = (head + b"Content-Length: %d\r\n" % len(body), body)
-        self._keep: bool | None = None
+        self._head, self._body = head, body
+        self._keep: bool | None = None  # decided by prepare()
         self._written = 0
-        self._done = False
 
     @property
     def keep_alive(self) -> bool | None:
@@ -68,27 +69,26 @@ class Prepared(web.StreamResponse):
 
     @property
     def prepared(self) -> bool:
-        return self._done
+        return self._keep is not None
 
     @property
     def body_length(self) -> int:
         return self._written
 
     async def prepare(self, request: web.BaseRequest) -> None:
-        if self._done:
+        if self._keep is not None:
             return None
         keep = request.keep_alive
         version = _VERSIONS.get(request.version, b"HTTP/1.1")  # HttpVersion is a tuple
-        head, body = self._raw
         if version == b"HTTP/1.1":
             connection = b"" if keep else b"Connection: close\r\n"
         else:
             connection = b"Connection: keep-alive\r\n" if keep else b""
-        data = version + _REASONS[self.status] + head + _date_line() + connection + b"\r\n"
+        data = version + _REASONS[self.status] + self._head + _date_line() + connection + b"\r\n"
         if request.method != "HEAD":
-            data += body
-            self._written = len(body)
-        self._keep, self._done = keep, True
+            data += self._body
+            self._written = len(self._body)
+        self._keep = keep
         # The request's own writer: it refuses a closing transport (ConnectionResetError, which
         # aiohttp's handler expects) and waits while the socket's buffer is over its high-water
         # mark, so a client that pipelines requests and never reads gets no unbounded buffer.
@@ -96,4 +96,4 @@ class Prepared(web.StreamResponse):
         return None
 
     async def write_eof(self, data: bytes = b"") -> None:
-        assert not data and self._done
+        assert not data and self._keep is not None

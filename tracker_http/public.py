@@ -24,9 +24,9 @@ GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01
 assert len(GIF) == 43
 
 NO_STORE = "no-store, no-cache, must-revalidate, private, max-age=0"
-_PIXEL_HEAD = headers(Content_Type="image/gif", Cache_Control=NO_STORE, Pragma="no-cache", Expires="0",
-                      Referrer_Policy="no-referrer")
-_REDIRECT_HEAD = headers(Cache_Control=NO_STORE, Referrer_Policy="no-referrer")
+_PIXEL_HEAD = headers(Content_Type="image/gif", Content_Length=str(len(GIF)), Cache_Control=NO_STORE,
+                      Pragma="no-cache", Expires="0", Referrer_Policy="no-referrer")
+_REDIRECT_HEAD = headers(Content_Length="0", Cache_Control=NO_STORE, Referrer_Policy="no-referrer")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
