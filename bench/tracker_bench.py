@@ -11,14 +11,18 @@ thread alone (the rest of trackrelay's is mostly SQLite's thread writing the eve
 server's disk writes (``write_bytes`` of /proc/<pid>/io: SQLite's WAL and its checkpoints).
 
     .venv/bin/python bench/tracker_bench.py [--requests 20000] [--rounds 3] [--kinds pixel,redirect]
-        [--db sqlite|postgresql] [--probe-writer-process]
+        [--db sqlite|postgresql] [--writer process|in-process] [--writer-cpu 1] [--writer-nice 0]
 
 With ``--db postgresql`` trackrelay writes to the database trackrelay_bench on the server of
 TRACKRELAY_TEST_PG_URL (dropped and created first), and the PostgreSQL server's CPU per request is
 reported beside the server's: it is not pinned, so it shares both cores with everything else.
-``--probe-writer-process`` measures a design, not the product: ``writer_probe.py`` in place of
-``trackrelay serve`` (the recorder in a child process on CPU 1, or the CPUs ``PROBE_CHILD_CPU``
-lists, at the niceness ``PROBE_CHILD_NICE`` adds; its CPU is counted in the server's).
+
+``--writer process`` (the default, as ``tracker.writer_process = true``): trackrelay's event
+writer is a child process (tracker_http/writer.py). It inherits the server's pinning to CPU 0;
+the script moves it to ``--writer-cpu`` (CPU 1, beside the load generator: on a real host the
+scheduler gives it a free core) at the niceness ``--writer-nice`` adds, and counts its CPU in
+the server's. ``--writer in-process`` measures ``tracker.writer_process = false``: classification
+and SQLite's thread on the server's own core.
 """
 
 from __future__ import annotations
@@ -84,22 +88,50 @@ async def load(urls: list[str], n: int, concurrency: int = 32) -> tuple[float, l
     return await httpload.load(urls, n, concurrency, UA)
 
 
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def server_cpu(pid: int) -> float:
-    """CPU of a server process and its children (writer_probe.py's recorder process)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return cpu_seconds(pid) + sum(cpu_seconds(int(c)) for c in children)
+    """CPU of a server process and its children (trackrelay's event writer process)."""
+    return cpu_seconds(pid) + sum(cpu_seconds(c) for c in children(pid))
+
+
+async def place_writer(pid: int, cpu: int, nice: int) -> int:
+    """trackrelay's event writer process moved to its CPU (it inherits the server's pinning)."""
+    deadline = time.monotonic() + 30
+    while not (found := children(pid)):
+        if time.monotonic() > deadline:
+            raise RuntimeError("trackrelay started no event writer process")
+        await asyncio.sleep(0.05)
+    (writer,) = found
+    os.sched_setaffinity(writer, {cpu})
+    for task in Path(f"/proc/{writer}/task").iterdir():  # threads started already keep their own
+        os.sched_setaffinity(int(task.name), {cpu})
+    if nice:
+        os.setpriority(os.PRIO_PROCESS, writer, os.getpriority(os.PRIO_PROCESS, writer) + nice)
+    return writer
 
 
 def pin0():
     os.sched_setaffinity(0, {0})
 
 
+def server_write_bytes(pid: int) -> int:
+    return write_bytes(pid) + sum(write_bytes(c) for c in children(pid))
+
+
+def writer_cpu(pid: int) -> float:
+    return sum(cpu_seconds(c) for c in children(pid))
+
+
 def summary(name: str, elapsed: float, lat: list[float], cpu: float, loop_cpu: float, pg_cpu: float,
-            written: int) -> dict:
+            written: int, child_cpu: float) -> dict:
     lat.sort()
     return {"name": name, "rps": len(lat) / elapsed, "p99": lat[int(len(lat) * 0.99) - 1] * 1000,
             "p50": lat[len(lat) // 2] * 1000, "cpu_us": cpu / len(lat) * 1e6,
             "loop_us": loop_cpu / len(lat) * 1e6, "pg_us": pg_cpu / len(lat) * 1e6,
+            "writer_us": child_cpu / len(lat) * 1e6,
             "written_kb": written / len(lat) / 1000}
 
 
@@ -112,6 +144,7 @@ url = "maildir://{tmp}/outbox"
 [storage]
 url = "{db_url}"
 [tracker]
+writer_process = {writer_process}
 listen = "127.0.0.1:{t_port}"
 public_url = "http://127.0.0.1:{t_port}"
 secret_keys = ["bench-key-0123456789abcdef"]
@@ -156,9 +189,11 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=20000, help="requests per row and round")
     ap.add_argument("--rounds", type=int, default=3, help="bare and trackrelay rows alternate this often")
     ap.add_argument("--kinds", default="pixel,redirect", help="which handlers to measure (comma-separated)")
-    ap.add_argument("--probe-writer-process", action="store_true",
-                    help="run writer_probe.py instead of trackrelay serve: the recorder in a child "
-                         "process pinned to CPU 1 (a measurement of that design, not the product)")
+    ap.add_argument("--writer", choices=("process", "in-process"), default="process",
+                    help="tracker.writer_process: the event writer in a child process (the default) or "
+                         "in the serving process")
+    ap.add_argument("--writer-cpu", type=int, default=1, help="the CPU the writer process is moved to")
+    ap.add_argument("--writer-nice", type=int, default=0, help="niceness added to the writer process")
     ap.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite",
                     help="trackrelay's database: SQLite (the embedded default) or PostgreSQL (database "
                          "trackrelay_bench on the server of TRACKRELAY_TEST_PG_URL, emptied first)")
@@ -173,17 +208,19 @@ async def main() -> None:
         port, relay_port, t_port, a_port = free_port(), free_port(), free_port(), free_port()
         cfg = Path(tmp) / "t.toml"
         db_url = f"sqlite+aiosqlite:///{tmp}/t.db" if args.db == "sqlite" else await fresh_db()
+        in_process = args.writer == "in-process"
         cfg.write_text(CONFIG.format(relay_port=relay_port, t_port=t_port, a_port=a_port, tmp=tmp, db_url=db_url,
-                                     password_hash=hash_password("pw")))
+                                     password_hash=hash_password("pw"),
+                                     writer_process="false" if in_process else "true"))
         bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)], preexec_fn=pin0)
-        server = ([str(ROOT / "bench" / "writer_probe.py")] if args.probe_writer_process
-                  else ["-m", "trackrelay.cli"])
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        env.setdefault("PROBE_CHILD_CPU", "1")  # writer_probe.py's child (unused otherwise)
-        proc = subprocess.Popen([sys.executable, *server, "-c", str(cfg), "serve"], preexec_fn=pin0, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "serve"],
+                                preexec_fn=pin0, env=env)
         try:
             await wait_http(f"http://127.0.0.1:{port}/o/x.gif")
             await wait_http(f"http://127.0.0.1:{t_port}/healthz")
+            if not in_process:
+                await place_writer(proc.pid, args.writer_cpu, args.writer_nice)
             pixels, clicks = await tracked_urls(tmp, relay_port)
             # The bare server gets the very same paths (a long signed click path costs aiohttp's
             # parsing and routing more than a short one).
@@ -225,7 +262,8 @@ async def main() -> None:
                         try:
                             # server CPU from the row's first request until its last event is written
                             cpu0, loop0 = server_cpu(server.pid), main_thread_cpu_seconds(server.pid)
-                            written0 = write_bytes(server.pid)
+                            child0 = writer_cpu(server.pid)
+                            written0 = server_write_bytes(server.pid)
                             pg0 = postgres_cpu()
                             elapsed, lat = await load(urls[(name, kind)], n)
                             if name == "trackrelay":
@@ -233,12 +271,13 @@ async def main() -> None:
                                 c = await persisted(total)
                             cpu = server_cpu(server.pid) - cpu0
                             loop_cpu = main_thread_cpu_seconds(server.pid) - loop0
-                            written = write_bytes(server.pid) - written0
+                            child_cpu = writer_cpu(server.pid) - child0
+                            written = server_write_bytes(server.pid) - written0
                             pg_cpu = postgres_cpu() - pg0 if args.db == "postgresql" else 0.0
                         finally:
                             other.send_signal(signal.SIGCONT)
                         rows.setdefault((name, kind), []).append(
-                            summary(f"{name} {kind}", elapsed, lat, cpu, loop_cpu, pg_cpu, written))
+                            summary(f"{name} {kind}", elapsed, lat, cpu, loop_cpu, pg_cpu, written, child_cpu))
         finally:
             for server in (bare, proc):
                 server.send_signal(signal.SIGCONT)
@@ -250,18 +289,21 @@ async def main() -> None:
     print(f"{n} requests per row, {args.rounds} rounds (bare and trackrelay alternating), after 1,000 "
           "warm-up requests each; 32 concurrent keep-alive connections; server on CPU 0, load on CPU 1; "
           f"trackrelay on {'PostgreSQL (its server unpinned, on both cores)' if pg else 'SQLite'}"
-          + ("; PROBE: writer_probe.py, the recorder in a child process on CPU 1 (its CPU counted in "
-             "the server's)" if args.probe_writer_process else "") + "\n")
+          + ("; the event writer in the server process" if in_process else
+             f"; the event writer process on CPU {args.writer_cpu}"
+             + (f" at nice +{args.writer_nice}" if args.writer_nice else "") + " (its CPU counted in the server's)")
+          + "\n")
     print("| server | round | requests/s | p50 (ms) | p99 (ms) | server CPU µs per request "
-          "| of which the event loop's | server's disk writes per request (KB) |"
+          "| of which the event loop's | of which the writer process's "
+          "| server's disk writes per request (KB) |"
           + (" PostgreSQL's CPU µs per request |" if pg else "")
-          + "\n|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if pg else ""))
+          + "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if pg else ""))
     for kind in kinds:
         for name in ("bare", "trackrelay"):
             for i, r in enumerate(rows[(name, kind)], 1):
                 label = f"bare aiohttp {kind}" if name == "bare" else f"trackrelay {kind}"
                 print(f"| {label} | {i} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['cpu_us']:.0f} "
-                      f"| {r['loop_us']:.0f} | {r['written_kb']:.2f} |" + (f" {r['pg_us']:.0f} |" if pg else ""))
+                      f"| {r['loop_us']:.0f} | {r['writer_us']:.0f} | {r['written_kb']:.2f} |" + (f" {r['pg_us']:.0f} |" if pg else ""))
     for kind in kinds:
         pairs = list(zip(rows[("bare", kind)], rows[("trackrelay", kind)]))
         by_rps = sorted(o["rps"] / b["rps"] for b, o in pairs)

@@ -110,6 +110,17 @@ class RelayFixture:
         async with self.service.sessionmaker() as s:
             return (await s.execute(text(sql), params)).all()
 
+    async def events_written(self, timeout: float = 15.0):
+        """Wait until every tracker hit so far is written (it has left the recorder's buffer; with
+        the writer process, the child has reported it)."""
+        recorder = self.service.tracker.recorder
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while recorder.depth:
+            if loop.time() > deadline:
+                raise AssertionError(f"{recorder.depth} tracker hits not written after {timeout} s")
+            await asyncio.sleep(0.02)
+
     async def wait_status(self, statuses: set[str], count: int, timeout: float = 15.0):
         """Wait until `count` copies are in one of `statuses`."""
         loop = asyncio.get_running_loop()

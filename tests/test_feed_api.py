@@ -40,7 +40,7 @@ async def test_feed_shows_status_counts_and_clicks_per_recipient(relay, sink):
             assert r.status == 200
         async with s.get(clicks[0], allow_redirects=False) as r:
             assert r.status == 302
-    await asyncio.sleep(0.5)
+    await relay.events_written()
     status, feed = await call(relay, "GET", "/messages")
     assert status == 200 and feed["next"] is None
     (msg,) = feed["messages"]

@@ -94,7 +94,7 @@ async def test_subjects_and_user_agents_are_escaped_and_bodies_sandboxed(relay, 
     async with aiohttp.ClientSession(headers={"User-Agent": "<script>alert('ua')</script>"}) as b:
         async with b.get(pixel) as px:
             assert px.status == 200
-    await asyncio.sleep(0.4)
+    await relay.events_written()
     (mid,) = (await relay.rows("SELECT id FROM messages"))[0]
     (lid,) = (await relay.rows("SELECT id FROM logged_emails"))[0]
     async with local_session() as s:

@@ -82,6 +82,13 @@ async def start(relay, **sections):
     await relay.start(**sections)
 
 
+async def start_in_process(relay, **sections):
+    """The recorder in the serving process (``tracker.writer_process = false``): for the tests that
+    watch or patch its internals. The writer process runs the same Recorder (tests/test_writer.py)."""
+    sections.setdefault("tracker", {})["writer_process"] = False
+    await start(relay, **sections)
+
+
 async def test_pixel_records_a_human_open_for_exactly_that_recipient(relay, sink):
     await start(relay)
     t = await send_tracked(relay, ("carol@ext.test", "dave@ext.test"))
@@ -101,7 +108,7 @@ async def test_user_agent_parser_is_built_before_the_tracker_listens(relay, sink
     # Built lazily at the first event instead, its ~130 ms would stall the event loop while serving.
     import ua_parser
     monkeypatch.delitem(vars(ua_parser), "parser", raising=False)  # as in a fresh process
-    await start(relay)
+    await start_in_process(relay)
     assert "parser" in vars(ua_parser)
 
 
@@ -110,9 +117,12 @@ async def test_unknown_pixel_token_gets_the_gif_and_records_nothing(relay, sink)
     async with browser() as s:
         async with s.get(public(relay) + "/o/UNKNOWNunknownUNKNOWNunknown.gif") as r:
             assert r.status == 200 and await r.read() == GIF
-    await asyncio.sleep(0.5)
+    recorder = relay.service.tracker.recorder
+    deadline = time.monotonic() + 10
+    while recorder.stats.unknown_tokens == 0 and time.monotonic() < deadline:  # the hit handled
+        await asyncio.sleep(0.05)
+    assert recorder.stats.unknown_tokens == 1 and recorder.depth == 0
     assert await events(relay, timeout=0.3) == []
-    assert relay.service.tracker.recorder.stats.unknown_tokens == 1
 
 
 async def test_click_redirects_to_the_original_and_records_click_with_inferred_open(relay, sink):
@@ -300,7 +310,7 @@ async def test_database_locked_clicks_still_redirect_and_events_are_written_once
 async def test_a_batch_written_but_reported_failed_is_retried_without_duplicates(relay, sink):
     """The database commits a batch but the answer is lost (a dropped connection): the recorder
     keeps the batch and writes it again; the events' idempotency keys make the retry a no-op."""
-    await start(relay)
+    await start_in_process(relay)
     t = await send_tracked(relay)
     recorder = relay.service.tracker.recorder
     real_write, failed = recorder._write, []
@@ -350,7 +360,7 @@ def count_history_reads(monkeypatch) -> list[int]:
 async def test_a_recipients_history_is_read_once_then_kept_in_memory(relay, sink, monkeypatch):
     """Most recipients open and never click: their history is asked of the database once, not on
     every batch again, and this process's own writes keep it current."""
-    await start(relay)
+    await start_in_process(relay)
     t = await send_tracked(relay)
     asked = count_history_reads(monkeypatch)
     async with browser() as s:
@@ -372,7 +382,7 @@ async def test_history_read_from_the_database_is_trusted_for_history_ttl_only(re
     passed the database is asked again, and a click infers no second open."""
     from tracker_http import recorder as recorder_module
     monkeypatch.setattr(recorder_module, "HISTORY_TTL", 0.5)
-    await start(relay)
+    await start_in_process(relay)
     t = await send_tracked(relay)
     asked = count_history_reads(monkeypatch)
     ours = relay.service.tracker.recorder
@@ -401,7 +411,7 @@ async def test_under_steady_load_events_are_written_a_batch_per_flush_interval(r
     from tracker_http import recorder as recorder_module
     interval = 0.2
     monkeypatch.setattr(recorder_module, "FLUSH_INTERVAL", interval)
-    await start(relay)
+    await start_in_process(relay)
     t = await send_tracked(relay)
     rec = relay.service.tracker.recorder
     before, sent = rec.stats.batches, 0
@@ -429,7 +439,7 @@ async def test_hits_left_after_a_full_batch_wait_for_the_next_interval(relay, si
     from tracker_http import recorder as recorder_module
     interval = 0.3
     monkeypatch.setattr(recorder_module, "FLUSH_INTERVAL", interval)
-    await start(relay)
+    await start_in_process(relay)
     t = await send_tracked(relay)
     rec = relay.service.tracker.recorder
     write, calls = rec._write, []
@@ -541,7 +551,7 @@ async def test_chromium_renders_the_copy_fetches_the_pixel_and_clicks_through(re
 async def test_refresh_apple_ranges_command_replaces_the_shipped_list(tmp_path):
     from aiohttp import web
 
-    from tracker_http.app import apple_ranges_path
+    from tracker_http.netaddr import apple_ranges_path
     from trackrelay.cli import main
     from trackrelay.config import from_dict
 

@@ -147,6 +147,9 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP trackrelay_event_write_failures_total Batches that failed to write and were kept.",
         "# TYPE trackrelay_event_write_failures_total counter",
         f"trackrelay_event_write_failures_total {st.failures}",
+        "# HELP trackrelay_event_writer_restarts_total Event writer processes started again after one exited.",
+        "# TYPE trackrelay_event_writer_restarts_total counter",
+        f"trackrelay_event_writer_restarts_total {st.writer_restarts}",
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})

@@ -7,7 +7,17 @@ import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
+from trackrelay.links import key_file_path
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+SHIPPED_APPLE_RANGES = Path(__file__).parent / "data" / "apple_mpp_ranges.txt"
+
+
+def apple_ranges_path(config) -> Path:
+    """The refreshed list beside the database if there is one, else the one shipped."""
+    refreshed = key_file_path(config.storage.url).parent / "apple_mpp_ranges.txt"
+    return refreshed if refreshed.is_file() else SHIPPED_APPLE_RANGES
 
 
 def networks(specs: tuple[str, ...] | list[str]) -> list[Network]:

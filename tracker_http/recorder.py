@@ -52,6 +52,18 @@ REQUEST_CACHE_MAX = 8192
 Hit = tuple
 
 
+def new_key_prefix() -> str:
+    """The idempotency keys' prefix: unique to one process start."""
+    return secrets.token_hex(8) + "."
+
+
+def dropped(stats: "Stats") -> None:
+    """A hit that found the buffer full: counted, and logged now and then."""
+    stats.dropped += 1
+    if stats.dropped in (1, 10, 100) or stats.dropped % 1000 == 0:
+        log.error("event buffer full (%d): %d events dropped so far", BUFFER_MAX, stats.dropped)
+
+
 @dataclass
 class Stats:
     dropped: int = 0
@@ -59,17 +71,21 @@ class Stats:
     batches: int = 0  # batches committed (written / batches: how well the flush interval groups)
     unknown_tokens: int = 0
     failures: int = 0
+    writer_restarts: int = 0  # event writer processes started again after one exited (writer.py)
 
 
 class Recorder:
     def __init__(self, config: Config, sessionmaker: async_sessionmaker, apple: RangeSet,
-                 signed_in_ips: "SignedInIps | None" = None, on_written=None):
+                 signed_in_ips: "SignedInIps | None" = None, on_written=None, on_flushed=None,
+                 key_prefix: str | None = None, position: int = 0):
         self.config = config
         self.sessionmaker = sessionmaker
         self._engine = engine_of(sessionmaker)
         self.apple = apple
         self.signed_in = signed_in_ips or SignedInIps()
         self.on_written = on_written
+        #: Called after each batch tried, written or not (the writer process reports from it).
+        self.on_flushed = on_flushed
         self._buf: deque[Hit] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -87,9 +103,11 @@ class Recorder:
         #: Idempotency keys: a prefix unique to this process start, then the hit's position in
         #: the stream of hits buffered (``_flushed``: how many have left the buffer, written or
         #: of an unknown token). A batch retried holds the same hits at the same positions, so it gets
+        #: the same keys. A writer process is handed both by the serving process, which keeps the
+        #: hits until they are written (tracker_http.writer): a new child writes them again under
         #: the same keys.
-        self._key_prefix = secrets.token_hex(8) + "."
-        self._flushed = 0
+        self._key_prefix = key_prefix or new_key_prefix()
+        self._flushed = position
         self.stats = Stats()
 
     # -- the hot path ------------------------------------------------------------------------
@@ -97,9 +115,7 @@ class Recorder:
     def add(self, hit: Hit) -> None:
         buf = self._buf
         if len(buf) >= BUFFER_MAX:
-            self.stats.dropped += 1
-            if self.stats.dropped in (1, 10, 100) or self.stats.dropped % 1000 == 0:
-                log.error("event buffer full (%d): %d events dropped so far", BUFFER_MAX, self.stats.dropped)
+            dropped(self.stats)
             return
         buf.append(hit)
         if len(buf) >= BATCH_MAX:
@@ -108,6 +124,11 @@ class Recorder:
     @property
     def depth(self) -> int:
         return len(self._buf)
+
+    @property
+    def position(self) -> int:
+        """How many hits of the stream have left the buffer (written, or of an unknown token)."""
+        return self._flushed
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -160,6 +181,8 @@ class Recorder:
             self.stats.failures += 1
             if self.stats.failures in (1, 10) or self.stats.failures % 100 == 0:
                 log.warning("writing %d events failed (%s); kept for retry", len(batch), type(exc).__name__)
+            if self.on_flushed:
+                self.on_flushed()
             return False
         for _ in batch:
             self._buf.popleft()
@@ -168,6 +191,8 @@ class Recorder:
         self.stats.batches += 1
         if written and self.on_written:
             self.on_written()
+        if self.on_flushed:
+            self.on_flushed()
         return True
 
     # -- the batch ---------------------------------------------------------------------------
@@ -333,3 +358,12 @@ class SignedInIps:
     def recent(self, ip: str, at: float) -> bool:
         t = self._seen.get(ip)
         return t is not None and at - t < self._window
+
+    def seen_since(self, t: float) -> dict[str, float]:
+        """The addresses seen at or after ``t`` (epoch seconds), with when: for a writer process."""
+        return {ip: at for ip, at in self._seen.items() if at >= t}
+
+    def merge(self, seen: dict[str, float]) -> None:
+        for ip, at in seen.items():
+            if self._seen.get(ip, 0.0) < at:
+                self._seen[ip] = at

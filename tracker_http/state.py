@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from tracker_http.netaddr import Network
 from tracker_http.recorder import Recorder, SignedInIps
+
+if TYPE_CHECKING:
+    from tracker_http.writer import WriterClient
 from trackrelay.bus import EventBus
 from trackrelay.config import Config
 from trackrelay.links import Keyring
@@ -28,7 +32,7 @@ class Context:
     config: Config
     keyring: Keyring
     sessionmaker: async_sessionmaker
-    recorder: Recorder
+    recorder: "Recorder | WriterClient"
     trusted_proxies: list[Network]
     signed_in: SignedInIps
     bus: EventBus = field(default_factory=EventBus)

@@ -78,6 +78,7 @@ class TrackerSection:
     public_url: str = "http://127.0.0.1:8080"
     secret_keys: tuple[str, ...] = field(default=(), repr=False)
     trusted_proxies: tuple[str, ...] = ()
+    writer_process: bool = True
 
 
 @dataclass(frozen=True)
