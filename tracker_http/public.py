@@ -8,6 +8,7 @@ event log.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from time import time
 from urllib.parse import urlsplit
 
@@ -50,14 +51,23 @@ async def click(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     ctx.metrics.inc("click")
     found = verify_click(ctx.keyring, request.match_info["rest"])
-    # verify_click lets through only http(s) targets without CR, LF or NUL; to_uri makes them ASCII
-    location = to_uri(found.target.strip()) if found is not None else ""
-    if found is None or not header_safe(location):
+    head = _redirect_head(found.target) if found is not None else None
+    if head is None:
         ctx.metrics.inc("click_rejected")
         raise web.HTTPNotFound(text="Not found\n", headers={"Cache-Control": NO_STORE})
     ip, ua = _who(request, ctx)
     ctx.recorder.add(("click", found.token, request.method, ip, ua, time(), found.target, found.index))
-    return Prepared(302, b"Location: " + location.encode("ascii") + b"\r\n" + _REDIRECT_HEAD)
+    return Prepared(302, head)
+
+
+@lru_cache(maxsize=4096)
+def _redirect_head(target: str) -> bytes | None:
+    """The redirect's header lines for a verified target, or None when its URI form is not
+    printable ASCII. verify_click lets through only http(s) targets without CR, LF or NUL, and
+    to_uri makes them ASCII. Cached as verify_click caches the decoded targets: every copy of a
+    message carries the same ones, and only a target whose signature verified gets here."""
+    location = to_uri(target.strip())
+    return b"Location: " + location.encode("ascii") + b"\r\n" + _REDIRECT_HEAD if header_safe(location) else None
 
 
 async def healthz(request: web.Request) -> web.Response:
