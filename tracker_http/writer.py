@@ -113,7 +113,7 @@ class WriterClient:
     async def stop(self, grace: float = GRACE) -> None:
         self._stop.set()
         self._wake.set()
-        await finish(self._task, grace + EXIT_SECONDS + 5)
+        await finish(self._task, grace + 2 * EXIT_SECONDS + 5)  # the child's writing, its exit, its kill
         self._task = None
         if self.depth:
             log.error("stopping with %d events not written (database unavailable)", self.depth)
