@@ -43,7 +43,7 @@ from collections import deque
 from pathlib import Path
 
 from tracker_http.recorder import BATCH_MAX, BUFFER_MAX, Hit, SignedInIps, Stats, dropped, new_key_prefix
-from trackrelay.aio import finish
+from trackrelay.aio import cancel, finish
 from trackrelay.config import Config
 
 log = logging.getLogger("trackrelay.tracker")
@@ -175,7 +175,7 @@ class WriterClient:
             log.warning("event writer process unreachable: %s", exc)
         finally:
             writer.close()
-            await _ended(reading)
+            await cancel(reading)  # ended already, unless the child outstayed its grace
             await _reap(proc)
             self.pid = None
 
@@ -216,15 +216,6 @@ def _child_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parent.parent)
     path = os.environ.get("PYTHONPATH")
     return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
-
-
-async def _ended(task: asyncio.Task) -> None:
-    if not task.done():
-        task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
 
 
 async def _reap(proc: asyncio.subprocess.Process) -> None:
