@@ -105,6 +105,23 @@ async def test_hits_written_but_not_reported_are_not_written_twice(relay, sink, 
     assert await clicks_written(relay) == 20 and len(rows) == 21  # each click once, one inferred open
 
 
+async def test_a_stop_signal_during_the_writers_start_up_does_not_end_it(relay, sink, monkeypatch):
+    """systemd signals the whole group; a writer still starting its interpreter (here slowed by
+    half a second before its first line) must not die of it before it can ignore the signal."""
+    monkeypatch.setattr(writer_module, "_CHILD", "import time; time.sleep(0.5); " + writer_module._CHILD)
+    await start(relay)
+    recorder = relay.service.tracker.recorder
+    await wait_until(lambda: recorder.pid is not None, what="the writer process")
+    pid = recorder.pid
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGINT)
+    await asyncio.sleep(1.0)
+    assert alive(pid) and recorder.pid == pid and recorder.stats.writer_restarts == 0
+    t = await send_tracked(relay)
+    await click_many(t, 2)
+    await wait_until(lambda: recorder.depth == 0 and recorder.stats.written == 3, what="the events written")
+
+
 async def test_self_classification_sees_the_api_sign_ins_of_the_serving_process(relay, sink):
     """The `self` heuristic's signed-in addresses are known to the serving process (the API); the
     writer process classifies with them."""

@@ -35,6 +35,7 @@ import gc
 import logging
 import os
 import pickle
+import signal
 import socket
 import struct
 import sys
@@ -144,6 +145,10 @@ class WriterClient:
 
     async def _run_child(self) -> None:
         ours, theirs = socket.socketpair()
+        # The child is born with SIGINT and SIGTERM blocked (a mask survives fork and exec), so a
+        # group-wide signal during its interpreter's start-up stays pending until its first line
+        # has set them to ignored, which discards it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", _CHILD, str(theirs.fileno()),
@@ -152,6 +157,7 @@ class WriterClient:
             ours.close()
             raise
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             theirs.close()
         self.pid = proc.pid
         reader, writer = await asyncio.open_unix_connection(sock=ours)
@@ -274,6 +280,12 @@ def main() -> None:
     asyncio.run(_child(int(sys.argv[1])))
 
 
-#: The child's command: SIGINT and SIGTERM ignored from its first line on, before the imports.
+#: Held (blocked) across the child's start: it must never die of the group's stop signals.
+_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+#: The child's command: SIGINT and SIGTERM, blocked since its birth, set to ignored (which drops a
+#: pending one) and then unblocked, on its first line, before the imports.
 _CHILD = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-          "signal.signal(signal.SIGTERM, signal.SIG_IGN); import tracker_http.writer as w; w.main()")
+          "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+          "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); "
+          "import tracker_http.writer as w; w.main()")
