@@ -18,18 +18,30 @@ from urllib.parse import urlsplit
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, requests: list[bytes], next_index, latencies: list[float], done: asyncio.Future):
+    def __init__(self, requests: list[bytes], next_index, latencies: list[float], done: asyncio.Future,
+                 interval: float = 0.0, stop=None):
         self.requests, self.next_index, self.latencies, self.done = requests, next_index, latencies, done
         self.buf = b""
         self.started = 0.0
         self.transport: asyncio.Transport | None = None
+        self.interval, self.stop = interval, stop
+        self.due = 0.0  # paced: when the next request is due (perf_counter)
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self._send()
 
+    def _paced(self) -> None:
+        """The next request at its due time (or now, if late): a fixed rate per connection."""
+        now = time.perf_counter()
+        self.due = max(self.due + self.interval, now) if self.due else now
+        if self.due > now:
+            asyncio.get_running_loop().call_later(self.due - now, self._send)
+        else:
+            self._send()
+
     def _send(self) -> None:
-        i = next(self.next_index, None)
+        i = None if self.stop is not None and self.stop() else next(self.next_index, None)
         if i is None:
             self.transport.close()
             if not self.done.done():
@@ -59,7 +71,7 @@ class _Connection(asyncio.Protocol):
             return
         self.buf = buf[end + 4 + length:]
         self.latencies.append(time.perf_counter() - self.started)
-        self._send()
+        self._paced() if self.interval else self._send()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done.done():
@@ -80,9 +92,13 @@ def prepared(url: str, user_agent: str) -> tuple[str, int, bytes]:
     return u.hostname, u.port, request
 
 
-async def load(urls: list[str], n: int, concurrency: int, user_agent: str) -> tuple[float, list[float]]:
+async def load(urls: list[str], n: int, concurrency: int, user_agent: str, rate: float = 0.0,
+               stop=None) -> tuple[float, list[float]]:
     """GET ``n`` requests over ``concurrency`` keep-alive connections, cycling through ``urls`` (all
-    of one host): (seconds elapsed, each request's latency in seconds)."""
+    of one host): (seconds elapsed, each request's latency in seconds). ``rate`` > 0 paces them to
+    that many requests per second in all (each connection its share; as fast as answered if the
+    server falls behind); ``stop()`` returning true ends the load before ``n``."""
+    interval = concurrency / rate if rate else 0.0
     loop = asyncio.get_running_loop()
     parts = [prepared(u, user_agent) for u in urls]
     host, port = parts[0][0], parts[0][1]
@@ -92,6 +108,7 @@ async def load(urls: list[str], n: int, concurrency: int, user_agent: str) -> tu
     dones = [loop.create_future() for _ in range(concurrency)]
     t0 = time.perf_counter()
     for done in dones:
-        await loop.create_connection(lambda d=done: _Connection(requests, indices, latencies, d), host, port)
+        await loop.create_connection(lambda d=done: _Connection(requests, indices, latencies, d, interval, stop),
+                                     host, port)
     await asyncio.gather(*dones)
     return time.perf_counter() - t0, latencies

@@ -161,7 +161,7 @@ addresses = ["alice@example.com"]
 """
 
 
-async def tracked_urls(tmp: str, relay_port: int) -> tuple[list[str], list[str]]:
+async def tracked_urls(tmp: str, relay_port: int, password: str = "pw") -> tuple[list[str], list[str]]:
     """Send one message to 50 recipients through the relay; the pixel and click URLs delivered."""
     import aiosmtplib
     links = "".join(f'<a href="https://example.com/p/{i}">product {i}</a><br>' for i in range(5))
@@ -170,7 +170,7 @@ async def tracked_urls(tmp: str, relay_port: int) -> tuple[list[str], list[str]]
            "</body></html>\r\n")
     rcpts = [f"r{i}@ext.test" for i in range(50)]
     await aiosmtplib.send(msg, sender="alice@example.com", recipients=rcpts, hostname="127.0.0.1",
-                          port=relay_port, username="alice", password="pw", start_tls=False,
+                          port=relay_port, username="alice", password=password, start_tls=False,
                           source_address=("127.0.0.2", 0))
     outbox = Path(tmp) / "outbox" / "new"
     deadline = time.monotonic() + 30
