@@ -41,13 +41,9 @@ sys.path.insert(0, str(ROOT))
 import httpload  # noqa: E402  (bench/ is on sys.path as the script's directory)
 from helpers import free_port  # noqa: E402  (tests/ is on sys.path: its helpers)
 from relay_bench import PASSWORD, load as smtp_load  # noqa: E402
-from tracker_bench import CONFIG, UA, place_writer, tracked_urls, wait_http  # noqa: E402
+from tracker_bench import CONFIG, UA, pin0, place_writer, tracked_urls, wait_http  # noqa: E402
 
 EVENTS_SQL = "SELECT count(*) FROM events WHERE type IN ('opened','clicked') AND NOT inferred"
-
-
-def pin0() -> None:
-    os.sched_setaffinity(0, {0})
 
 
 def p99(values: list[float]) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Sink, base_config, free_port, make_config
+from helpers import Sink, base_config, free_port, make_config, wait_until
 
 PG_URL = os.environ.get("TRACKRELAY_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 PG_TEST_DB = "trackrelay_test"
@@ -114,12 +114,7 @@ class RelayFixture:
         """Wait until every tracker hit so far is written (it has left the recorder's buffer; with
         the writer process, the child has reported it)."""
         recorder = self.service.tracker.recorder
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while recorder.depth:
-            if loop.time() > deadline:
-                raise AssertionError(f"{recorder.depth} tracker hits not written after {timeout} s")
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: not recorder.depth, timeout, what="every tracker hit written")
 
     async def wait_status(self, statuses: set[str], count: int, timeout: float = 15.0):
         """Wait until `count` copies are in one of `statuses`."""

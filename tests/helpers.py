@@ -24,6 +24,15 @@ PASSWORD_HASH = hash_password(PASSWORD)
 API_TOKENS = {name: f"trk_test_token_for_{name}_0123456789" for name in ("alice", "bob", "carl")}
 
 
+async def wait_until(predicate, timeout: float = 20.0, what: str = "") -> None:
+    """Poll ``predicate`` every 20 ms until it is true; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

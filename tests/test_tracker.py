@@ -11,7 +11,7 @@ import time
 import aiohttp
 import pytest
 
-from helpers import API_TOKENS, client
+from helpers import API_TOKENS, client, wait_until
 from tracker_http.public import GIF
 from trackrelay.links import Keyring, click_url
 
@@ -118,9 +118,7 @@ async def test_unknown_pixel_token_gets_the_gif_and_records_nothing(relay, sink)
         async with s.get(public(relay) + "/o/UNKNOWNunknownUNKNOWNunknown.gif") as r:
             assert r.status == 200 and await r.read() == GIF
     recorder = relay.service.tracker.recorder
-    deadline = time.monotonic() + 10
-    while recorder.stats.unknown_tokens == 0 and time.monotonic() < deadline:  # the hit handled
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: recorder.stats.unknown_tokens, timeout=10, what="the hit handled")
     assert recorder.stats.unknown_tokens == 1 and recorder.depth == 0
     assert await events(relay, timeout=0.3) == []
 

@@ -5,23 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import API_TOKENS, RelayProcess, free_port, to_toml
+from helpers import API_TOKENS, RelayProcess, free_port, to_toml, wait_until
 from test_tracker import api, browser, events, send_tracked, start
 from tracker_http import writer as writer_module
 from tracker_http.writer import WriterClient
-
-
-async def wait_until(predicate, timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.02)
 
 
 def alive(pid: int) -> bool:

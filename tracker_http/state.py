@@ -11,12 +11,12 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from tracker_http.netaddr import Network
 from tracker_http.recorder import Recorder, SignedInIps
-
-if TYPE_CHECKING:
-    from tracker_http.writer import WriterClient
 from trackrelay.bus import EventBus
 from trackrelay.config import Config
 from trackrelay.links import Keyring
+
+if TYPE_CHECKING:
+    from tracker_http.writer import WriterClient
 
 
 @dataclass

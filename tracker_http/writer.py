@@ -24,8 +24,9 @@ pair private to the two processes):
   counters since it started.
 
 The child ignores SIGINT and SIGTERM (a terminal's Ctrl-C and systemd's stop reach the whole
-process group): it stops when the serving process closes its end of the socket, which happens
-too when the serving process is killed.
+process group), from its birth: they are blocked across its spawn until its first line ignores
+them. It stops when the serving process closes its end of the socket, which happens too when the
+serving process is killed.
 """
 
 from __future__ import annotations
@@ -281,11 +282,10 @@ def main() -> None:
 
 
 #: Held (blocked) across the child's start: it must never die of the group's stop signals.
-_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-#: The child's command: SIGINT and SIGTERM, blocked since its birth, set to ignored (which drops a
+#: The child's command: the held signals, blocked since its birth, set to ignored (which drops a
 #: pending one) and then unblocked, on its first line, before the imports.
-_CHILD = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-          "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-          "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); "
-          "import tracker_http.writer as w; w.main()")
+_CHILD = ("import signal; held = {%s}; [signal.signal(s, signal.SIG_IGN) for s in held]; "
+          "signal.pthread_sigmask(signal.SIG_UNBLOCK, held); import tracker_http.writer as w; w.main()"
+          % ", ".join(f"signal.{s.name}" for s in _HELD_SIGNALS))
