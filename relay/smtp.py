@@ -8,33 +8,30 @@ rewritten on their way out (``relay.replies.rewrite``); every 421 closes the con
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import secrets
 import ssl
 import time
 import weakref
-from collections import deque
 from email.utils import formatdate
 from datetime import datetime
 from typing import Awaitable, Callable, Protocol
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from relay import message as m
 from relay import replies
+from relay.auth import Authenticator
 from relay.policy import ContactFacts, MessageFacts, decide
 from storage.spool import Batcher, SpoolEntry, SpoolRecipient
 from trackrelay.config import Config
-from trackrelay.passwords import verify_password
 
 log = logging.getLogger("trackrelay.relay")
 
 #: Removed before delivery (SPEC §3): they steer us, not the recipient.
 CONTROL_HEADERS = {"x-track", "x-log", "x-log-associate"}
 MAX_RECEIVED = 100
-LOCKOUT_WINDOW = 600.0
 
 
 class _QuietAiosmtpd(logging.Filter):
@@ -45,61 +42,6 @@ class _QuietAiosmtpd(logging.Filter):
 
 
 logging.getLogger("mail.log").addFilter(_QuietAiosmtpd())
-
-
-class Authenticator:
-    """AUTH PLAIN/LOGIN against the configured users, with a lockout per (address, user name)."""
-
-    def __init__(self, config: Config):
-        self._config = config
-        self._failures: dict[tuple[str, str], deque[float]] = {}
-        self._locked_until: dict[tuple[str, str], float] = {}
-        self._verified: set[bytes] = set()  # digests of (user, password, hash) that verified
-
-    def locked(self, ip: str, name: str) -> bool:
-        until = self._locked_until.get((ip, name.lower()))
-        if until is None:
-            return False
-        if time.monotonic() >= until:
-            del self._locked_until[(ip, name.lower())]
-            self._failures.pop((ip, name.lower()), None)
-            return False
-        return True
-
-    def __call__(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
-                 auth_data: object) -> AuthResult:
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        name = auth_data.login.decode("utf-8", "replace")
-        password = auth_data.password.decode("utf-8", "replace")
-        ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        if self.locked(ip, name):
-            return AuthResult(success=False, handled=False, message=replies.AUTH_LOCKED)
-        user = self._config.user(name)
-        if user is not None and self._check(name, password, user.password_hash):
-            self._failures.pop((ip, name.lower()), None)
-            return AuthResult(success=True, auth_data=user.name)
-        key = (ip, name.lower())
-        now = time.monotonic()
-        window = self._failures.setdefault(key, deque())
-        window.append(now)
-        while window and now - window[0] > LOCKOUT_WINDOW:
-            window.popleft()
-        if len(window) >= self._config.relay.auth_max_failures > 0:
-            self._locked_until[key] = now + LOCKOUT_WINDOW
-            log.warning("AUTH lockout for a user name from %s after %d failures", ip, len(window))
-            return AuthResult(success=False, handled=False, message=replies.AUTH_LOCKED)
-        return AuthResult(success=False, handled=False)
-
-    def _check(self, name: str, password: str, stored: str) -> bool:
-        # scrypt costs tens of milliseconds on the event loop: remember what verified before.
-        digest = hashlib.sha256("\0".join((name, password, stored)).encode("utf-8", "surrogatepass")).digest()
-        if digest in self._verified:
-            return True
-        if verify_password(password, stored):
-            self._verified.add(digest)
-            return True
-        return False
 
 
 class RelaySMTP(SMTP):

@@ -12,7 +12,8 @@ import pytest
 from helpers import Sink, base_config, free_port, make_config, wait_until
 
 PG_URL = os.environ.get("TRACKRELAY_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
-PG_TEST_DB = "trackrelay_test"
+#: The database the tests create and reset (another name lets two checkouts test side by side).
+PG_TEST_DB = os.environ.get("TRACKRELAY_TEST_PG_DB", "trackrelay_test")
 _pg_state: dict[str, object] = {}
 
 

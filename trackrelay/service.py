@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from relay.crm import CrmLogger, CrmLookup
 from relay.inbound import InboundHandler, start_inbound
 from relay.render import CopyRenderer
-from relay.smtp import Authenticator, SizeLimit, SubmissionHandler, start_submission
+from relay.auth import Authenticator
+from relay.smtp import SizeLimit, SubmissionHandler, start_submission
 from relay.upstream import make_upstream
 from relay.webhooks import WebhookSender
 from relay.worker import DeliveryWorker, Renderer, plain_renderer
