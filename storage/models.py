@@ -137,6 +137,27 @@ class Event(Base):
     txid: Mapped[int | None] = mapped_column(BigInteger)
 
 
+class WorkerHeartbeat(Base):
+    """One row per running delivery worker: its claims on copies (``recipients.lease_owner``) hold
+    while its heartbeat moves. A worker judged dead (its heartbeat unchanged through several of
+    another worker's renewals, or its process gone on the same machine) has its claims freed."""
+
+    __tablename__ = "worker_heartbeats"
+
+    #: The worker's identity, as written into ``recipients.lease_owner``.
+    owner: Mapped[str] = mapped_column(String(100), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    #: Boot id and PID namespace of its machine: on the same one, a gone ``pid`` is a dead worker.
+    machine: Mapped[str] = mapped_column(String(200), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    #: The process's start time on its machine (guards against a reused pid).
+    pid_started: Mapped[str] = mapped_column(String(32), default="")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    beat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: Renewals so far: others judge liveness by whether it moves, not by comparing clocks.
+    beats: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class WebhookCursor(Base):
     """How far each webhook has been delivered: its durable outbox is the event log after it."""
 
