@@ -1,4 +1,10 @@
-"""The ``trackrelay`` command. Errors go to stderr as one line: exit 2 for usage, 1 for failures."""
+"""The ``trackrelay`` command. Errors go to stderr as one line: exit 2 for usage (and for a
+command that needs a config file when none was found), 1 for failures and for a command that
+selected nothing.
+
+``-c/--config`` goes before or after the command word. Commands that read the database never
+change its schema: only ``db upgrade`` and ``serve`` migrate.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,12 @@ import argparse
 import asyncio
 import gc
 import getpass
+import json
 import logging
+import os
 import signal
 import sys
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 
 from trackrelay import config as config_mod
@@ -19,57 +28,199 @@ class UsageError(Exception):
     pass
 
 
+class Failure(Exception):
+    pass
+
+
+class NoConfig(Exception):
+    """A command that needs a config file, and none was found: exit 2."""
+
+
+class Nothing(Exception):
+    """The command selected nothing: exit 1, one line on stderr."""
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2
         raise UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="trackrelay", description="Self-hosted email tracking relay.")
-    p.add_argument("-c", "--config", help="config file (default: $TRACKRELAY_CONFIG, else ./trackrelay.toml, "
-                                          "else built-in defaults)")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+_CONFIG_HELP = "config file (default: $TRACKRELAY_CONFIG, else ./trackrelay.toml)"
 
-    s = sub.add_parser("serve", help="run the relay, the delivery worker and the tracker")
-    s.add_argument("--only", choices=("relay", "worker", "tracker"), help="run one role (needs PostgreSQL)")
-    sub.add_parser("check-config", help="validate the config file")
-    db = sub.add_parser("db", help="database schema")
-    db.add_argument("action", choices=("upgrade",))
-    sub.add_parser("hash-password", help="read a password from stdin (or prompt), print its hash")
-    sub.add_parser("new-token", help="print a fresh API token and its api_token_hash")
-    nl = sub.add_parser("never-log", help="the Never Log lists (team, or a user's with --user)")
-    nl.add_argument("action", choices=("add", "remove", "list"))
-    nl.add_argument("--user", help="a user's personal list (default: the team list)")
-    nl.add_argument("entries", nargs="*", help="name@domain or *@domain")
-    cp = sub.add_parser("contacts", help="CRM contacts")
-    cp.add_argument("action", choices=("show", "set-basis", "forget"))
-    cp.add_argument("email")
-    cp.add_argument("basis", nargs="?", help="set-basis: one of the six GDPR bases, or none")
-    fp = sub.add_parser("feed", help="the activity feed in the terminal")
-    fp.add_argument("--user", help="one user's mail (default: everybody's)")
-    fp.add_argument("--follow", action="store_true", help="keep printing new events as they happen")
-    fp.add_argument("--limit", type=int, default=20, help="how many messages (default 20)")
-    tp = sub.add_parser("tracker", help="tracker data")
-    tp.add_argument("action", choices=("refresh-apple-ranges",))
-    src = tp.add_mutually_exclusive_group()
-    src.add_argument("--url", help="where to download Apple's egress-ip-ranges.csv from")
-    src.add_argument("--file", help="read the list from this file instead of downloading it")
-    qp = sub.add_parser("queue", help="inspect and steer the delivery queue")
-    qp.add_argument("action", choices=("list", "retry", "bounce"))
-    qp.add_argument("ids", nargs="*", type=int, help="recipient copy ids (retry: none means all)")
+
+def _common() -> argparse.ArgumentParser:
+    """-c/--config after the command word (SUPPRESS: absent unless given, so a subcommand's
+    parser never overwrites one given before the command word)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="FILE", help=_CONFIG_HELP)
     return p
 
 
-def _load(args) -> Config:
-    return config_mod.load(config_mod.locate(args.config))
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("trackrelay")
+    except PackageNotFoundError:  # pragma: no cover - running from a tree that was never installed
+        return "unknown"
+
+
+def _epilog(*examples: str, note: str = "") -> str:
+    text = "example" + ("s" if len(examples) > 1 else "") + ":\n" + "\n".join(f"  {e}" for e in examples)
+    return text + (f"\n\n{note}" if note else "")
+
+
+_ID_HELP = "a queue id: the message id of the 250 reply (ID), or ID.N for its Nth recipient's copy"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    p = _Parser(prog="trackrelay", description="Self-hosted email tracking relay.",
+                epilog=_epilog("trackrelay serve -c /etc/trackrelay/trackrelay.toml",
+                               "trackrelay queue list -c /etc/trackrelay/trackrelay.toml",
+                               note="Every command takes -c FILE before or after its name; "
+                                    "`trackrelay COMMAND --help` tells more."))
+    p.add_argument("-c", "--config", dest="config_before", metavar="FILE", help=_CONFIG_HELP)
+    p.add_argument("--version", action="version", version=f"trackrelay {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    def cmd(parent, name, help, *examples, note="", **kw):
+        return parent.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
+                                 epilog=_epilog(*examples, note=note), parents=[common], **kw)
+
+    s = cmd(sub, "serve", "run the relay, the delivery worker and the tracker (migrating the schema first)",
+            "trackrelay serve -c /etc/trackrelay/trackrelay.toml",
+            "trackrelay serve --only worker -c /etc/trackrelay/trackrelay.toml",
+            note="SIGTERM stops it cleanly. --only needs PostgreSQL.")
+    s.add_argument("--only", choices=("relay", "worker", "tracker"), help="run one role (needs PostgreSQL)")
+    cmd(sub, "check-config", "validate a config file and print every warning",
+        "trackrelay check-config -c /etc/trackrelay/trackrelay.toml",
+        note="Prints the path it checked; every error names the file and the key (exit 1).")
+
+    db = cmd(sub, "db", "the database schema", "trackrelay db current -c FILE")
+    dbs = db.add_subparsers(dest="action", required=True, parser_class=_Parser, metavar="ACTION")
+    cmd(dbs, "upgrade", "apply the pending migrations", "trackrelay db upgrade -c /etc/trackrelay/trackrelay.toml",
+        note="On PostgreSQL under an advisory lock, so it is safe while other processes start.")
+    cmd(dbs, "current", "print the database's schema revision (exit 1 when an upgrade is due)",
+        "trackrelay db current -c /etc/trackrelay/trackrelay.toml")
+    cmd(dbs, "history", "list the migrations, marking the database's revision",
+        "trackrelay db history -c /etc/trackrelay/trackrelay.toml")
+
+    cmd(sub, "hash-password", "read a password from stdin (or prompt), print its hash for [[users]] password_hash",
+        "echo 'their password' | trackrelay hash-password")
+    cmd(sub, "new-token", "print a fresh API token and its api_token_hash", "trackrelay new-token")
+
+    nl = cmd(sub, "never-log", "the Never Log lists (the team's, or a user's with --user)",
+             "trackrelay never-log list -c FILE")
+    nls = nl.add_subparsers(dest="action", required=True, parser_class=_Parser, metavar="ACTION")
+    for action, help, ex in (("add", "add entries to a Never Log list", "trackrelay never-log add --user alice '*@lawyer.example' -c FILE"),
+                             ("remove", "remove entries from a Never Log list", "trackrelay never-log remove ceo@client.example -c FILE"),
+                             ("list", "print a Never Log list (config entries marked)", "trackrelay never-log list --user alice --json -c FILE")):
+        a = cmd(nls, action, help, ex)
+        a.add_argument("--user", help="a user's personal list (default: the team list)")
+        if action == "list":
+            a.add_argument("--json", action="store_true", help="print JSON")
+        else:
+            a.add_argument("entries", nargs="+", metavar="ENTRY", help="name@domain or *@domain")
+
+    cp = cmd(sub, "contacts", "CRM contacts", "trackrelay contacts show carol@client.example -c FILE")
+    cps = cp.add_subparsers(dest="action", required=True, parser_class=_Parser, metavar="ACTION")
+    a = cmd(cps, "show", "print a contact", "trackrelay contacts show carol@client.example --json -c FILE")
+    a.add_argument("email")
+    a.add_argument("--json", action="store_true", help="print JSON")
+    a = cmd(cps, "set-basis", "set a contact's GDPR legal basis (or none)",
+            "trackrelay contacts set-basis carol@client.example consent -c FILE")
+    a.add_argument("email")
+    a.add_argument("basis", help="one of the six GDPR bases, or none")
+    a = cmd(cps, "forget", "GDPR erase: the contact, its events and tracking data",
+            "trackrelay contacts forget carol@client.example -c FILE")
+    a.add_argument("email")
+
+    fp = cmd(sub, "feed", "the activity feed in the terminal: recent messages, opens and clicks",
+             "trackrelay feed --user alice -c FILE", "trackrelay feed --follow -c FILE")
+    fp.add_argument("--user", help="one user's mail (default: everybody's)")
+    fp.add_argument("--follow", action="store_true", help="keep printing new events as they happen")
+    fp.add_argument("--limit", type=int, default=20, help="how many messages (default 20)")
+    fp.add_argument("--json", action="store_true",
+                    help="print the messages as a JSON array (with --follow, then one JSON event per line)")
+
+    tp = cmd(sub, "tracker", "tracker data", "trackrelay tracker refresh-apple-ranges -c FILE")
+    tps = tp.add_subparsers(dest="action", required=True, parser_class=_Parser, metavar="ACTION")
+    a = cmd(tps, "refresh-apple-ranges", "download Apple's privacy-proxy ranges to beside the database",
+            "trackrelay tracker refresh-apple-ranges -c FILE",
+            "trackrelay tracker refresh-apple-ranges --file egress-ip-ranges.csv -c FILE")
+    src = a.add_mutually_exclusive_group()
+    src.add_argument("--url", help="where to download Apple's egress-ip-ranges.csv from")
+    src.add_argument("--file", help="read the list from this file instead of downloading it")
+
+    qp = cmd(sub, "queue", "inspect and steer the delivery queue", "trackrelay queue list -c FILE",
+             note="A message's id is the N of the relay's `250 2.0.0 OK: queued as N`; "
+                  "N.K is the copy for its Kth recipient.")
+    qps = qp.add_subparsers(dest="action", required=True, parser_class=_Parser, metavar="ACTION")
+    queue_cmds = {
+        "list": ("list messages waiting for delivery and their copies",
+                 ("trackrelay queue list -c FILE", "trackrelay queue list --status deferred --older-than 2h --json -c FILE"),
+                 "Without --status: copies queued, sending, deferred or held. Exit 1 when nothing matches."),
+        "show": ("print one message: envelope, headers, each copy's plan, reasons and attempts",
+                 ("trackrelay queue show 42 -c FILE",), ""),
+        "retry": ("make waiting copies due now (none given: all queued and deferred ones)",
+                  ("trackrelay queue retry 42 -c FILE", "trackrelay queue retry --status deferred -c FILE"), ""),
+        "bounce": ("bounce waiting copies: the sender gets a DSN, as for a 5xx",
+                   ("trackrelay queue bounce 42.2 -c FILE",),
+                   "The worker writes the DSN at its next DSN pass (within 30 s)."),
+        "delete": ("remove waiting copies without a DSN (a message left with none goes too)",
+                   ("trackrelay queue delete 42 -c FILE",), ""),
+        "hold": ("keep waiting copies out of delivery until released",
+                 ("trackrelay queue hold 42 -c FILE", "trackrelay queue hold --user alice -c FILE"), ""),
+        "release": ("put held copies back in the queue, due now",
+                    ("trackrelay queue release 42 -c FILE",), ""),
+    }
+    from storage.admin import STATUSES
+    for action, (help, examples, note) in queue_cmds.items():
+        a = cmd(qps, action, help, *examples, note=note)
+        a.add_argument("ids", nargs="+" if action == "show" else "*", metavar="ID", help=_ID_HELP)
+        if action != "show":
+            a.add_argument("--status", action="append", choices=STATUSES,
+                           help="only copies in this status (repeatable)")
+            a.add_argument("--user", help="only messages sent by this user")
+            a.add_argument("--older-than", metavar="AGE", help="only messages accepted longer ago (90s, 30m, 2h, 3d)")
+        if action in ("list", "show"):
+            a.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _config_path(args) -> str | None:
+    after, before = getattr(args, "config", None), getattr(args, "config_before", None)
+    if before and after and before != after:
+        raise UsageError(f"two config files given: {before} and {after}")
+    return config_mod.locate(after or before)
+
+
+def _looked_for() -> str:
+    env = os.environ.get("TRACKRELAY_CONFIG")
+    return (f"-c FILE (not given), $TRACKRELAY_CONFIG ({'=' + env if env else 'unset'}), "
+            f"{os.path.join(os.getcwd(), 'trackrelay.toml')} (absent)")
+
+
+def _load(args, *, need_file: bool = True) -> Config:
+    path = _config_path(args)
+    if path is None and need_file:
+        name = " ".join(x for x in (args.command, getattr(args, "action", None)) if x)
+        raise NoConfig(f"`{name}` needs a config file and none was found: looked for {_looked_for()}")
+    return config_mod.load(path)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args, extra = build_parser().parse_known_args(argv)
         # argparse stops filling a trailing list of positionals at an option: `never-log add
         # --user NAME a@b c@d` leaves the entries over. They are entries all the same.
-        if extra and getattr(args, "command", None) == "never-log" and not any(x.startswith("-") for x in extra):
+        if extra and getattr(args, "command", None) == "never-log" and hasattr(args, "entries") \
+                and not any(x.startswith("-") for x in extra):
             args.entries += extra
         elif extra:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
@@ -81,18 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"trackrelay: config error: {e}", file=sys.stderr)
         return 1
-    except UsageError as e:
+    except (UsageError, NoConfig) as e:
         print(f"trackrelay: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    except Failure as e:
+    except (Failure, Nothing) as e:
         print(f"trackrelay: {e}", file=sys.stderr)
         return 1
-
-
-class Failure(Exception):
-    pass
 
 
 def _dispatch(args) -> int:
@@ -104,26 +251,32 @@ def _dispatch(args) -> int:
         print(f"token: {token}")
         print(f'api_token_hash = "{digest}"')
         return 0
+    if args.command == "serve":
+        path = _config_path(args)
+        if path is None:
+            print(f"trackrelay: no config file found (looked for {_looked_for()}): "
+                  "running on the built-in defaults", file=sys.stderr)
+        return _serve(config_mod.load(path), args.only)
     cfg = _load(args)
     if args.command == "check-config":
         for w in config_mod.warnings_for(cfg):
             print(f"warning: {cfg.source}: {w}", file=sys.stderr)
-        print(f"{cfg.source}: OK")
+        print(f"{os.path.abspath(cfg.source)}: OK")
         return 0
     if args.command == "db":
-        return asyncio.run(_db_upgrade(cfg))
+        return asyncio.run({"upgrade": _db_upgrade, "current": _db_current, "history": _db_history}[args.action](cfg))
     if args.command == "queue":
-        return asyncio.run(_queue(cfg, args.action, args.ids))
-    if args.command == "serve":
-        return _serve(cfg, args.only)
+        return asyncio.run(_queue(cfg, args))
     if args.command == "never-log":
-        return asyncio.run(_never_log(cfg, args.action, args.user, args.entries))
+        return asyncio.run(_never_log(cfg, args.action, args.user, getattr(args, "entries", []),
+                                      getattr(args, "json", False)))
     if args.command == "contacts":
-        return asyncio.run(_contacts(cfg, args.action, args.email, args.basis))
+        return asyncio.run(_contacts(cfg, args.action, args.email, getattr(args, "basis", None),
+                                     getattr(args, "json", False)))
     if args.command == "feed":
         if args.user is not None and cfg.user(args.user) is None:
             raise UsageError(f"no user named {args.user!r} in {cfg.source}")
-        return asyncio.run(_feed(cfg, args.user, args.follow, args.limit))
+        return asyncio.run(_feed(cfg, args.user, args.follow, args.limit, args.json))
     if args.command == "tracker":
         return asyncio.run(_refresh_apple(cfg, args.url, args.file))
     raise UsageError(f"unknown command {args.command}")  # pragma: no cover
@@ -143,6 +296,54 @@ def _hash_password() -> int:
     return 0
 
 
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+# -- the database, without migrating it ------------------------------------------------------------
+
+_UPGRADE = "run `trackrelay db upgrade`"
+
+
+@asynccontextmanager
+async def _database(cfg: Config, *, write: bool = False):
+    """A sessionmaker on the configured database, whose schema must be this trackrelay's: the
+    command never creates the database nor migrates it. ``write=False``: read-only connections."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from storage import admin
+    from storage.engine import make_sessionmaker
+    path = admin.sqlite_path(cfg.storage.url)
+    if path is not None and not os.path.exists(path):
+        raise Failure(f"no database at {os.path.abspath(path)} (storage.url of {cfg.source}): {_UPGRADE}")
+    engine = admin.open_engine(cfg.storage.url, read_only=not write)
+    try:
+        try:
+            state = await admin.schema_state(engine)
+        except (OSError, SQLAlchemyError) as e:
+            raise Failure(f"cannot read the database: {type(e).__name__}: {_first_line(e)}") from None
+        if state.unknown:
+            raise Failure(f"the database schema is at {', '.join(state.current)}, which this trackrelay "
+                          f"({_version()}) does not know: upgrade trackrelay")
+        if not state.up_to_date:
+            raise Failure(f"the database schema is at {', '.join(state.current) or 'nothing (empty database)'}, "
+                          f"this trackrelay needs {', '.join(state.heads)}: {_UPGRADE}")
+        yield make_sessionmaker(engine)
+    finally:
+        await engine.dispose()
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+async def _with_session(cfg: Config, fn, *, write: bool = False):
+    async with _database(cfg, write=write) as sm:
+        async with sm() as session:
+            async with session.begin():
+                return await fn(session)
+
+
 async def _db_upgrade(cfg: Config) -> int:
     from storage import migrate
     from storage.engine import make_engine
@@ -158,68 +359,258 @@ async def _db_upgrade(cfg: Config) -> int:
     return 0
 
 
-async def _queue(cfg: Config, action: str, ids: list[int]) -> int:
-    from storage import migrate
-    from storage import queue as q
-    from storage.engine import make_engine, make_sessionmaker
-    engine = make_engine(cfg.storage.url)
+async def _schema(cfg: Config):
+    """The database's schema state, or None when the SQLite file does not exist yet."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from storage import admin
+    path = admin.sqlite_path(cfg.storage.url)
+    if path is not None and not os.path.exists(path):
+        return None
+    engine = admin.open_engine(cfg.storage.url, read_only=True)
     try:
-        await migrate.upgrade(engine)
-        sm = make_sessionmaker(engine)
-        now = datetime.now(timezone.utc)
-        async with sm() as session:
-            async with session.begin():
-                if action == "list":
-                    rows = await q.list_waiting(session)
-                    print(f"{'copy':>8}  {'msg':>6}  {'status':<9} {'tries':>5}  {'next attempt':<20} address / last reply")
-                    for rid, mpk, _mid, addr, status, attempts, nxt, reply in rows:
-                        when = nxt.strftime("%Y-%m-%d %H:%M:%S") if nxt else "-"
-                        print(f"{rid:>8}  {mpk:>6}  {status:<9} {attempts:>5}  {when:<20} {addr}  {reply or ''}")
-                    print(f"{len(rows)} copies waiting", file=sys.stderr)
-                elif action == "retry":
-                    n = await q.retry_now(session, ids or None, now)
-                    print(f"{n} copies due now", file=sys.stderr)
-                else:
-                    if not ids:
-                        raise UsageError("queue bounce needs the ids of the copies to bounce")
-                    n = await q.force_bounce(session, ids, now)
-                    print(f"{n} copies bounced; their senders get a DSN", file=sys.stderr)
+        return await admin.schema_state(engine)
+    except (OSError, SQLAlchemyError) as e:
+        raise Failure(f"cannot read the database: {type(e).__name__}: {_first_line(e)}") from None
     finally:
         await engine.dispose()
+
+
+async def _db_current(cfg: Config) -> int:
+    state = await _schema(cfg)
+    if state is None or not state.current:
+        print("none (empty database)")
+        raise Failure(f"the database has no schema yet: {_UPGRADE}")
+    print(", ".join(state.current) + (" (head)" if state.up_to_date else ""))
+    if state.unknown:
+        raise Failure(f"revision {', '.join(state.unknown)} is newer than this trackrelay ({_version()})")
+    if not state.up_to_date:
+        raise Failure(f"the schema is behind (head is {', '.join(state.heads)}): {_UPGRADE}")
     return 0
 
 
-async def _with_session(cfg: Config, fn):
-    from storage import migrate
-    from storage.engine import make_engine, make_sessionmaker
-    engine = make_engine(cfg.storage.url)
+async def _db_history(cfg: Config) -> int:
+    from storage import admin
+    state = await _schema(cfg)
+    current = set(state.current) if state else set()
+    for script in admin.revisions():
+        marks = [m for m, on in (("head", script.is_head), ("current", script.revision in current)) if on]
+        doc = (script.doc or "").strip().splitlines()[0] if script.doc else ""
+        print(f"{script.revision}  {doc}" + (f"  ({', '.join(marks)})" if marks else ""))
+    if state is None:
+        print("(the database does not exist yet)", file=sys.stderr)
+    return 0
+
+
+# -- queue ---------------------------------------------------------------------------------------
+
+def _age(seconds: float) -> str:
+    s = int(max(0, seconds))
+    for unit, size, sub_unit, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            rest = (s % size) // sub_size
+            return f"{s // size}{unit}" + (f"{rest}{sub_unit}" if rest else "")
+    return f"{s}s"
+
+
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / 1048576:.1f} MB"
+
+
+def _when(t: datetime | None) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat().replace("+00:00", "Z") if t else None
+
+
+def _filters(args, default: tuple[str, ...] | None):
+    from storage import admin
     try:
-        await migrate.upgrade(engine)
-        async with make_sessionmaker(engine)() as session:
-            async with session.begin():
-                return await fn(session)
-    finally:
-        await engine.dispose()
+        older = admin.parse_duration(args.older_than) if args.older_than else None
+    except admin.SelectionError as e:
+        raise UsageError(str(e)) from None
+    statuses = tuple(dict.fromkeys(args.status)) if args.status else default
+    return admin.Filters(statuses=statuses, user=args.user, older_than=older)
 
 
-async def _never_log(cfg: Config, action: str, user: str | None, entries: list[str]) -> int:
+def _selectors(ids: list[str]):
+    from storage import admin
+    try:
+        return [admin.parse_selector(i) for i in ids]
+    except admin.SelectionError as e:
+        raise UsageError(str(e)) from None
+
+
+async def _queue(cfg: Config, args) -> int:
+    from storage import admin
+    action = args.action
+    selectors = _selectors(args.ids)
+    now = datetime.now(timezone.utc)
+    if action == "show":
+        return await _queue_show(cfg, selectors, args.json)
+    if action == "list":
+        filters = _filters(args, None if selectors and not args.status else admin.WAITING)
+        return await _queue_list(cfg, filters, selectors, now, args.json)
+    filters = _filters(args, None)
+    if not selectors and filters == admin.Filters():
+        if action != "retry":
+            raise UsageError(f"queue {action} needs queue ids (ID or ID.N) or a filter "
+                             "(--status, --user, --older-than)")
+    if not selectors:  # by filter alone: only what the action can change
+        eligible = admin.ACTS_ON[action]
+        filters.statuses = tuple(s for s in (filters.statuses or eligible) if s in eligible)
+        if not filters.statuses:
+            raise UsageError(f"queue {action} acts on copies that are {' or '.join(admin.ACTS_ON[action])}")
+
+    async def change(session):
+        try:
+            copies = await admin.select_copies(session, selectors, filters, now)
+        except admin.SelectionError as e:
+            raise Nothing(str(e)) from None
+        ids = [c.id for c in copies]
+        fn = getattr(admin, action)
+        done = await fn(session, ids, now)
+        removed: list[int] = []
+        if action == "delete":
+            done, removed = done
+        return copies, set(done), removed
+
+    copies, done, removed = await _with_session(cfg, change, write=True)
+    past = {"retry": "due now", "bounce": "bounced", "delete": "deleted", "hold": "held", "release": "released"}[action]
+    for c in copies:
+        if c.id in done:
+            print(f"{c.qid}\t{c.address}\t{past}")
+        else:
+            print(f"trackrelay: {c.qid} {c.address}: {c.status}, not {past}", file=sys.stderr)
+    for pk in removed:
+        print(f"{pk}\tmessage removed (no copy left)")
+    n = len(done)
+    if not n:
+        raise Nothing(f"no copy {past}" + ("" if copies else ": nothing matches"))
+    note = {"bounce": "; the senders get a DSN at the worker's next DSN pass (within 30 s)",
+            "delete": "; no DSN", "retry": "; the worker takes them within a second"}.get(action, "")
+    print(f"{n} {'copy' if n == 1 else 'copies'} {past}{note}", file=sys.stderr)
+    return 0
+
+
+async def _queue_list(cfg: Config, filters, selectors, now: datetime, as_json: bool) -> int:
+    from storage import admin
+
+    async def read(session):
+        try:
+            return await admin.list_queue(session, filters, now, selectors or None)
+        except admin.SelectionError as e:
+            raise Nothing(str(e)) from None
+    messages = await _with_session(cfg, read)
+    if as_json:
+        _print_json([{
+            "id": m.id, "kind": m.kind, "message_id": m.message_id, "user": m.user, "mail_from": m.mail_from,
+            "subject": m.subject, "accepted_at": _iso(m.accepted_at),
+            "age_seconds": round((now - m.accepted_at).total_seconds()), "size": m.size,
+            "copies": [{"copy": c.qid, "address": c.address, "status": c.status, "tries": c.attempts,
+                        "next_attempt_at": _iso(c.next_attempt_at) if c.status in ("queued", "deferred") else None,
+                        "last_reply": c.last_reply} for c in m.copies],
+        } for m in messages])
+    else:
+        for m in messages:
+            print(f"{m.id}  {_when(m.accepted_at)}  age {_age((now - m.accepted_at).total_seconds())}  "
+                  f"{_size(m.size)}  {m.user or '-'}  <{m.mail_from}>  {m.subject or '(no subject)'}"
+                  + ("  [DSN]" if m.kind == "dsn" else ""))
+            for c in m.copies:
+                nxt = _when(c.next_attempt_at) if c.status in ("queued", "deferred") else "-"
+                print(f"  {c.qid:<8} {c.status:<9} tries {c.attempts:<3} next {nxt:<19}  {c.address}"
+                      + (f"  {c.last_reply}" if c.last_reply else ""))
+    copies = sum(len(m.copies) for m in messages)
+    if not messages:
+        raise Nothing("no message in the queue matches")
+    print(f"{len(messages)} messages, {copies} copies", file=sys.stderr)
+    return 0
+
+
+async def _queue_show(cfg: Config, selectors, as_json: bool) -> int:
+    from storage import admin
+
+    async def read(session):
+        return [(pk, n, await admin.show(session, pk)) for pk, n in selectors]
+    found = await _with_session(cfg, read)
+    missing = [str(pk) for pk, _, item in found if item is None]
+    items = []
+    for pk, n, item in found:
+        if item is None:
+            continue
+        if n is not None:
+            if n > len(item["copies"]):
+                missing.append(f"{pk}.{n}")
+                continue
+            item["copies"] = [item["copies"][n - 1]]
+        items.append(item)
+    if as_json:
+        _print_json(items if len(selectors) > 1 else (items[0] if items else None))
+    else:
+        for item in items:
+            _print_message(item)
+    if missing:
+        raise Nothing(f"no such message or copy: {', '.join(missing)}")
+    return 0
+
+
+def _print_message(m: dict) -> None:
+    print(f"message {m['id']}" + (" (a DSN)" if m["kind"] == "dsn" else ""))
+    for k in ("message_id", "user", "client_ip", "accepted_at", "size", "subject", "from", "done_at", "purged_at"):
+        print(f"  {k}: {m[k] if m[k] not in (None, '') else '-'}")
+    print(f"  envelope: MAIL FROM:<{m['envelope']['mail_from']}>")
+    for r in m["envelope"]["rcpt_to"]:
+        print(f"            RCPT TO:<{r}>")
+    print("headers:" if m["headers"] is not None else "headers: - (spooled bytes purged)")
+    for line in (m["headers"] or "").splitlines():
+        print(f"  {line}")
+    for c in m["copies"]:
+        p = c["plan"]
+        print(f"copy {c['copy']}: {c['address']}")
+        print(f"  status: {c['status']}, tries {c['tries']}"
+              + (f", next attempt {c['next_attempt_at']}" if c["next_attempt_at"] else "")
+              + (f", sent {c['sent_at']}" if c["sent_at"] else "")
+              + (f", leased by {c['lease_owner']} until {c['lease_until']}" if c["lease_owner"] else ""))
+        print(f"  plan: opens {'tracked' if p['track_opens'] else 'not tracked'}, clicks "
+              f"{'tracked' if p['track_clicks'] else 'not tracked'}, {'logged' if p['log'] else 'not logged'}"
+              + (", on a Never Log list" if p["never_log"] else ""))
+        print(f"  reasons: {', '.join(p['reasons']) or '-'}")
+        for k in ("last_reply", "render_note"):
+            if c[k]:
+                print(f"  {k}: {c[k]}")
+        if c["reclaims"]:
+            print(f"  reclaims: {c['reclaims']} (each a possible duplicate delivery)")
+        if c["dsn"] != "none":
+            print(f"  dsn: {c['dsn']}")
+        for a in c["attempts"]:
+            print(f"  attempt {a['at']}  {a['outcome']:<8} {a['reply'] or ''}")
+
+
+# -- never-log, contacts, feed, tracker ----------------------------------------------------------------
+
+async def _never_log(cfg: Config, action: str, user: str | None, entries: list[str], as_json: bool = False) -> int:
     from storage import crm
     from trackrelay.neverlog import normalise_entry
     if user is not None and cfg.user(user) is None:
         raise UsageError(f"no user named {user!r} in {cfg.source}")
     scope, owner = ("user", user) if user else ("team", "")
     managed = tuple(normalise_entry(e) for e in (cfg.user(user).never_log if user else cfg.never_log.team))
+    which = f"the list of {user}" if user else "the team list"
     if action == "list":
-        async def show(session):
-            db = await crm.never_log_db_entries(session, scope, owner)
-            for e in managed:
-                print(f"{e}\t(config)")
-            for e in db:
-                if e not in managed:
-                    print(e)
-            print(f"{len(set(db) | set(managed))} entries on the {'list of ' + user if user else 'team list'}",
-                  file=sys.stderr)
-        await _with_session(cfg, show)
+        async def read(session):
+            return await crm.never_log_db_entries(session, scope, owner)
+        db = await _with_session(cfg, read)
+        rows = [(e, "config") for e in managed] + [(e, "database") for e in db if e not in managed]
+        if as_json:
+            _print_json({"scope": scope, "user": user, "entries": [{"entry": e, "source": s} for e, s in rows]})
+        else:
+            for e, s in rows:
+                print(f"{e}\t(config)" if s == "config" else e)
+        if not rows:
+            raise Nothing(f"{which} is empty")
+        print(f"{len(rows)} entries on {which}", file=sys.stderr)
         return 0
     if not entries:
         raise UsageError(f"never-log {action} needs one or more entries")
@@ -228,14 +619,14 @@ async def _never_log(cfg: Config, action: str, user: str | None, entries: list[s
         return await crm.never_log_change(session, action=action, scope=scope, user=owner,
                                           raw_entries=entries, config_entries=managed)
     try:
-        changed = await _with_session(cfg, change)
+        changed = await _with_session(cfg, change, write=True)
     except crm.NeverLogRefused as e:
         raise Failure(str(e)) from None
     print(f"{len(changed)} entries {'added' if action == 'add' else 'removed'}", file=sys.stderr)
     return 0
 
 
-async def _contacts(cfg: Config, action: str, email: str, basis: str | None) -> int:
+async def _contacts(cfg: Config, action: str, email: str, basis: str | None, as_json: bool = False) -> int:
     from storage import crm
     from trackrelay.config import GDPR_BASES
     email = email.strip().lower()
@@ -243,14 +634,18 @@ async def _contacts(cfg: Config, action: str, email: str, basis: str | None) -> 
         async def show(session):
             c = await crm.get_contact(session, email)
             if c is None:
-                raise Failure(f"no contact {email}")
+                raise Nothing(f"no contact {email}")
             domain = await crm.company_domain(session, c.company_pk)
-            for k, v in (("email", c.email), ("owner", c.owner), ("company", domain),
-                         ("legal_basis", c.legal_basis), ("do_not_track", c.do_not_track),
-                         ("marketing", c.marketing), ("last_open_at", c.last_open_at),
-                         ("last_click_at", c.last_click_at), ("last_engagement_at", c.last_engagement_at)):
+            return {"email": c.email, "owner": c.owner, "company": domain, "legal_basis": c.legal_basis,
+                    "do_not_track": c.do_not_track, "marketing": c.marketing,
+                    "last_open_at": c.last_open_at, "last_click_at": c.last_click_at,
+                    "last_engagement_at": c.last_engagement_at}
+        data = await _with_session(cfg, show)
+        if as_json:
+            _print_json({k: _iso(v) if isinstance(v, datetime) else v for k, v in data.items()})
+        else:
+            for k, v in data.items():
                 print(f"{k}: {v if v is not None else '-'}")
-        await _with_session(cfg, show)
         return 0
     if action == "set-basis":
         if basis is None or (basis != "none" and basis not in GDPR_BASES):
@@ -259,16 +654,16 @@ async def _contacts(cfg: Config, action: str, email: str, basis: str | None) -> 
         async def set_basis(session):
             c = await crm.get_contact(session, email)
             if c is None:
-                raise Failure(f"no contact {email}")
+                raise Nothing(f"no contact {email}")
             c.legal_basis = None if basis == "none" else basis
-        await _with_session(cfg, set_basis)
+        await _with_session(cfg, set_basis, write=True)
         print(f"{email}: legal basis {basis}", file=sys.stderr)
         return 0
 
     async def forget(session):
         return await crm.erase_contact(session, email)
-    if not await _with_session(cfg, forget):
-        raise Failure(f"no contact or tracking data for {email}")
+    if not await _with_session(cfg, forget, write=True):
+        raise Nothing(f"no contact or tracking data for {email}")
     print(f"{email}: erased (contact, events, tracking data, sole-contact logged emails)", file=sys.stderr)
     return 0
 
@@ -287,21 +682,22 @@ def _feed_table(items: list[dict]) -> list[str]:
     return lines
 
 
-async def _feed(cfg: Config, user: str | None, follow: bool, limit: int) -> int:
+async def _feed(cfg: Config, user: str | None, follow: bool, limit: int, as_json: bool = False) -> int:
     from storage import events as ev
-    from storage import feed, migrate
-    from storage.engine import make_engine, make_sessionmaker
-    engine = make_engine(cfg.storage.url)
-    try:
-        await migrate.upgrade(engine)
-        sm = make_sessionmaker(engine)
+    from storage import feed
+    async with _database(cfg) as sm:
         async with sm() as s:
             msgs = await feed.list_messages(s, user, None, max(1, limit), False)
             items = await feed.feed_json(s, list(reversed(msgs)))
             cursor = await ev.latest_cursor(s, user)
-        for line in _feed_table(items):
-            print(line)
+        if as_json:
+            print(json.dumps(items, ensure_ascii=False), flush=True)
+        else:
+            for line in _feed_table(items):
+                print(line, flush=True)
         if not follow:
+            if not items:
+                raise Nothing("no messages" + (f" of {user}" if user else ""))
             return 0
         print("following new events (Ctrl-C stops)…", file=sys.stderr)
         while True:
@@ -310,13 +706,14 @@ async def _feed(cfg: Config, user: str | None, follow: bool, limit: int) -> int:
             for e, _mid, rcpt in rows:
                 cursor = ev.cursor_of(e)
                 j = ev.event_json(e, _mid, rcpt)
+                if as_json:
+                    print(json.dumps(j, ensure_ascii=False), flush=True)
+                    continue
                 extra = " ".join(x for x in (j["classification"] or "", j["client"] or "", j["url"] or "") if x)
                 print(f"{j['at'][:19].replace('T', ' ')}  {j['type']:<9} {j['recipient'] or '-':<30} "
                       f"message {j['message']}  {extra}", flush=True)
             if not rows:
                 await asyncio.sleep(0.5)
-    finally:
-        await engine.dispose()
 
 
 async def _refresh_apple(cfg: Config, url: str | None, file: str | None) -> int:
@@ -338,6 +735,8 @@ async def _refresh_apple(cfg: Config, url: str | None, file: str | None) -> int:
     print(f"{len(nets)} networks written to {out}; restart the tracker to use them", file=sys.stderr)
     return 0
 
+
+# -- serve -----------------------------------------------------------------------------------------
 
 def _serve(cfg: Config, only: str | None) -> int:
     from trackrelay import logs
