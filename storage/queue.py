@@ -1,9 +1,14 @@
-"""The delivery queue: claiming copies under a lease, recording outcomes, DSN bookkeeping, purge.
+"""The delivery queue: claiming copies, the workers' heartbeats, recording outcomes, DSN
+bookkeeping, purge.
 
 A copy is claimed with one ``UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING``;
-no lock is held while the worker talks SMTP. A claim that finds an earlier claim never settled
-(status still ``sending`` with a lapsed lease) counts a *reclaim*: the earlier worker may have
-delivered it before it died, so each reclaim is a possible duplicate delivery.
+no lock is held while the worker talks SMTP. A claim (``recipients.lease_owner``) belongs to a
+worker process with a row in ``worker_heartbeats``, and holds for as long as that process lives:
+a claimed copy (``sending``) is never claimed again, however slow the database or the upstream.
+Only when its worker is judged dead are its claims *freed* (back to ``queued``), each counting a
+*reclaim*: the dead worker may have delivered the copy before it died, so each reclaim is a
+possible duplicate delivery. ``lease_until`` still moves with the claim: a copy whose owner has
+no heartbeat row (a worker older than the table) is freed only once it has lapsed.
 """
 
 from __future__ import annotations
@@ -11,14 +16,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, bindparam, case, or_, select, update
+from sqlalchemy import and_, bindparam, delete, exists, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from storage import direct, events
 from storage.engine import connection_of
-from storage.models import Message, Recipient, utcnow
+from storage.models import Message, Recipient, WorkerHeartbeat, utcnow
 
 ACTIVE = ("queued", "deferred", "sending")
+#: What a claim takes: never ``sending``, which is some live worker's until its claims are freed.
+CLAIMABLE = ("queued", "deferred")
 FINAL = ("sent", "bounced")
 
 
@@ -32,6 +39,9 @@ class Claimed:
     track_clicks: bool
     attempts: int
     last_reply: str | None
+    never_log: bool = False
+    #: The copy's number within its message (the K of queue id ``N.K``, from 1); 0 when unknown.
+    number: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,21 +71,19 @@ class Outcome:
 
 async def claim(session: AsyncSession, owner: str, now: datetime, lease_seconds: float,
                 limit: int) -> list[Claimed]:
-    lapsed = or_(Recipient.lease_until.is_(None), Recipient.lease_until < now)
     due = (select(Recipient.id)
-           .where(Recipient.status.in_(ACTIVE), Recipient.next_attempt_at <= now, lapsed)
+           .where(Recipient.status.in_(CLAIMABLE), Recipient.next_attempt_at <= now)
            .order_by(Recipient.next_attempt_at, Recipient.id)
            .limit(limit)
            .with_for_update(skip_locked=True)
            .scalar_subquery())
     stmt = (update(Recipient)
-            .where(Recipient.id.in_(due), Recipient.status.in_(ACTIVE), lapsed)
+            .where(Recipient.id.in_(due), Recipient.status.in_(CLAIMABLE))
             .values(status="sending", lease_owner=owner,
-                    lease_until=now + timedelta(seconds=lease_seconds),
-                    reclaims=Recipient.reclaims + case((Recipient.status == "sending", 1), else_=0))
+                    lease_until=now + timedelta(seconds=lease_seconds))
             .returning(Recipient.id, Recipient.message_pk, Recipient.address, Recipient.token,
                        Recipient.track_opens, Recipient.track_clicks, Recipient.attempts,
-                       Recipient.last_reply)
+                       Recipient.last_reply, Recipient.never_log)
             .execution_options(synchronize_session=False))
     rows = (await session.execute(stmt)).all()
     return sorted((Claimed(*row) for row in rows), key=lambda c: (c.message_pk, c.id))
@@ -96,6 +104,91 @@ async def release(session: AsyncSession, owner: str, ids: list[int]) -> None:
                           .where(Recipient.id.in_(ids), Recipient.lease_owner == owner, Recipient.status == "sending")
                           .values(status="queued", lease_owner=None, lease_until=None)
                           .execution_options(synchronize_session=False))
+
+
+# -- heartbeats: whose claims hold ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Beat:
+    """A worker's heartbeat row, as another worker sees it."""
+    owner: str
+    machine: str
+    pid: int
+    pid_started: str
+    beats: int
+
+
+def _freeing() -> dict:
+    """What freeing a claim sets: back in the queue, due now, one more possible duplicate."""
+    return dict(status="queued", lease_owner=None, lease_until=None, reclaims=Recipient.reclaims + 1)
+
+
+async def register(session: AsyncSession, owner: str, hostname: str, machine: str, pid: int,
+                   pid_started: str, now: datetime) -> None:
+    await session.execute(insert(WorkerHeartbeat).values(
+        owner=owner, hostname=hostname[:255], machine=machine[:200], pid=pid, pid_started=pid_started[:32],
+        started_at=now, beat_at=now, beats=0))
+
+
+async def beat(session: AsyncSession, owner: str, now: datetime) -> bool:
+    """Renew this worker's heartbeat; False when its row is gone (another worker judged it dead)."""
+    result = await session.execute(update(WorkerHeartbeat).where(WorkerHeartbeat.owner == owner)
+                                   .values(beat_at=now, beats=WorkerHeartbeat.beats + 1)
+                                   .execution_options(synchronize_session=False))
+    return bool(result.rowcount)
+
+
+async def heartbeats(session: AsyncSession) -> list[Beat]:
+    rows = await session.execute(select(WorkerHeartbeat.owner, WorkerHeartbeat.machine, WorkerHeartbeat.pid,
+                                        WorkerHeartbeat.pid_started, WorkerHeartbeat.beats))
+    return [Beat(*row) for row in rows.all()]
+
+
+async def free_claims_of(session: AsyncSession, owners: list[str]) -> int:
+    """The claims of dead workers are free: their copies go back to the queue (each a reclaim)
+    and their heartbeat rows go."""
+    if not owners:
+        return 0
+    result = await session.execute(update(Recipient)
+                                   .where(Recipient.status == "sending", Recipient.lease_owner.in_(owners))
+                                   .values(_freeing()).execution_options(synchronize_session=False))
+    await session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.owner.in_(owners))
+                          .execution_options(synchronize_session=False))
+    return result.rowcount or 0
+
+
+async def free_claims_but(session: AsyncSession, owner: str) -> int:
+    """Every claim not ``owner``'s is free: at the start of the only worker there can be (SQLite)."""
+    result = await session.execute(update(Recipient)
+                                   .where(Recipient.status == "sending",
+                                          or_(Recipient.lease_owner.is_(None), Recipient.lease_owner != owner))
+                                   .values(_freeing()).execution_options(synchronize_session=False))
+    await session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.owner != owner)
+                          .execution_options(synchronize_session=False))
+    return result.rowcount or 0
+
+
+async def free_orphans(session: AsyncSession, now: datetime) -> int:
+    """Claims whose owner has no heartbeat row are free once their lease has lapsed."""
+    result = await session.execute(
+        update(Recipient)
+        .where(Recipient.status == "sending",
+               or_(Recipient.lease_until.is_(None), Recipient.lease_until < now),
+               or_(Recipient.lease_owner.is_(None),
+                   ~exists().where(WorkerHeartbeat.owner == Recipient.lease_owner)))
+        .values(_freeing()).execution_options(synchronize_session=False))
+    return result.rowcount or 0
+
+
+async def copy_numbers(session: AsyncSession, message_pks: set[int]) -> dict[int, int]:
+    """Each copy's number within its message (recipients in id order, from 1)."""
+    rows = await session.execute(select(Recipient.id, Recipient.message_pk)
+                                 .where(Recipient.message_pk.in_(message_pks)).order_by(Recipient.id))
+    seen: dict[int, int] = {}
+    out: dict[int, int] = {}
+    for rid, mpk in rows.all():
+        seen[mpk] = out[rid] = seen.get(mpk, 0) + 1
+    return out
 
 
 async def load_messages(session: AsyncSession, pks: set[int]) -> dict[int, Spooled]:
