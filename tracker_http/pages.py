@@ -2,7 +2,10 @@
 timeline. They work without JavaScript (live updates excepted); output is escaped everywhere (a
 subject or a user agent is attacker-controlled); a logged HTML body is shown only inside a
 sandboxed iframe under a restrictive Content-Security-Policy; forms that change state carry a
-CSRF token bound to the session; the session cookie is HttpOnly and SameSite=Strict.
+CSRF token bound to the session; the session cookie is HttpOnly and SameSite=Strict, Secure when
+the browser came over https, and ends server-side at logout (``tracker_http.sessions``). Sign-in
+attempts spend the sign-in budgets (per user name, per client network) before the password is
+checked, in a worker thread; an unknown name costs the same hash as a known one.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from storage import feed
 from tracker_http import sessions
 from tracker_http.crm_api import attachment_response, contact_json, logged_json
 from tracker_http.state import CTX
+from tracker_http.netaddr import client_ip
+from trackrelay.attempts import Attempt, AttemptBudgets
 from trackrelay.config import User
-from trackrelay.passwords import verify_password
+from trackrelay.passwords import CHECKER, Busy, hash_for
 
 HERE = Path(__file__).parent
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-src 'self'; "
@@ -30,7 +35,7 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 's
 #: A logged body is attacker-controlled HTML: no scripts, no forms, no remote loads, its own origin.
 BODY_CSP = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'self'"
 LOGIN_NONCE = "trackrelay_login"
-LIMITER = web.AppKey("login_limiter", sessions.LoginLimiter)
+LIMITER = web.AppKey("login_budgets", AttemptBudgets)
 JINJA = web.AppKey("jinja", jinja2.Environment)
 
 
@@ -119,26 +124,54 @@ async def login(request: web.Request) -> web.Response:
 
     if not nonce or form.get("csrf") != nonce:
         return again("Your sign-in form expired; please try again.", 403)
-    limiter = request.app[LIMITER]
-    ip = _peer(request)
-    if limiter.blocked(ip, name):
-        return again("Too many failed attempts. Try again in a few minutes.", 429)
-    user = ctx.config.user(name)
-    ok = user is not None and await asyncio.get_running_loop().run_in_executor(
-        None, verify_password, password, user.password_hash)
+    attempt = request.app[LIMITER].begin(name, _client(request))
+    if not isinstance(attempt, Attempt):  # no password checked: the answer says nothing about it
+        resp = again("Too many failed attempts. Try again later.", 429)
+        resp.headers["Retry-After"] = str(attempt)
+        return resp
+    user, stored = hash_for(ctx.config, name)
+    # Shielded: a client that hangs up mid-check still has its attempt counted.
+    ok = await asyncio.shield(asyncio.ensure_future(_check(attempt, password, stored, user is not None)))
+    if ok is None:
+        resp = again("The server is busy; please try again in a moment.", 503)
+        resp.headers["Retry-After"] = "2"
+        return resp
     if not ok:
-        limiter.failed(ip, name)
         return again("Wrong user name or password.", 401)
-    limiter.succeeded(ip, name)
+    assert user is not None
     resp = web.HTTPSeeOther(nxt)
-    sessions.set_cookie(resp, sessions.issue(ctx.keyring, user.name),
-                        secure=ctx.config.tracker.public_url.startswith("https://"))
+    sessions.set_cookie(resp, await sessions.begin(ctx, user), secure=sessions.is_https(request, ctx.trusted_proxies),
+                        max_age=ctx.config.api.session_max_seconds)
     resp.del_cookie(LOGIN_NONCE, path="/login")
     raise resp
 
 
+async def _check(attempt: Attempt, password: str, stored: str, known: bool) -> bool | None:
+    """Verify in a worker thread and count the outcome; None when too busy to check."""
+    try:
+        ok = await CHECKER.check(password, stored) and known
+    except Busy:
+        attempt.released()
+        return None
+    except BaseException:
+        attempt.failed()
+        raise
+    if ok:
+        attempt.succeeded()
+    else:
+        attempt.failed()
+    return ok
+
+
+def _client(request: web.Request) -> str:
+    """The client's address (X-Forwarded-For believed from tracker.trusted_proxies only)."""
+    ctx = request.app[CTX]
+    return client_ip(_peer(request), request.headers.get("X-Forwarded-For"), ctx.trusted_proxies)
+
+
 async def logout(request: web.Request) -> web.Response:
     await _checked_form(request)
+    await sessions.end(request.app[CTX], request.cookies.get(sessions.COOKIE))
     resp = web.HTTPSeeOther("/login")
     resp.del_cookie(sessions.COOKIE, path="/")
     raise resp
@@ -233,7 +266,8 @@ async def attachment_download(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app[JINJA] = make_env()
-    app[LIMITER] = sessions.LoginLimiter()
+    app[LIMITER] = sessions.login_budgets(app[CTX].config)
+    app.middlewares.append(sessions.middleware)
     r = app.router
     r.add_get("/login", login_form)
     r.add_post("/login", login)

@@ -1,23 +1,38 @@
-"""Sign-in sessions for the pages (and the live stream): a signed, expiring cookie; CSRF tokens
-bound to it; and the sign-in rate limit."""
+"""Sign-in sessions for the pages (and the live stream): kept server-side (``storage.sessions``),
+so that logout, a password change and removing the user end them; CSRF tokens bound to the
+cookie; the cookie's ``Secure`` flag from the request's own scheme; the sign-in attempt budgets.
+
+The cookie is a random token plus its MAC (garbage is refused without a database look-up); the
+table keeps the token's SHA-256. ``middleware`` looks the cookie up once per request, and
+``verify`` (synchronous, as the handlers call it) answers from that look-up. A session ends when
+unused for ``api.session_idle_seconds``, after ``api.session_max_seconds`` in any case, and as
+soon as its user is gone from the config or has another password hash.
+"""
 
 from __future__ import annotations
 
 import base64
+import contextvars
+import hashlib
 import hmac
 import secrets
-import time
-from collections import deque
+from datetime import datetime, timedelta, timezone
 
 from aiohttp import web
 
+from storage import sessions as store
+from trackrelay.attempts import AttemptBudgets
 from trackrelay.config import Config, User
 from trackrelay.links import Keyring
 
 COOKIE = "trackrelay_session"
-LIFETIME = 12 * 3600
-LOGIN_WINDOW = 600.0
-LOGIN_MAX_FAILURES = 5
+#: The last-seen time is written at most this often per session (a page view is not a write).
+TOUCH_SECONDS = 60.0
+MAX_COOKIE = 200
+
+#: (cookie, user name) of the session the current request's cookie belongs to, set by middleware.
+_current: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("trackrelay_session",
+                                                                                   default=None)
 
 
 def _mac(keyring_key: bytes, purpose: str, value: str) -> str:
@@ -25,25 +40,110 @@ def _mac(keyring_key: bytes, purpose: str, value: str) -> str:
     return base64.urlsafe_b64encode(digest[:24]).decode().rstrip("=")
 
 
-def issue(keyring: Keyring, user: str) -> str:
-    payload = base64.urlsafe_b64encode(f"{user}|{int(time.time()) + LIFETIME}|{secrets.token_hex(8)}".encode()
-                                       ).decode().rstrip("=")
-    return f"{payload}.{_mac(keyring.keys[0], 'session', payload)}"
+def password_tag(user: User) -> str:
+    """Changes when the user's password hash does: a new password ends the old sessions."""
+    return hashlib.sha256(f"trackrelay-session:{user.password_hash}".encode()).hexdigest()
+
+
+def _token(keyring: Keyring, cookie: str | None) -> str | None:
+    """The token of a well-formed cookie with a good MAC, else None."""
+    if not cookie or cookie.count(".") != 1 or len(cookie) > MAX_COOKIE:
+        return None
+    token, sig = cookie.split(".")
+    if not any(hmac.compare_digest(_mac(k, "session", token), sig) for k in keyring.keys):
+        return None
+    return token
+
+
+def _sid(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+async def begin(ctx, user: User) -> str:
+    """A new session for ``user``; its cookie value. Old expired sessions are purged meanwhile."""
+    token = secrets.token_urlsafe(32)
+    now = _now()
+    api = ctx.config.api
+    async with ctx.sessionmaker() as s:
+        async with s.begin():
+            await store.purge(s, now - timedelta(seconds=api.session_idle_seconds),
+                              now - timedelta(seconds=api.session_max_seconds))
+            await store.add(s, _sid(token), user.name, password_tag(user), now)
+    return f"{token}.{_mac(ctx.keyring.keys[0], 'session', token)}"
+
+
+async def lookup(ctx, cookie: str | None) -> User | None:
+    """The user of a live session, or None (and an expired or orphaned session is deleted)."""
+    token = _token(ctx.keyring, cookie)
+    if token is None:
+        return None
+    sid = _sid(token)
+    now = _now()
+    api = ctx.config.api
+    async with ctx.sessionmaker() as s:
+        async with s.begin():
+            row = await store.get(s, sid)
+            if row is None:
+                return None
+            user = ctx.config.user(row.user)
+            if (user is None or not hmac.compare_digest(row.password_tag, password_tag(user))
+                    or now - row.last_seen_at > timedelta(seconds=api.session_idle_seconds)
+                    or now - row.created_at > timedelta(seconds=api.session_max_seconds)):
+                await store.remove(s, sid)
+                return None
+            if now - row.last_seen_at > timedelta(seconds=min(TOUCH_SECONDS, api.session_idle_seconds / 4)):
+                await store.touch(s, sid, now)
+    return user
+
+
+async def end(ctx, cookie: str | None) -> None:
+    """Logout: this session is gone, whatever cookie copies exist."""
+    token = _token(ctx.keyring, cookie)
+    if token is not None:
+        async with ctx.sessionmaker() as s:
+            async with s.begin():
+                await store.remove(s, _sid(token))
+
+
+async def end_user(ctx, name: str) -> int:
+    """End every session of one user (say, after their password changed)."""
+    async with ctx.sessionmaker() as s:
+        async with s.begin():
+            return await store.remove_user(s, name)
+
+
+async def end_for_config(ctx, config: Config) -> int:
+    """After a config reload: end the sessions of users it removed or gave another password."""
+    async with ctx.sessionmaker() as s:
+        async with s.begin():
+            return await store.remove_except(s, {u.name: password_tag(u) for u in config.users})
+
+
+@web.middleware
+async def middleware(request: web.Request, handler):
+    """Look the session cookie up (once, in the database) before the handler runs."""
+    cookie = request.cookies.get(COOKIE)
+    if not cookie:
+        return await handler(request)
+    from tracker_http.state import CTX
+    user = await lookup(request.app[CTX], cookie)
+    reset = _current.set((cookie, user.name) if user is not None else None)
+    try:
+        return await handler(request)
+    finally:
+        _current.reset(reset)
 
 
 def verify(keyring: Keyring, cookie: str | None, config: Config) -> User | None:
-    if not cookie or cookie.count(".") != 1 or len(cookie) > 500:
+    """The user whose live session ``cookie`` is, as looked up by ``middleware`` for this request."""
+    current = _current.get()
+    if not cookie or current is None or not hmac.compare_digest(current[0].encode(), cookie.encode()):
         return None
-    payload, sig = cookie.split(".")
-    if not any(hmac.compare_digest(_mac(k, "session", payload), sig) for k in keyring.keys):
-        return None
-    try:
-        name, expiry, _ = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode().split("|")
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if int(expiry) < time.time():
-        return None
-    return config.user(name)
+    return config.user(current[1])
 
 
 def csrf_token(keyring: Keyring, cookie: str) -> str:
@@ -55,26 +155,25 @@ def check_csrf(keyring: Keyring, cookie: str | None, token: str | None) -> bool:
         hmac.compare_digest(_mac(k, "csrf", cookie), token) for k in keyring.keys)
 
 
-def set_cookie(response: web.StreamResponse, value: str, secure: bool) -> None:
-    response.set_cookie(COOKIE, value, max_age=LIFETIME, httponly=True, samesite="Strict", secure=secure,
+def is_https(request: web.Request, trusted_proxies) -> bool:
+    """Did the browser reach us over https? TLS on this connection; or X-Forwarded-Proto: https
+    from a trusted proxy; or an https ``api.public_url``."""
+    from tracker_http.netaddr import _in
+    from tracker_http.state import CTX
+    if request.transport is not None and request.transport.get_extra_info("sslcontext") is not None:
+        return True
+    proto = request.headers.get("X-Forwarded-Proto", "")
+    if proto and trusted_proxies and _in(request.remote or "", trusted_proxies):
+        return proto.split(",")[0].strip().lower() == "https"
+    return request.app[CTX].config.api.public_url.startswith("https://")
+
+
+def set_cookie(response: web.StreamResponse, value: str, secure: bool, max_age: float) -> None:
+    response.set_cookie(COOKIE, value, max_age=int(max_age), httponly=True, samesite="Strict", secure=secure,
                         path="/")
 
 
-class LoginLimiter:
-    """Failed sign-ins per (address, user name): after five in ten minutes, wait."""
-
-    def __init__(self) -> None:
-        self._fails: dict[tuple[str, str], deque[float]] = {}
-
-    def blocked(self, ip: str, name: str) -> bool:
-        q = self._fails.get((ip, name.lower()))
-        now = time.monotonic()
-        while q and now - q[0] > LOGIN_WINDOW:
-            q.popleft()
-        return bool(q) and len(q) >= LOGIN_MAX_FAILURES
-
-    def failed(self, ip: str, name: str) -> None:
-        self._fails.setdefault((ip, name.lower()), deque()).append(time.monotonic())
-
-    def succeeded(self, ip: str, name: str) -> None:
-        self._fails.pop((ip, name.lower()), None)
+def login_budgets(config: Config) -> AttemptBudgets:
+    a = config.api
+    return AttemptBudgets(a.login_max_failures, a.login_max_failures_network, a.login_backoff_seconds,
+                          a.login_backoff_max_seconds)

@@ -48,6 +48,9 @@ class RelaySection:
     max_message_bytes: int = 104857600
     max_recipients: int = 100
     auth_max_failures: int = 5
+    auth_max_failures_network: int = 20
+    auth_backoff_seconds: float = 60.0
+    auth_backoff_max_seconds: float = 3600.0
     log_bcc_address: str = ""  # log@<hostname> when empty
 
 
@@ -84,6 +87,13 @@ class TrackerSection:
 @dataclass(frozen=True)
 class ApiSection:
     listen: str = "127.0.0.1:8081"
+    public_url: str = ""  # where people open the pages; https makes the session cookie Secure
+    login_max_failures: int = 5
+    login_max_failures_network: int = 20
+    login_backoff_seconds: float = 60.0
+    login_backoff_max_seconds: float = 3600.0
+    session_idle_seconds: float = 14400.0
+    session_max_seconds: float = 43200.0
 
 
 @dataclass(frozen=True)
@@ -421,6 +431,18 @@ def _validate(c: Config, src: str) -> None:
     pu = urlsplit(c.tracker.public_url)
     if pu.scheme not in ("http", "https") or not pu.hostname:
         bad("tracker.public_url", f"must be an http(s) URL, got {c.tracker.public_url!r}")
+    if c.api.public_url:
+        au = urlsplit(c.api.public_url)
+        if au.scheme not in ("http", "https") or not au.hostname:
+            bad("api.public_url", f"must be an http(s) URL, got {c.api.public_url!r}")
+    for key, value in (("relay.auth_backoff_seconds", c.relay.auth_backoff_seconds),
+                       ("api.login_backoff_seconds", c.api.login_backoff_seconds)):
+        if value < 1:
+            bad(key, "must be at least 1")
+    if c.api.session_idle_seconds < 60:
+        bad("api.session_idle_seconds", "must be at least 60")
+    if c.api.session_max_seconds < c.api.session_idle_seconds:
+        bad("api.session_max_seconds", "must be at least api.session_idle_seconds")
     for i, k in enumerate(c.tracker.secret_keys):
         if len(k) < 16:
             bad(f"tracker.secret_keys[{i}]", "must be at least 16 characters")
@@ -450,8 +472,10 @@ def _validate(c: Config, src: str) -> None:
         if u.name in names:
             bad(f"{where}.name", f"duplicate user name {u.name!r}")
         names.add(u.name)
-        if not u.password_hash.startswith(("scrypt$", "$argon2")):
-            bad(f"{where}.password_hash", "must be a hash from `trackrelay hash-password`")
+        from trackrelay.passwords import hash_problem
+        problem = hash_problem(u.password_hash)
+        if problem:
+            bad(f"{where}.password_hash", problem)
         if u.api_token_hash is not None and not (
                 u.api_token_hash.startswith("sha256:") and len(u.api_token_hash) == 71):
             bad(f"{where}.api_token_hash", "must be sha256:<64 hex digits> from `trackrelay new-token`")
@@ -490,7 +514,12 @@ def warnings_for(c: Config) -> list[str]:
         out.append(f"tracker.public_url {c.tracker.public_url!r} is loopback or plain http while "
                    "mail goes to a real upstream: recipients' opens and clicks will not reach it")
     from trackrelay.passwords import EXAMPLE_PASSWORD_HASH
+    from trackrelay.passwords import needs_rehash
     for u in c.users:
         if u.password_hash == EXAMPLE_PASSWORD_HASH:
             out.append(f"user {u.name!r} still has the example password from config.example.toml: change it")
+        elif needs_rehash(u.password_hash):
+            kind = "scrypt" if u.password_hash.startswith("scrypt$") else "Argon2 with weaker parameters"
+            out.append(f"user {u.name!r}: password_hash is {kind}: due for rehash as Argon2id "
+                       "(`trackrelay hash-password`)")
     return out
