@@ -1,13 +1,44 @@
 """Find what instrumentation changes in an HTML text, without building a tree.
 
-One regular-expression pass jumps from one interesting place to the next — comments, ``<a>``,
-``<area>``, ``<img>``, ``<body>``, ``</body>``, ``</a>`` and raw-text elements — and records
-offsets: the opening ``<body>`` tag, the last ``</body>``, each link's href value span with its
-decoded target, opt-out attributes and visible text, and our own old pixels. Every other tag is
-skipped inside the regex engine. Comments — conditional comments with everything inside them —
-and the contents of ``<script>``/``<style>`` are skipped whole. Nothing is re-serialized: the
-caller replaces spans in the original text. Linear time; quoted values are bounded so hostile
-input cannot make it quadratic.
+The scan follows the WHATWG HTML tokenizer for everything it relies on, and records offsets in the
+original text: the opening ``<body>`` tag, the last ``</body>``, each ``<a>``/``<area>`` href value
+span with its decoded value, opt-out attributes and visible text, and our own old pixels. Nothing
+is re-serialized: the caller replaces spans in the original text.
+
+Tokenization, as the standard does it:
+
+- Every ``<`` that starts a tag (``<`` + ASCII letter, ``</`` + letter) is tokenized to its real
+  end: attribute names and values in all three forms decide where it ends (a quoted value may hold
+  ``>`` or ``<a href``; an unquoted value runs to whitespace or ``>``, keeping ``=``, quotes, ``<``
+  and backticks). Attributes are read in order; of a duplicate, the first wins. A tag still open at
+  the end of the text is dropped, as the standard drops it.
+- Comments end at ``-->`` or ``--!>``, or are ``<!-->`` / ``<!--->``; ``<!...>``, ``<?...>`` and
+  ``</`` + non-letter are bogus comments to the next ``>``; ``<!DOCTYPE ...>`` likewise; ``</>`` is
+  nothing. ``<![CDATA[...]]>`` is a CDATA section inside ``<svg>``/``<math>`` and a bogus comment
+  elsewhere.
+- Raw text, as the tree builder switches the tokenizer: ``<script>`` (script data, with its
+  ``<!--`` escape states), ``<style>``, ``<xmp>``, ``<iframe>``, ``<noembed>``, ``<noframes>``
+  (RAWTEXT), ``<title>``, ``<textarea>`` (RCDATA), ``<plaintext>`` (the rest). Each ends at the
+  first ``</name`` followed by whitespace, ``/`` or ``>``, and that end tag is itself tokenized.
+- ``<noscript>`` is parsed as a mail client parses it, with scripting disabled: its content is
+  markup (its links are real links there). A browser with scripting enabled reads it as raw text to
+  the first ``</noscript``; when the two readings end it at different places, everything after is
+  left untouched.
+- ``<template>`` content is ordinary markup to the tokenizer and tree builder (html5lib puts its
+  ``<a>`` elements in the tree like any other): its links are wrapped like any other.
+- Character references in attribute values are decoded by the standard's rules: numeric ones with
+  its replacements (0, surrogates, > U+10FFFF → U+FFFD; 0x80-0x9F by the windows-1252 table), the
+  longest named match, and a legacy name without ``;`` followed by ``=`` or an ASCII alphanumeric
+  left as written (``?a=1&copy=2`` stays ``&copy=2``). CR and CRLF read as LF, NUL as U+FFFD.
+
+Where a standard parse depends on the tree builder in ways this scan does not follow, the links
+concerned carry a ``reason`` and are left untouched by the caller: links inside ``<select>`` (the
+2025 parser change and older parsers disagree), and everything after markup whose meaning depends on
+a state the scan cannot know for sure (a raw-text element or CDATA after ``<svg>``/``<math>``
+content the scan lost track of, inside ``<select>``, a ``<noscript>`` read two ways, ``<frameset>``).
+
+Linear time: every character is consumed once, the regular expressions are possessive and atomic
+(no backtracking), and uninteresting text and tags are skipped inside the regex engine.
 """
 
 from __future__ import annotations
@@ -15,31 +46,66 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass, field
+from html.entities import html5 as _ENTITIES
 
-_NEXT = re.compile(r"<!--|<(/?)(a|area|img|body|script|style|textarea|title|xmp)(?=[\s/>])", re.I)
-# The attribute area of a start tag up to its '>' (quotes respected, bounded).
-_TAG_REST = re.compile(r"""((?:[^<>"']|"[^"]{0,8192}"|'[^']{0,8192}')*)>""", re.S)
-_HREF = re.compile(r"""(?:^|(?<=[\s"'/]))href\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'=<>`]+))""", re.I)
-_ATTR = re.compile(r"""([^\s"'>/=]+)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'=<>`]+)))?""", re.S)
-# Comments, raw-text elements and tags, each consumed to its end (or the end of the text when it
-# is unterminated) in one linear pass.
-_INVISIBLE = re.compile(r"<!--.*?(?:-->|\Z)|<(script|style|title)\b.*?(?:</\1\s*>|\Z)|<[A-Za-z/!?][^<>]*>",
-                        re.S | re.I)
-_RAW_CLOSE = {name: re.compile(rf"</{name}\s*>", re.I) for name in ("script", "style", "textarea", "title", "xmp")}
+_F = re.I | re.A
+_WS = "\t\n\f\r "
+# The attribute area of a tag, as the tokenizer's attribute states read it (before/after attribute
+# name, attribute name, before attribute value, the three value states, self-closing start tag).
+# Possessive and atomic throughout, so it matches exactly one way; it only fails at the end of the
+# text (an unterminated tag or quoted value).
+_ATTRS = (r"(?:[\t\n\f\r /]++"
+          r"|[^\t\n\f\r />][^\t\n\f\r />=]*+"
+          r"(?>[\t\n\f\r ]*+(?:=[\t\n\f\r ]*+(?>\"[^\"]*+\"|'[^']*+'|[^\t\n\f\r >\"'][^\t\n\f\r >]*+|(?=>))"
+          r"|(?!=))))*+")
+_TAG = re.compile(r"<(/?+)([A-Za-z][^\t\n\f\r />]*+)(" + _ATTRS + ")>")
+_ATTR = re.compile(r"[\t\n\f\r /]++|([^\t\n\f\r />][^\t\n\f\r />=]*+)"
+                   r"(?>[\t\n\f\r ]*+(?:=[\t\n\f\r ]*+(?>\"([^\"]*+)\"|'([^']*+)'|([^\t\n\f\r >\"'][^\t\n\f\r >]*+)|(?=>()))"
+                   r"|(?!=)))")
+
+_RAW = ("script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes", "noscript", "plaintext")
+_INTERESTING = ("a", "area", "img", "body", "svg", "math", "select", "frameset") + _RAW
+# Runs of text and of uninteresting tags (each tokenized to its real end), skipped in the regex
+# engine; it stops at an interesting tag, a comment or other markup declaration, or the end.
+_SKIP_HTML = re.compile(r"(?:[^<]++|<(?![A-Za-z/!?])|</?+(?!(?:" + "|".join(_INTERESTING) + r")[\t\n\f\r />])"
+                        r"[A-Za-z][^\t\n\f\r />]*+" + _ATTRS + ">)*+", _F)
+_SKIP_TEXT = re.compile(r"(?:[^<]++|<(?![A-Za-z/!?]))*+")
+_COMMENT_CLOSE = re.compile(r"--!?>")
+_RAW_CLOSE = {name: re.compile(rf"</{name}[\t\n\f\r />]", _F) for name in _RAW}
+_SCRIPT_DATA = re.compile(r"<!--|</script[\t\n\f\r />]", _F)
+_SCRIPT_ESCAPED = re.compile(r"-->|</?script[\t\n\f\r />]", _F)
+_SCRIPT_DOUBLE = re.compile(r"-->|</script[\t\n\f\r />]", _F)
+
+# Tree construction in foreign content: start tags that leave it, and integration points whose
+# content is parsed as HTML.
+_BREAKOUT = frozenset("b big blockquote body br center code dd div dl dt em embed h1 h2 h3 h4 h5 h6 head hr i "
+                      "img li listing menu meta nobr ol p pre ruby s small span strong strike sub sup table tt "
+                      "u ul var".split())
+_INTEGRATION = frozenset("foreignobject desc title mi mo mn ms mtext annotation-xml".split())
+
+_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 #: Attributes that opt a link out of click tracking (removed from the delivered copy).
 OPT_OUT = {"data-notrack", "clicktracking", "disable-tracking", "data-pm-no-track", "ses:no-track"}
 
+#: Why a link is left untouched (Result.skipped carries these).
+IN_SELECT = "html: link inside <select>, which parsers read differently"
+AMBIGUOUS = "html: link after markup that parsers may read differently"
+
 _URLISH = re.compile(r"^(?:(?:https?|ftp)://|www\.)\S+$|^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9-]+)*"
                      r"\.[a-z]{2,63}(?:[/:?#]\S*)?$", re.IGNORECASE)
+# Comments, raw-text elements and tags, each consumed to its end (or the end of the text when it
+# is unterminated) in one linear pass.
+_INVISIBLE = re.compile(r"<!--.*?(?:-->|\Z)|<(script|style|title)\b.*?(?:</\1\s*>|\Z)|<[A-Za-z/!?][^<>]*>",
+                        re.S | re.I)
 
 
 @dataclass
 class Attr:
-    name: str  # lower-case
+    name: str  # ASCII lower-case
     start: int  # span of the whole attribute (name=value) in the text
     end: int
-    value: str | None  # raw (entity-encoded) value
+    value: str | None  # raw (entity-encoded) value; "" for a name without a value
     value_start: int = -1  # span of the value inside its quotes
     value_end: int = -1
 
@@ -48,10 +114,13 @@ class Attr:
 class Link:
     tag_start: int
     href: Attr
-    target: str  # decoded href
+    target: str  # the decoded href as a browser's URL parser takes it (outer C0/space, tab, LF removed)
     opt_out: list[Attr] = field(default_factory=list)
     text_start: int = -1  # span of the link's content (for <a>), to read its visible text
     text_end: int = -1
+    tag: str = "a"  # "a" or "area"
+    value: str = ""  # the decoded attribute value, exactly as the tokenizer produces it
+    reason: str | None = None  # set: leave the link untouched, for this reason
 
 
 @dataclass
@@ -61,28 +130,107 @@ class Scan:
     links: list[Link] = field(default_factory=list)
     old_pixels: list[tuple[int, int]] = field(default_factory=list)
     images: int = 0  # <img> other than our old pixels
+    ambiguous_from: int | None = None  # offset from which every link is left untouched (AMBIGUOUS)
 
 
-def _attrs(tag_text: str, offset: int) -> list[Attr]:
-    out = []
-    for m in _ATTR.finditer(tag_text):
-        name = m.group(1).lower()
-        for g in (2, 3, 4):
-            if m.group(g) is not None:
-                v, vs = m.group(g), m.start(g)
+# --- character references in attribute values ----------------------------------------------------
+
+_CHARREF = re.compile(r"&(?:#(?:[xX]([0-9A-Fa-f]+)|([0-9]+));?|([A-Za-z][A-Za-z0-9]*;?))")
+_C1 = {}
+for _n in range(0x80, 0xA0):
+    try:
+        _C1[_n] = bytes([_n]).decode("cp1252")
+    except UnicodeDecodeError:
+        pass  # 0x81, 0x8D, 0x8F, 0x90, 0x9D: kept as the code point
+_LONGEST_ENTITY = max(map(len, _ENTITIES))
+
+
+def _numeric(digits: str, base: int) -> str:
+    digits = digits.lstrip("0")
+    n = 0x110000 if len(digits) > 8 else int(digits or "0", base)
+    if n == 0 or n > 0x10FFFF or 0xD800 <= n <= 0xDFFF:
+        return "\ufffd"
+    return _C1.get(n) or chr(n)
+
+
+def decode_attribute(raw: str) -> str:
+    """An attribute value as the tokenizer produces it from its source text."""
+    if "\r" in raw:
+        raw = raw.replace("\r\n", "\n").replace("\r", "\n")
+    if "\0" in raw:
+        raw = raw.replace("\0", "\ufffd")
+    if "&" not in raw:
+        return raw
+
+    def ref(mt: re.Match) -> str:
+        if mt.group(1) is not None:
+            return _numeric(mt.group(1), 16)
+        if mt.group(2) is not None:
+            return _numeric(mt.group(2), 10)
+        cand = mt.group(3)
+        for k in range(min(len(cand), _LONGEST_ENTITY), 0, -1):
+            name = cand[:k]
+            if name in _ENTITIES:
                 break
         else:
-            v, vs = None, -1
-        out.append(Attr(name, offset + m.start(), offset + m.end(), v,
-                        offset + vs if v is not None else -1,
-                        offset + vs + len(v) if v is not None else -1))
+            return mt.group(0)  # no such reference: kept as written
+        if not name.endswith(";"):
+            nxt = cand[k] if k < len(cand) else raw[mt.end():mt.end() + 1]
+            if nxt == "=" or (nxt.isascii() and nxt.isalnum()):
+                return mt.group(0)  # a legacy name without ';' before '=' or alphanumeric: as written
+        return _ENTITIES[name] + cand[k:]
+
+    return _CHARREF.sub(ref, raw)
+
+
+_URL_STRIP = "".join(map(chr, range(0x21)))
+_URL_TAB_NL = re.compile(r"[\t\n\r]")
+
+
+def url_of(value: str) -> str:
+    """What a browser's URL parser takes from an href value (before resolving it)."""
+    return _URL_TAB_NL.sub("", value).strip(_URL_STRIP)
+
+
+# --- the scan --------------------------------------------------------------------------------------
+
+def _lower(name: str) -> str:
+    return name.translate(_LOWER)
+
+
+def _attrs(text: str, start: int, end: int) -> list[Attr]:
+    """Every attribute of a tag whose attribute area is text[start:end] (end: just before '>')."""
+    out = []
+    for mt in _ATTR.finditer(text, start, end + 1):
+        if mt.group(1) is None:
+            continue
+        g = 2 if mt.group(2) is not None else 3 if mt.group(3) is not None else \
+            4 if mt.group(4) is not None else 5 if mt.group(5) is not None else 0
+        if g:
+            out.append(Attr(_lower(mt.group(1)), mt.start(), mt.end(), mt.group(g), mt.start(g), mt.end(g)))
+        else:
+            out.append(Attr(_lower(mt.group(1)), mt.start(), mt.end(1), "", mt.end(1), mt.end(1)))
     return out
+
+
+def _first(attrs: list[Attr], name: str) -> Attr | None:
+    return next((a for a in attrs if a.name == name), None)
+
+
+def _self_closing(text: str, start: int, end: int) -> bool:
+    """A tag's attribute area text[start:end] ends with the self-closing '/'."""
+    if end <= start or text[end - 1] != "/":
+        return False
+    last = None
+    for last in _ATTR.finditer(text, start, end + 1):
+        pass
+    return last is not None and last.group(1) is None
 
 
 def _opted_out(a: Attr) -> bool:
     if a.name not in OPT_OUT:
         return False
-    value = html.unescape(a.value or "").strip().lower()
+    value = decode_attribute(a.value or "").strip(_WS).lower()
     if a.name == "clicktracking":
         return value == "off"
     if a.name == "disable-tracking":
@@ -90,78 +238,235 @@ def _opted_out(a: Attr) -> bool:
     return True
 
 
+def _script_end(text: str, pos: int) -> int:
+    """Offset of the '</script' that ends script data starting at pos (len(text) if none)."""
+    state = 0  # script data, escaped, double escaped
+    while True:
+        if state == 0:
+            mt = _SCRIPT_DATA.search(text, pos)
+            if mt is None:
+                return len(text)
+            if mt.group(0)[1] == "/":
+                return mt.start()
+            state, pos = 1, mt.start() + 2  # '<!--': its dashes count towards a '-->'
+        elif state == 1:
+            mt = _SCRIPT_ESCAPED.search(text, pos)
+            if mt is None:
+                return len(text)
+            g = mt.group(0)
+            if g == "-->":
+                state = 0
+            elif g[1] == "/":
+                return mt.start()
+            else:
+                state = 2
+            pos = mt.end()
+        else:
+            mt = _SCRIPT_DOUBLE.search(text, pos)
+            if mt is None:
+                return len(text)
+            state = 0 if mt.group(0) == "-->" else 1
+            pos = mt.end()
+
+
+def _comment_end(text: str, lt: int) -> int:
+    """End offset of the comment whose '<!--' is at lt."""
+    p = lt + 4
+    if text.startswith(">", p):
+        return p + 1
+    if text.startswith("->", p):
+        return p + 2
+    mt = _COMMENT_CLOSE.search(text, p)
+    return len(text) if mt is None else mt.end()
+
+
+_HTML, _FOREIGN, _UNSURE = 0, 1, 2
+
+
 def scan(text: str, pixel_prefix: str) -> Scan:
     """Scan ``text``; ``pixel_prefix`` is ``{public_url}/o/`` (old pixels of ours to remove)."""
     s = Scan()
-    pos = 0
     n = len(text)
+    pos = 0
+    mode = _HTML  # _FOREIGN: inside <svg>/<math>, tracked; _UNSURE: lost track of foreign content
+    foreign: list[str] = []  # the open foreign elements (lower-case names)
+    in_select = False
+    noscript_end: int | None = None  # where a scripting browser ends the open <noscript>
     open_link: Link | None = None
-    while pos < n:
-        m = _NEXT.search(text, pos)
-        if m is None:
+
+    def ambiguous(at: int) -> None:
+        if s.ambiguous_from is None:
+            s.ambiguous_from = at
+
+    while True:
+        pos = (_SKIP_TEXT if mode == _FOREIGN else _SKIP_HTML).match(text, pos).end()
+        if noscript_end is not None and pos > noscript_end:
+            ambiguous(noscript_end)
+            noscript_end = None
+        if pos >= n:
             break
-        lt = m.start()
-        if m.group(2) is None:  # a comment: skipped whole, conditional comments included
-            end = text.find("-->", lt + 4)
-            pos = n if end < 0 else end + 3
+        c = text[pos + 1] if pos + 1 < n else ""
+        if c == "!":
+            if text.startswith("--", pos + 2):
+                pos = _comment_end(text, pos)
+                continue
+            if text.startswith("[CDATA[", pos + 2) and mode != _HTML:
+                if mode == _UNSURE:
+                    ambiguous(pos)
+                end = text.find("]]>", pos + 9)
+                pos = n if end < 0 else end + 3
+                continue
+            end = text.find(">", pos + 2)  # DOCTYPE, bogus comment, CDATA in HTML content
+            pos = n if end < 0 else end + 1
             continue
-        closing, name = m.group(1) == "/", m.group(2).lower()
-        rest = _TAG_REST.match(text, m.end())
-        if rest is None:
-            pos = m.end()
+        if c == "?":
+            end = text.find(">", pos + 2)
+            pos = n if end < 0 else end + 1
             continue
-        pos = rest.end()
-        if closing:
-            if name == "body":
-                s.body_close_start = lt
-            elif name == "a" and open_link is not None:
-                open_link.text_end = lt
-                open_link = None
+        if c == "/" and not (pos + 2 < n and text[pos + 2].isascii() and text[pos + 2].isalpha()):
+            if pos + 2 >= n:
+                break  # '</' at the end: text
+            if text[pos + 2] == ">":
+                pos += 3  # '</>': nothing
+                continue
+            end = text.find(">", pos + 2)  # bogus comment
+            pos = n if end < 0 else end + 1
             continue
-        if name == "body":
-            if s.body_open_end is None:
-                s.body_open_end = pos
-        elif name in ("a", "area"):
-            area = rest.group(1)
-            if name == "a" and open_link is not None:  # an unclosed <a>: the new one closes it
-                open_link.text_end = lt
-                open_link = None
-            low = area.lower()
-            if any(o in low for o in OPT_OUT):  # rare: parse every attribute
-                attrs = _attrs(area, rest.start(1))
-                href = next((a for a in attrs if a.name == "href"), None)
-                opt_out = [a for a in attrs if _opted_out(a)]
+        if not (c == "/" or (c.isascii() and c.isalpha())):
+            pos += 1  # a '<' that is text (only reached in foreign content)
+            continue
+        mt = _TAG.match(text, pos)
+        if mt is None:
+            break  # the rest is one unterminated tag, which the standard drops
+        lt, end = pos, mt.end()
+        pos = end
+        closing = bool(mt.group(1))
+        name = _lower(mt.group(2))
+        a_start, a_end = mt.start(3), mt.end(3)
+
+        if mode == _FOREIGN:
+            if closing:
+                if name in foreign and name not in ("br", "p"):
+                    while foreign.pop() != name:
+                        pass
+                    if not foreign:
+                        mode = _HTML
+                else:  # handed to the HTML rules, which may or may not close the foreign elements
+                    mode = _UNSURE
+                    foreign.clear()
+                if name == "a" and open_link is not None:
+                    open_link.text_end = lt
+                    open_link = None
+                continue
+            if foreign[-1] in _INTEGRATION:  # this start tag is parsed as HTML: lose track
+                mode = _UNSURE
+                foreign.clear()
+            elif name in _BREAKOUT or (name == "font" and any(
+                    a.name in ("color", "face", "size") for a in _attrs(text, a_start, a_end))):
+                mode = _HTML
+                foreign.clear()
             else:
-                hm = _HREF.search(area)
-                href = None
-                if hm:
-                    g = 1 if hm.group(1) is not None else 2 if hm.group(2) is not None else 3
-                    off = rest.start(1)
-                    href = Attr("href", off + hm.start(), off + hm.end(), hm.group(g),
-                                off + hm.start(g), off + hm.end(g))
-                opt_out = []
-            if href is not None and href.value is not None:
-                value = href.value
-                target = (html.unescape(value) if "&" in value else value).strip()
-                link = Link(lt, href, target, opt_out)
-                s.links.append(link)
-                if name == "a" and not rest.group(1).rstrip().endswith("/"):
-                    link.text_start = pos
-                    open_link = link
+                if not _self_closing(text, a_start, a_end):
+                    foreign.append(name)
+                if name in ("a", "area"):
+                    open_link = _link(s, text, lt, end, name, a_start, a_end, open_link, None)
+                continue
+
+        # HTML content (or _UNSURE: HTML, but maybe inside foreign content)
+        if closing:
+            if name == "a":
+                if open_link is not None:
+                    open_link.text_end = lt
+                    open_link = None
+            elif name == "body":
+                s.body_close_start = lt
+            elif name == "select":
+                in_select = False
+            elif name == "noscript" and noscript_end == lt:
+                noscript_end = None
+                if mode == _FOREIGN:
+                    mode = _UNSURE
+                    foreign.clear()
+            continue
+        if name in ("a", "area"):
+            open_link = _link(s, text, lt, end, name, a_start, a_end, open_link,
+                              IN_SELECT if in_select else None)
         elif name == "img":
-            attrs = _attrs(rest.group(1), rest.start(1))
-            src = next((a for a in attrs if a.name == "src"), None)
-            if src is not None and src.value is not None and \
-                    html.unescape(src.value).strip().startswith(pixel_prefix):
-                s.old_pixels.append((lt, pos))
+            attrs = _attrs(text, a_start, a_end)
+            src = _first(attrs, "src")
+            if src is not None and url_of(decode_attribute(src.value or "")).startswith(pixel_prefix):
+                s.old_pixels.append((lt, end))
             else:
                 s.images += 1
-        else:  # raw text: its content is not markup
-            close = _RAW_CLOSE[name].search(text, pos)
-            pos = n if close is None else close.start()
+        elif name == "body":
+            if s.body_open_end is None:
+                s.body_open_end = end
+        elif name in ("svg", "math"):
+            if in_select:
+                ambiguous(lt)
+            if mode == _HTML and not _self_closing(text, a_start, a_end):
+                mode = _FOREIGN
+                foreign.append(name)
+        elif name == "select":
+            in_select = True
+        elif name == "frameset":
+            ambiguous(lt)
+        elif name == "noscript":
+            if mode == _UNSURE or in_select:
+                ambiguous(lt)
+            elif noscript_end is None:
+                close = _RAW_CLOSE["noscript"].search(text, end)
+                noscript_end = n if close is None else close.start()
+        elif name in _RAW:
+            if mode == _UNSURE or (in_select and name != "script"):
+                ambiguous(lt)
+            if name == "plaintext":
+                pos = n
+                continue
+            if name == "script":
+                close = _script_end(text, end)
+            else:
+                close = _RAW_CLOSE[name].search(text, end)
+                close = n if close is None else close.start()
+            pos = close  # its end tag is tokenized next, as a tag (a <noscript> end inside: see above)
+            if close < n:
+                mt = _TAG.match(text, close)
+                if mt is None:
+                    break
+                pos = mt.end()
     if open_link is not None:
         open_link.text_end = n
+    if s.ambiguous_from is not None:
+        for link in s.links:
+            if link.tag_start >= s.ambiguous_from and link.reason is None:
+                link.reason = AMBIGUOUS
     return s
+
+
+def _link(s: Scan, text: str, lt: int, end: int, name: str, a_start: int, a_end: int,
+          open_link: Link | None, reason: str | None) -> Link | None:
+    """Record an <a>/<area> start tag; returns the <a> whose content is open after it."""
+    if name == "a" and open_link is not None:  # an unclosed <a>: the new one closes it
+        open_link.text_end = lt
+        open_link = None
+    attrs = _attrs(text, a_start, a_end)
+    href = _first(attrs, "href")
+    if href is None:
+        return open_link
+    seen: set[str] = set()
+    opt_out = []
+    for a in attrs:
+        if a.name in OPT_OUT and a.name not in seen:
+            seen.add(a.name)
+            if _opted_out(a):  # the first of a name decides; every one of that name is removed
+                opt_out += [b for b in attrs if b.name == a.name]
+    value = decode_attribute(href.value or "")
+    link = Link(lt, href, url_of(value), opt_out, tag=name, value=value, reason=reason)
+    s.links.append(link)
+    if name == "a":
+        link.text_start = end
+        return link
+    return open_link
 
 
 def visible_text(fragment: str) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from email.message import Message as _HeaderParser
 
 from relay import message as m
-from relay.html_scan import has_visible_content, looks_like_url, scan, visible_text
+from relay.html_scan import AMBIGUOUS, has_visible_content, looks_like_url, scan, visible_text
 from trackrelay.links import Keyring, encode_target, is_http_url, pixel_url, signed_click
 
 MAX_DEPTH = 30
@@ -69,15 +69,20 @@ class HtmlPart:
     old_pixels: list[tuple[int, int]]
     top: int  # pixel offsets
     bottom: int
+    untouched_links: list[str] = field(default_factory=list)  # why http links were left untouched
 
 
 def _prepare(text: str, public_url: str) -> tuple[bool, list[Candidate], list[tuple[int, int]], int,
-                                                    list[tuple[int, int]], int, int]:
+                                                    list[tuple[int, int]], int, int, list[str]]:
     """Everything a copy needs that does not depend on the recipient: computed once per message."""
     public = public_url.rstrip("/")
     sc = scan(text, f"{public}/o/")
-    candidates, removals, opted = [], [], 0
+    candidates, removals, opted, untouched = [], [], 0, []
     for link in sc.links:
+        if link.reason is not None:  # the scan cannot be sure a browser reads this link the same way
+            if is_http_url(link.target) and not link.target.startswith(public + "/"):
+                untouched.append(link.reason)
+            continue
         if link.opt_out:
             opted += 1
             for opt in link.opt_out:
@@ -92,9 +97,11 @@ def _prepare(text: str, public_url: str) -> tuple[bool, list[Candidate], list[tu
         url_text = "." in inner and looks_like_url(visible_text(inner))  # a URL or domain has a dot
         candidates.append(Candidate(link.href.value_start, link.href.value_end, link.target,
                                     encode_target(link.target), url_text))
+    if sc.ambiguous_from is not None and AMBIGUOUS not in untouched:
+        untouched.append(AMBIGUOUS)  # said even when the links after it cannot be told apart
     top = sc.body_open_end if sc.body_open_end is not None else 0
     bottom = sc.body_close_start if sc.body_close_start is not None else len(text)
-    return has_visible_content(text, sc), candidates, removals, opted, sc.old_pixels, top, bottom
+    return has_visible_content(text, sc), candidates, removals, opted, sc.old_pixels, top, bottom, untouched
 
 
 @dataclass
@@ -266,6 +273,7 @@ def render(parsed: Parsed, plan: Plan) -> Result:
         if plan.clicks:
             edits += [(a, b, "") for a, b in part.opt_out_removals]
             result.skipped += ["opt_out"] * part.opt_out_links
+            result.skipped += part.untouched_links
             for c in part.candidates:
                 if plan.skip_url_text_links and c.url_text:
                     result.skipped.append("url_text")
