@@ -616,7 +616,7 @@ class DeliveryWorker:
 
 # -- the mail log ---------------------------------------------------------------------------------
 
-_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@([A-Za-z0-9.\-\[\]:_]+|[^\s<>()\"',;]+)")
+_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:@]+@(\[[^\]\s]*\]|[^\s<>()\[\]\"',;:@]+)")
 
 
 def _recipients_mode(config: Config) -> str:

@@ -8,7 +8,7 @@ from email import policy
 
 import pytest
 
-from helpers import client, simple_message
+from helpers import client, simple_message, wait_until
 
 
 async def send(relay, rcpts, msg=None):
@@ -263,3 +263,80 @@ async def test_stop_during_a_maintenance_step_does_not_wait_out_the_maintenance_
     t0 = loop.time()
     await relay.stop()
     assert loop.time() - t0 < 3.0
+
+
+# -- the mail log -------------------------------------------------------------------------------
+
+def _queue_id(response: str) -> int:
+    import re
+    return int(re.search(r"queued as (\d+)", response).group(1))
+
+
+async def _send_for_id(relay, rcpts, msg=None) -> int:
+    c = await client(relay.port)
+    _, response = await c.sendmail("alice@example.com", rcpts, msg or simple_message())
+    await c.quit()
+    return _queue_id(response)
+
+
+def _mail_lines(caplog, queue_id: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "trackrelay.mail" and f"queue_id={queue_id} " in r.getMessage() + " "]
+
+
+async def _start_with_recipients_shown(relay, mode: str, **sections):
+    """log.recipients when the config has the key; until then the worker's setting directly."""
+    import dataclasses
+
+    from trackrelay.config import LogSection
+    if "recipients" in {f.name for f in dataclasses.fields(LogSection)}:
+        sections.setdefault("log", {})["recipients"] = mode
+        await relay.start(**sections)
+    else:
+        await relay.start(**sections)
+        relay.service.worker._recipients_shown = mode
+
+
+async def test_mail_log_has_a_line_per_attempt_and_dsn_found_by_the_queue_id(relay, sink, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="trackrelay.mail")
+    sink.behaviour.data_replies.append("451 4.3.0 Try again")
+    sink.behaviour.rcpt_replies["nobody@ext.test"] = "550 5.1.1 <nobody@ext.test>: No such user"
+    await relay.start()
+    qid = await _send_for_id(relay, ["carol@ext.test", "nobody@ext.test"])
+    await relay.wait_status({"sent"}, 2)  # carol's copy and the DSN
+    await wait_until(lambda: any("status=dsn" in line for line in _mail_lines(caplog, qid)), 10, "the DSN line")
+    lines = _mail_lines(caplog, qid)
+    carol = [line for line in lines if f"copy={qid}.1 " in line]
+    assert [line.split("status=")[1].split()[0] for line in carol] == ["deferred", "sent"]
+    assert 'reply="451 4.3.0 Try again"' in carol[0] and "attempt=1" in carol[0] and "next_attempt=" in carol[0]
+    assert 'reply="250 2.0.0 OK"' in carol[1] and "attempt=2" in carol[1] and "delay=" in carol[1]
+    (bounced,) = [line for line in lines if f"copy={qid}.2 " in line]
+    assert "status=bounced" in bounced and 'reply="550 5.1.1 <*@ext.test>: No such user"' in bounced
+    (dsn_line,) = [line for line in lines if "status=dsn" in line]
+    dsn_id = int(dsn_line.split("dsn_queue_id=")[1].split()[0])
+    # The DSN's own delivery is logged under its queue id.
+    await wait_until(lambda: any("status=sent" in line for line in _mail_lines(caplog, dsn_id)), 10, "DSN sent")
+    # log.recipients defaults to "domain": no address in full.
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "to=<*@ext.test>" in text and "carol@" not in text and "nobody@" not in text
+
+
+@pytest.mark.parametrize("mode", ["full", "domain", "none"])
+async def test_mail_log_never_names_a_never_log_recipient(relay, sink, caplog, mode):
+    import logging
+    caplog.set_level(logging.INFO)  # every logger at the level a production log shows (logs.setup)
+    sink.behaviour.rcpt_replies["secret@ext.test"] = "550 5.1.1 secret@ext.test: mailbox unknown"
+    await _start_with_recipients_shown(relay, mode, never_log={"team": ["secret@ext.test"]})
+    qid = await _send_for_id(relay, ["carol@ext.test", "Secret@ext.test"])
+    await relay.wait_status({"sent", "bounced"}, 3)  # carol's, the bounce, the DSN
+    await wait_until(lambda: any("status=dsn" in line for line in _mail_lines(caplog, qid)), 10, "the DSN line")
+    lines = _mail_lines(caplog, qid)
+    assert len([line for line in lines if "status=" in line]) == 3
+    text = "\n".join(r.getMessage() for r in caplog.records).lower()
+    assert "secret@" not in text
+    (secret_line,) = [line for line in lines if f"copy={qid}.2 " in line]
+    assert "to=<*>" in secret_line and 'reply="550 5.1.1 *: mailbox unknown"' in secret_line
+    (carol_line,) = [line for line in lines if f"copy={qid}.1 " in line]
+    shown = {"full": "to=<carol@ext.test>", "domain": "to=<*@ext.test>", "none": "to=<*>"}[mode]
+    assert shown in carol_line
