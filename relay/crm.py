@@ -23,12 +23,15 @@ from email.utils import getaddresses, parsedate_to_datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from relay import autoreply
 from relay.policy import ContactFacts
 from storage import crm as q
 from storage.models import CrmJob, Deal, LoggedAttachment, LoggedEmail, Message, Recipient, utcnow
 from storage.engine import engine_of
 from storage.spool import Batcher
 from trackrelay.config import Config
+from trackrelay.companies import normalise_domains
+from trackrelay.mailaddr import canonical
 from trackrelay.neverlog import normalise_entry
 from trackrelay.aio import finish
 
@@ -118,9 +121,10 @@ def parse_email(raw: bytes) -> ParsedEmail:
     irt = _MSGID.findall(_h(msg, "In-Reply-To"))
     p.in_reply_to = irt[0] if irt else None
     p.references = _MSGID.findall(_h(msg, "References"))
-    for name in ("Auto-Submitted", "X-Autoreply", "X-Autorespond", "Precedence", "Content-Type",
-                 "X-Auto-Response-Suppress"):
-        p.headers[name.lower()] = _h(msg, name)
+    for name in (*autoreply.HEADERS, "x-auto-response-suppress"):
+        if name != "subject":
+            p.headers[name] = ", ".join(str(v) for v in msg.get_all(name, failobj=[])) \
+                if name == "delivered-to" else _h(msg, name)
     for part in msg.walk():
         if part.is_multipart():
             continue
@@ -148,7 +152,15 @@ def parse_email(raw: bytes) -> ParsedEmail:
 
 
 def addresses(header: str) -> list[str]:
-    return [a.lower() for _, a in getaddresses([header]) if "@" in a]
+    """The header's addresses in canonical form (``trackrelay.mailaddr.canonical``: lower-cased, a
+    local part such as ``"neko....nyaan"`` keeps the quotes it needs)."""
+    return [canonical(a) for _, a in getaddresses([header]) if "@" in a]
+
+
+def free_mail_domains(config: Config) -> frozenset[str]:
+    """The config's additions to the shipped free-mail list (``crm.free_mail_domains``, when the
+    config has it)."""
+    return normalise_domains(getattr(config.crm, "free_mail_domains", ()) or ())
 
 
 def parse_associations(value: str | None) -> list[tuple[str, int]]:
@@ -166,11 +178,14 @@ def parse_associations(value: str | None) -> list[tuple[str, int]]:
 async def write_logged_email(session: AsyncSession, config: Config, parsed: ParsedEmail, *, direction: str,
                              user: str | None, message_pk: int | None, contact_emails: list[str],
                              owner: str | None, log_associate: str | None = None,
-                             fallback_date: datetime | None = None) -> LoggedEmail | None:
-    """Log one email to the records of these contacts (created when allowed). None: nobody to log to."""
+                             fallback_date: datetime | None = None,
+                             create_contacts: bool | None = None) -> LoggedEmail | None:
+    """Log one email to the records of these contacts (created when ``crm.create_contacts`` allows,
+    unless ``create_contacts`` is False). None: nobody to log to."""
     contacts = []
+    create = config.crm.create_contacts and create_contacts is not False
     for addr in dict.fromkeys(contact_emails):
-        c = await q.ensure_contact(session, addr, owner, config.crm.create_contacts)
+        c = await q.ensure_contact(session, addr, owner, create, free_mail=free_mail_domains(config))
         if c is not None:
             contacts.append(c)
     if not contacts:

@@ -1,24 +1,30 @@
-"""The inbound listener (``relay.inbound_listen``): forwarded and BCC'd incoming mail and DSNs.
+"""The inbound listener (``relay.inbound_listen``): forwarded and BCC'd incoming mail and bounces.
 
 It accepts mail only for ``log+<log_key>@<relay.hostname>`` (no AUTH; any other recipient gets
-``550 5.7.1``; nothing is ever relayed). Before the 250, in one transaction: an incoming message is
-logged to its sender's contact; a reply to one of our messages records ``replied`` (and an inferred
-open when no human open came first) unless it is automatic; a DSN about one of our messages
-records ``bounced`` for the recipients it names.
+``550 5.7.1``; nothing is ever relayed; lines up to ``INBOUND_LINE_LIMIT``, since some providers'
+bounces exceed RFC 5321's 1,000 octets). Before the 250, in one transaction:
+
+- a bounce (``relay.bounces``: DSNs and the non-standard notices) about one of our messages records
+  ``bounced`` (permanent) or ``deferred`` (temporary) for each failed recipient, with the format,
+  status code and diagnostic as the event's reason; it is never logged as incoming mail;
+- other mail is logged to its sender's contact — created unless the sender is ``MAILER-DAEMON``,
+  ``postmaster`` or the null sender ``<>``;
+- a reply to one of our messages records ``replied`` (and an inferred open when no human open came
+  first) unless it is automatic (``relay.autoreply``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import email
+import hashlib
 import logging
-import re
 import weakref
-from email import policy as email_policy
+from datetime import timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from relay import autoreply, bounces
 from relay import message as m
 from relay import replies
 from relay.crm import ParsedEmail, addresses, parse_email, write_logged_email
@@ -26,52 +32,37 @@ from relay.smtp import CALL_LIMITS, RelaySMTP, SessionTracking
 from storage import crm as q
 from storage import events as ev
 from storage.models import Message, Recipient, utcnow
+from trackrelay import mailaddr
 from trackrelay.config import Config, User, parse_hostport
 from trackrelay.neverlog import matches, normalise_entry
 
 log = logging.getLogger("trackrelay.inbound")
 
-_AUTO_SUBJECT = re.compile(r"^\s*(automatic reply|auto(matic)?[- ]?reply|out of (the )?office|autoreply|"
-                           r"abwesenheitsnotiz|automatyczna odpowied[zź]|r[ée]ponse automatique)", re.I)
+#: Longest line accepted (with its CRLF): bounces from some providers carry whole HTML pages or
+#: header blocks on one line.
+INBOUND_LINE_LIMIT = 1 << 20
+#: A bounce that names no Message-ID of the original is matched to the addressed user's latest
+#: message to that recipient within this time.
+BOUNCE_WITHOUT_ID_WINDOW = timedelta(days=7)
 
 
 def is_automatic(p: ParsedEmail) -> bool:
-    """Auto-Submitted other than no, autoresponder headers, out-of-office subjects."""
-    auto = p.headers.get("auto-submitted", "").strip().lower()
-    if auto and auto != "no":
-        return True
-    if p.headers.get("x-autoreply") or p.headers.get("x-autorespond"):
-        return True
-    if p.headers.get("precedence", "").strip().lower() in ("auto_reply", "bulk", "junk"):
-        return True
-    return bool(_AUTO_SUBJECT.match(p.subject or ""))
+    """An automatic reply (kept for callers; ``automatic_reason`` says why)."""
+    return automatic_reason(p) is not None
 
 
-def dsn_failures(raw: bytes) -> tuple[list[str], list[str]] | None:
-    """(failed recipients, Message-IDs of the original) of a delivery-status report, else None."""
-    msg = email.message_from_bytes(raw, policy=email_policy.compat32)
-    if msg.get_content_type() != "multipart/report" or \
-            (msg.get_param("report-type") or "").lower() != "delivery-status":
-        return None
-    failed, ids = [], []
-    for part in msg.walk():
-        ctype = part.get_content_type()
-        if ctype == "message/delivery-status":
-            for block in part.get_payload():
-                action = (block.get("Action") or "").strip().lower()
-                final = block.get("Final-Recipient") or block.get("Original-Recipient") or ""
-                addr = final.split(";", 1)[-1].strip().strip("<>").lower()
-                if action == "failed" and "@" in addr:
-                    failed.append(addr)
-        elif ctype in ("text/rfc822-headers", "message/rfc822"):
-            payload = part.get_payload()
-            text = payload if isinstance(payload, str) else "".join(str(p) for p in payload)
-            found = re.search(r"^Message-ID:\s*(<[^>\s]+>)", text, re.I | re.M)
-            if found:
-                ids.append(found.group(1))
-    for header in ("In-Reply-To", "References"):
-        ids += re.findall(r"<[^<>\s]+>", msg.get(header, ""))
-    return failed, ids
+def automatic_reason(p: ParsedEmail) -> str | None:
+    return autoreply.detect({**p.headers, "subject": p.subject})
+
+
+def _id_forms(ids) -> list[str]:
+    """Message-IDs as a stored Message-ID may be written: with angle brackets and without."""
+    out: list[str] = []
+    for i in ids:
+        bare = i.strip().strip("<>").strip()
+        if bare:
+            out += [f"<{bare}>", bare]
+    return list(dict.fromkeys(out))
 
 
 class InboundHandler(SessionTracking):
@@ -101,7 +92,7 @@ class InboundHandler(SessionTracking):
         try:
             async with self.sessionmaker() as s:
                 async with s.begin():
-                    await self.process(s, raw, users)
+                    await self.process(s, raw, users, envelope.mail_from)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -114,16 +105,19 @@ class InboundHandler(SessionTracking):
         log.error("inbound session error: %s", type(error).__name__)
         return replies.TEMP_FAILURE
 
-    async def process(self, s: AsyncSession, raw: bytes, users: list[User]) -> None:
-        dsn = dsn_failures(raw)
-        if dsn is not None:
-            await self._bounced(s, *dsn)
+    async def process(self, s: AsyncSession, raw: bytes, users: list[User], mail_from: str | None = None) -> None:
+        bounce = bounces.parse(raw, mail_from)
+        if bounce is not None:
+            await self._bounced(s, bounce, users, raw)
             return
         parsed = parse_email(raw)
         senders = addresses(parsed.from_)
         if not senders:
             return
         sender = senders[0]
+        # Bounce senders and the null sender (auto-replies) never become contacts; an existing
+        # contact still gets the mail on its timeline.
+        create = None if not (mailaddr.is_system(sender) or mail_from == "") else False
         internal = sender in self.config.user_addresses or \
             sender.rpartition("@")[2] in self.config.internal_domains
         team_addresses = {a.lower() for a in self.config.crm.team_addresses}
@@ -136,18 +130,34 @@ class InboundHandler(SessionTracking):
             never = never or user_never
             if not internal and not user_never:
                 await write_logged_email(s, self.config, parsed, direction="incoming", user=user.name,
-                                         message_pk=None, contact_emails=[sender], owner=user.name)
-        if not is_automatic(parsed):
+                                         message_pk=None, contact_emails=[sender], owner=user.name,
+                                         create_contacts=create)
+        why = automatic_reason(parsed)
+        if why is None and not mailaddr.is_system(sender):
             await self._replied(s, parsed, sender, never)
+        elif why is not None:
+            log.info("inbound automatic reply, no replied event: %s", why)
 
     async def _our_recipients(self, s: AsyncSession, ids: list[str], address: str | None):
         if not ids:
             return []
         q_ = (select(Recipient, Message.user).join(Message, Message.id == Recipient.message_pk)
-              .where(Message.message_id.in_(ids), Message.kind == "mail"))
+              .where(Message.message_id.in_(_id_forms(ids)), Message.kind == "mail"))
         if address is not None:
-            q_ = q_.where(func.lower(Recipient.address) == address)
+            q_ = q_.where(func.lower(Recipient.address).in_(sorted(mailaddr.variants(address))))
         return (await s.execute(q_)).all()
+
+    async def _latest_to(self, s: AsyncSession, addresses_: set[str], users: list[User]):
+        """The addressed users' latest message to one of these addresses, within the window."""
+        if not users:
+            return []
+        row = (await s.execute(
+            select(Recipient, Message.user).join(Message, Message.id == Recipient.message_pk)
+            .where(func.lower(Recipient.address).in_(sorted(addresses_)), Message.kind == "mail",
+                   Message.user.in_([u.name for u in users]),
+                   Message.accepted_at >= utcnow() - BOUNCE_WITHOUT_ID_WINDOW)
+            .order_by(Message.accepted_at.desc(), Recipient.id.desc()).limit(1))).first()
+        return [row] if row else []
 
     async def _replied(self, s: AsyncSession, parsed: ParsedEmail, sender: str, never: bool) -> None:
         refs = ([parsed.in_reply_to] if parsed.in_reply_to else []) + parsed.references
@@ -170,17 +180,36 @@ class InboundHandler(SessionTracking):
         if not never and not any(r.never_log for r, _ in rows):
             await q.touch_contacts(s, {sender: {"last_engagement_at": now}})
 
-    async def _bounced(self, s: AsyncSession, failed: list[str], ids: list[str]) -> None:
+    async def _bounced(self, s: AsyncSession, bounce: bounces.Bounce, users: list[User], raw: bytes) -> None:
+        """``bounced`` (permanent) or ``deferred`` (temporary) for each of our recipients the bounce
+        names: by the original's Message-ID, or — when the bounce names none — the addressed user's
+        latest message to that address."""
         now = utcnow()
         events = []
-        for address in dict.fromkeys(failed):
-            for r, user in await self._our_recipients(s, ids, address):
-                events.append(dict(type="bounced", at=now, message_pk=r.message_pk, recipient_pk=r.id, user=user,
-                                   classification=None, reason="DSN received", first=False, inferred=False,
-                                   dedupe_key=f"dsn:{r.id}"))
-                await s.execute(update(Recipient).where(Recipient.id == r.id).values(status="bounced")
-                                .execution_options(synchronize_session=False))
+        notice = hashlib.sha256(raw).hexdigest()[:24]
+        seen: set[int] = set()
+        ours = await self._our_recipients(s, list(bounce.message_ids), None) if bounce.failures else []
+        for f in bounce.failures:
+            forms = set().union(*(mailaddr.variants(a) for a in f.addresses))
+            if bounce.message_ids:
+                rows = [(r, u) for r, u in ours if r.address.lower() in forms]
+            else:
+                rows = await self._latest_to(s, forms, users)
+            reason = f"{bounce.format}; status {f.status or 'unknown'}; {f.diagnostic or 'no diagnostic'}"[:1000]
+            for r, user in rows:
+                if r.id in seen:
+                    continue
+                seen.add(r.id)
+                kind = "bounced" if f.permanent else "deferred"
+                events.append(dict(type=kind, at=now, message_pk=r.message_pk, recipient_pk=r.id, user=user,
+                                   classification=None, reason=reason, first=False, inferred=False,
+                                   dedupe_key=f"dsn:{r.id}" if f.permanent else f"dsn-delay:{r.id}:{notice}"))
+                if f.permanent:
+                    await s.execute(update(Recipient).where(Recipient.id == r.id).values(status="bounced")
+                                    .execution_options(synchronize_session=False))
         await ev.insert_idempotent(s, events)
+        log.info("inbound bounce (%s): %d failures read, %d recipients of ours", bounce.format,
+                 len(bounce.failures), len(events))
 
 
 async def start_inbound(config: Config, handler: InboundHandler) -> asyncio.base_events.Server:
@@ -190,6 +219,7 @@ async def start_inbound(config: Config, handler: InboundHandler) -> asyncio.base
         proto = RelaySMTP(handler, hostname=config.relay.hostname, ident="trackrelay", decode_data=False,
                           data_size_limit=config.relay.max_message_bytes, enable_SMTPUTF8=True,
                           timeout=300, auth_required=False, command_call_limit=CALL_LIMITS)
+        proto.line_length_limit = INBOUND_LINE_LIMIT
         handler.sessions.add(proto)
         return proto
 

@@ -15,15 +15,12 @@ from storage import direct
 from storage.engine import connection_of
 from storage.models import (Attachment, Company, Contact, Deal, DealContact, Event, LoggedAssociation,
                             LoggedAttachment, LoggedEmail, NeverLog, Recipient, UTCDateTime, utcnow)
+from trackrelay import companies
+from trackrelay.idn import to_unicode
+from trackrelay.mailaddr import is_system
 
-#: Free-mail domains get no company.
-FREE_MAIL = frozenset({
-    "gmail.com", "googlemail.com", "outlook.com", "hotmail.com", "live.com", "msn.com", "yahoo.com",
-    "yahoo.co.uk", "ymail.com", "aol.com", "icloud.com", "me.com", "mac.com", "proton.me",
-    "protonmail.com", "gmx.com", "gmx.de", "gmx.net", "web.de", "mail.com", "zoho.com", "yandex.ru",
-    "yandex.com", "mail.ru", "wp.pl", "o2.pl", "onet.pl", "interia.pl", "op.pl", "tlen.pl", "poczta.fm",
-    "seznam.cz", "qq.com", "163.com", "126.com", "fastmail.com", "hey.com", "tutanota.com",
-})
+#: Free-mail domains get no company (``trackrelay/data/freemail.txt``, extendable in the config).
+FREE_MAIL = companies.free_mail()
 
 
 # -- contacts ---------------------------------------------------------------------------------
@@ -61,28 +58,33 @@ def _insert_ignoring_duplicates(session: AsyncSession, model, values: dict):
     return session.execute(ins.values(**values).on_conflict_do_nothing())
 
 
-async def company_for(session: AsyncSession, domain: str) -> Company | None:
-    domain = domain.lower()
-    if domain in FREE_MAIL:
+async def company_for(session: AsyncSession, domain: str,
+                      free_mail: frozenset[str] = frozenset()) -> Company | None:
+    """The company of an address at ``domain``: one per registrable domain (``eu.acme.com`` is
+    ``acme.com``), IDNA-normalised; none for free mail (the shipped list and ``free_mail``)."""
+    key = companies.company_domain(domain, free_mail)
+    if key is None:
         return None
-    company = (await session.scalars(select(Company).where(Company.domain == domain))).first()
+    company = (await session.scalars(select(Company).where(Company.domain == key))).first()
     if company is None:
-        await _insert_ignoring_duplicates(session, Company, {"domain": domain, "name": domain})
-        company = (await session.scalars(select(Company).where(Company.domain == domain))).one()
+        await _insert_ignoring_duplicates(session, Company, {"domain": key, "name": to_unicode(key)})
+        company = (await session.scalars(select(Company).where(Company.domain == key))).one()
     return company
 
 
-async def ensure_contact(session: AsyncSession, email: str, owner: str | None, create: bool) -> Contact | None:
-    """The contact for ``email``; created (owner, marketing false, company by domain) when allowed."""
+async def ensure_contact(session: AsyncSession, email: str, owner: str | None, create: bool,
+                         free_mail: frozenset[str] = frozenset()) -> Contact | None:
+    """The contact for ``email``; created (owner, marketing false, company by registrable domain)
+    when allowed — never for a bounce sender (``MAILER-DAEMON@…``, ``postmaster@…``) or no address."""
     email = email.lower()
     contact = await get_contact(session, email)
     if contact is not None:
         if contact.owner is None and owner:
             contact.owner = owner  # an existing owner is kept
         return contact
-    if not create:
+    if not create or is_system(email) or "@" not in email:
         return None
-    company = await company_for(session, email.rpartition("@")[2])
+    company = await company_for(session, email.rpartition("@")[2], free_mail)
     await _insert_ignoring_duplicates(session, Contact, {
         "email": email, "owner": owner, "marketing": False, "do_not_track": False,
         "company_pk": company.id if company else None, "created_at": utcnow()})
