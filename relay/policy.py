@@ -7,10 +7,12 @@ why someone was or was not tracked or logged. Decisions are made once, at accept
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
+from trackrelay import idn
 from trackrelay.config import Config
 from trackrelay.neverlog import matches
 
@@ -104,16 +106,27 @@ def rule_admin_switch(config: Config, facts: MessageFacts, d: Decision) -> None:
 
 
 def rule_internal(config: Config, facts: MessageFacts, d: Decision) -> None:
-    """Colleagues and the users' own addresses are neither tracked nor logged."""
-    addr = d.address.lower()
-    if addr in facts.user_addresses:
+    """Colleagues and the users' own addresses are neither tracked nor logged. Domains compare in
+    their IDNA 2008 ASCII form (``x@straße.de`` is ``x@xn--strae-oqa.de``, not ``x@strasse.de``)."""
+    addr = idn.address_key(d.address)
+    if addr in _address_keys(facts.user_addresses):
         reason = "own_address"
-    elif addr.rpartition("@")[2] in facts.internal_domains:
+    elif addr.rpartition("@")[2] in _domain_keys(facts.internal_domains):
         reason = "internal"
     else:
         return
     d.track_opens = d.track_clicks = d.log = False
     d.reasons.append(reason)
+
+
+@functools.lru_cache(maxsize=64)
+def _address_keys(addresses: frozenset[str]) -> frozenset[str]:
+    return frozenset(map(idn.address_key, addresses))
+
+
+@functools.lru_cache(maxsize=64)
+def _domain_keys(domains: frozenset[str]) -> frozenset[str]:
+    return frozenset(map(idn.domain_key, domains))
 
 
 def rule_do_not_track(config: Config, facts: MessageFacts, d: Decision) -> None:

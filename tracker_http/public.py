@@ -17,7 +17,7 @@ from aiohttp import web
 from tracker_http.netaddr import client_ip
 from tracker_http.prepared import Prepared, header_safe, headers
 from tracker_http.state import CTX, Context
-from trackrelay.links import to_uri, verify_click
+from trackrelay.links import Unrepresentable, to_uri, verify_click
 
 #: The 43-byte transparent 1×1 GIF.
 GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
@@ -62,11 +62,16 @@ async def click(request: web.Request) -> web.StreamResponse:
 
 @lru_cache(maxsize=4096)
 def _redirect_head(target: str) -> bytes | None:
-    """The redirect's header lines for a verified target, or None when its URI form is not
-    printable ASCII. verify_click lets through only http(s) targets without CR, LF or NUL, and
-    to_uri makes them ASCII. Cached as verify_click caches the decoded targets: every copy of a
-    message carries the same ones, and only a target whose signature verified gets here."""
-    location = to_uri(target.strip())
+    """The redirect's header lines for a verified target, or None when no Location can carry it so
+    that the browser opens what the link said (to_uri: an invalid host, port or IPv6 literal, a
+    host IDNA 2008 does not allow, a control character; the relay leaves such links unwrapped,
+    but mail signed before it did may still hold some). Cached as verify_click caches the
+    decoded targets: every copy of a message carries the same ones, and only a target whose
+    signature verified gets here."""
+    try:
+        location = to_uri(target)
+    except Unrepresentable:
+        return None
     return b"Location: " + location.encode("ascii") + b"\r\n" + _REDIRECT_HEAD if header_safe(location) else None
 
 

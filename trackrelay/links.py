@@ -17,13 +17,16 @@ import binascii
 import functools
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import secrets
 from dataclasses import dataclass
 from typing import NamedTuple
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote_to_bytes
+
+from trackrelay import idn
 
 
 def _b64e(data: bytes) -> str:
@@ -152,27 +155,173 @@ def is_http_url(target: str) -> bool:
     return bool(_HTTP_URL.match(target))
 
 
+class Unrepresentable(ValueError):
+    """A target that no Location header can carry so that the browser opens what the link said
+    (str() says why)."""
+
+
+#: What the URL standard strips from both ends of an address: C0 controls and space.
+_C0_SPACE = "".join(map(chr, range(0x21)))
+_CTL = re.compile(r"[\x00-\x1f\x7f]")
+_SCHEME = re.compile(r"https?:", re.IGNORECASE)
+_AUTHORITY_END = re.compile(r"[/\\?#]")
+_PORT = re.compile(r"[0-9]*")
+#: The URL standard's forbidden domain code points (C0 controls and DEL are refused before).
+_FORBIDDEN_IN_HOST = re.compile(r"[ #%/:<>?@\[\\\]^|]")
+#: Every printable ASCII character: kept as written (``%`` too, so an existing %XX stays).
+_PRINTABLE = "".join(map(chr, range(0x20, 0x7f)))
+
+
 def to_uri(target: str) -> str:
-    """An IRI in its URI form for Location: host in IDNA, other non-ASCII percent-encoded UTF-8."""
-    if target.isascii():
-        return target
-    parts = urlsplit(target)
-    host = parts.hostname or ""
+    """The ASCII form of a link's target for a Location header, which a browser opens as exactly
+    the URL it would have opened from the link; ``Unrepresentable`` when there is none.
+
+    Parsed as the URL standard parses an http(s) URL (leading and trailing C0 controls and spaces
+    dropped, the authority up to the first ``/``, ``\\``, ``?`` or ``#``, userinfo up to its last
+    ``@``). The host: an IPv6 literal must parse and keeps its brackets; a name goes through IDNA
+    2008 with the UTS #46 non-transitional mapping after percent-decoding, must not then hold a
+    forbidden code point, and one ending in a number must be a valid IPv4 address. The port, as
+    written, must be decimal and at most 65535. Userinfo, path, query and fragment keep every ASCII
+    character as written (an existing %XX too) and percent-encode the rest as UTF-8: every
+    encode set of the URL standard encodes all non-ASCII, and ASCII is left for the browser to
+    treat as it treats the link (browsers differ among themselves there: ``^``, ``{``, ``'``).
+    An ASCII target that is valid comes back byte for byte.
+
+    Refused: control characters inside (a tab or a line break, which browsers drop, cannot go
+    into a header as written), text that is not valid Unicode, and any host, port or IPv6 literal
+    that a browser would refuse or that IDNA 2008 does not allow (e.g. emoji)."""
+    uri, reason = _uri(target)
+    if uri is None:
+        raise Unrepresentable(reason)
+    return uri
+
+
+def representable(target: str) -> str | None:
+    """None when ``to_uri`` can carry ``target``, else the reason it cannot (for the recipient's
+    reasons: such a link is left as it is, not wrapped)."""
+    return _uri(target)[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _uri(target: str) -> tuple[str | None, str | None]:
     try:
-        host_ascii = host.encode("idna").decode("ascii") if not host.isascii() else host
+        return _rebuild(target), None
+    except Unrepresentable as e:
+        return None, str(e)
+
+
+def _rebuild(target: str) -> str:
+    s = target.strip(_C0_SPACE)
+    if _CTL.search(s) or _CONTROL.search(target):  # the tracker refuses CR, LF and NUL anywhere
+        raise Unrepresentable("a control character (tab, line break) inside the address")
+    if not _SCHEME.match(s) or not is_http_url(s):
+        raise Unrepresentable("not an http(s) address")
+    scheme_end = start = s.index(":") + 1
+    while start < len(s) and s[start] in "/\\":
+        start += 1
+    end_m = _AUTHORITY_END.search(s, start)
+    end = end_m.start() if end_m else len(s)
+    authority = s[start:end]
+    at = authority.rfind("@")
+    hostport = authority[at + 1:]
+    inside, colon = False, -1
+    for i, c in enumerate(hostport):
+        if c == "[":
+            inside = True
+        elif c == "]":
+            inside = False
+        elif c == ":" and not inside:
+            colon = i
+            break
+    host = hostport if colon < 0 else hostport[:colon]
+    if colon >= 0:
+        port = hostport[colon + 1:]
+        if not _PORT.fullmatch(port):
+            raise Unrepresentable("the port is not a number")
+        if port and int(port) > 65535:
+            raise Unrepresentable(f"port {int(port)} is out of range")
+    host_ascii = _host(host)
+    if s.isascii():
+        return s
+    try:
+        userinfo = _pct(authority[:at + 1])
+        rest = _pct(s[end:])
+    except UnicodeEncodeError:
+        raise Unrepresentable("not valid Unicode (a lone surrogate)") from None
+    return f"{s[:scheme_end]}//{userinfo}{host_ascii}{hostport[len(host):]}{rest}"
+
+
+def _pct(text: str) -> str:
+    return text if text.isascii() else quote(text, safe=_PRINTABLE)
+
+
+def _host(host: str) -> str:
+    """The host in ASCII (an ASCII host as written); Unrepresentable when a browser would refuse it
+    or IDNA 2008 does not allow it."""
+    if not host:
+        raise Unrepresentable("no host")
+    if host.startswith("["):
+        inner = host[1:-1]
+        if not host.endswith("]") or "%" in inner or not inner.isascii():
+            raise Unrepresentable("not a valid IPv6 address")
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise Unrepresentable("not a valid IPv6 address") from None
+        return host
+    try:
+        name = unquote_to_bytes(host).decode("utf-8") if "%" in host else host
     except UnicodeError:
-        host_ascii = quote(host, safe="")
-    netloc = host_ascii
-    if parts.port:
-        netloc += f":{parts.port}"
-    if parts.username or parts.password:
-        userinfo = quote(parts.username or "", safe="%!$&'()*+,;=")
-        if parts.password:
-            userinfo += ":" + quote(parts.password, safe="%!$&'()*+,;=")
-        netloc = f"{userinfo}@{netloc}"
-    keep = "%/:@!$&'()*+,;=?#[]~-._"
-    return urlunsplit((parts.scheme, netloc, quote(parts.path, safe=keep), quote(parts.query, safe=keep),
-                       quote(parts.fragment, safe=keep)))
+        raise Unrepresentable("the host is not valid UTF-8 once percent-decoded") from None
+    try:
+        name = idn.host_to_ascii(name)
+    except idn.DomainError as e:
+        raise Unrepresentable(f"the host is not valid under IDNA 2008 ({e.detail})") from None
+    except UnicodeError:
+        raise Unrepresentable("not valid Unicode (a lone surrogate)") from None
+    if not name or _CTL.search(name) or _FORBIDDEN_IN_HOST.search(name):
+        raise Unrepresentable("a character that cannot be in a host")
+    if _ends_in_number(name) and not _ipv4(name):
+        raise Unrepresentable("not a valid IPv4 address")
+    return host if host.isascii() and "%" not in host else name
+
+
+def _ipv4_number(part: str) -> int | None:
+    """The URL standard's IPv4 number parser: decimal, 0x hex or 0-prefixed octal; None if invalid."""
+    radix = 10
+    if part[:2] in ("0x", "0X"):
+        part, radix = part[2:], 16
+    elif len(part) > 1 and part[0] == "0":
+        part, radix = part[1:], 8
+    if not part:
+        return 0
+    digits = "0123456789abcdef"[:radix]
+    if not all(c in digits for c in part.lower()):
+        return None
+    return int(part, radix)
+
+
+def _ends_in_number(name: str) -> bool:
+    parts = name.split(".")
+    if parts[-1] == "":
+        if len(parts) == 1:
+            return False
+        parts.pop()
+    last = parts[-1]
+    return bool(last) and (last.isascii() and last.isdigit() or _ipv4_number(last) is not None)
+
+
+def _ipv4(name: str) -> bool:
+    """Is this host, which ends in a number, a valid IPv4 address for the URL standard?"""
+    parts = name.split(".")
+    if parts[-1] == "" and len(parts) > 1:
+        parts.pop()
+    if len(parts) > 4 or "" in parts:
+        return False
+    numbers = [_ipv4_number(p) for p in parts]
+    if None in numbers or any(n > 255 for n in numbers[:-1]):
+        return False
+    return numbers[-1] < 256 ** (5 - len(numbers))
 
 
 def load_or_create_key_file(path: Path) -> str:

@@ -1,10 +1,14 @@
 """Never Log entries: ``name@domain`` or ``*@domain`` (that domain only), case-insensitive, IDN
-domains in their ASCII form, at most 500 per list. Pure: used by the relay's policy, the CLI and
+domains in their ASCII form (IDNA 2008 with UTS #46, trackrelay.idn: ``*@straße.de`` is
+``*@xn--strae-oqa.de`` and matches ``x@straße.de`` and ``x@xn--strae-oqa.de``, never
+``x@strasse.de``), at most 500 per list. Pure: used by the relay's policy, the CLI and
 the API alike."""
 
 from __future__ import annotations
 
 import re
+
+from trackrelay import idn
 
 MAX_ENTRIES = 500
 _LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
@@ -16,11 +20,10 @@ class EntryError(ValueError):
 
 
 def normalise_domain(domain: str) -> str:
-    domain = domain.strip().rstrip(".").lower()
     try:
-        ascii_domain = domain.encode("idna").decode("ascii") if not domain.isascii() else domain
-    except UnicodeError:
-        raise EntryError(f"not a valid domain: {domain!r}") from None
+        ascii_domain = idn.to_ascii(domain)
+    except idn.DomainError as e:
+        raise EntryError(f"not a valid domain: {domain.strip()!r} ({e.detail})") from None
     labels = ascii_domain.split(".")
     if len(labels) < 2 or not all(_LABEL.match(lb) for lb in labels):
         raise EntryError(f"not a valid domain: {domain!r}")
