@@ -205,9 +205,12 @@ class Config:
 
     @property
     def internal_domains(self) -> frozenset[str]:
+        """In the form trackrelay.idn.domain_key gives (IDNA 2008 ASCII): compare an address's
+        domain by its domain_key too, so ``straße.de`` is ``xn--strae-oqa.de`` and not ``strasse.de``."""
+        from trackrelay.idn import domain_key
         if self.tracking.internal_domains is not None:
-            return frozenset(d.lower() for d in self.tracking.internal_domains)
-        return frozenset(a.rpartition("@")[2] for a in self.user_addresses)
+            return frozenset(domain_key(d) for d in self.tracking.internal_domains)
+        return frozenset(domain_key(a.rpartition("@")[2]) for a in self.user_addresses)
 
     @property
     def log_bcc_address(self) -> str:
