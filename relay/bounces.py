@@ -34,11 +34,10 @@ from email import policy as email_policy
 from email.message import Message
 from email.utils import getaddresses
 
+from trackrelay.mailaddr import is_system as is_system_address
+
 log = logging.getLogger("trackrelay.bounces")
 
-#: Local parts of the senders that send bounces (and never become contacts).
-SYSTEM_LOCAL_PARTS = frozenset({"mailer-daemon", "mailer_daemon", "mailerdaemon", "mail-daemon", "maildaemon",
-                                "postmaster"})
 _MAX_DEPTH = 6
 _MAX_FAILURES = 200
 _MAX_DIAGNOSTIC = 500
@@ -77,12 +76,6 @@ _ADDR = re.compile(
     r"@((?:[\w-]{1,63}\.)+[\w-]{2,63})(?![\w-]|\.[\w-])")
 
 
-def is_system_address(address: str) -> bool:
-    """MAILER-DAEMON@…, postmaster@… and the null sender: they send bounces, not conversations."""
-    local = address.strip().strip("<>").rpartition("@")[0].strip('"').lower()
-    return not address.strip().strip("<>") or local in SYSTEM_LOCAL_PARTS
-
-
 def _decode_unicode_escapes(value: str) -> str:
     """RFC 6533's embedded Unicode (``\\x{HHHH}``) in a utf-8 address type of a non-global DSN."""
     def one(m: re.Match) -> str:
@@ -107,10 +100,8 @@ def _recipient_field(value: str) -> list[str]:
     value = re.sub(r"\s*\([^()]*\)\s*$", "", value).strip()  # a trailing comment
     if value.startswith("<") and value.endswith(">"):
         value = value[1:-1].strip()
-    out = [value]
-    for decoded in (_decode_unicode_escapes(value), _decode_xtext(value)):
-        if decoded not in out:
-            out.append(decoded)
+    out = [_decode_unicode_escapes(value), value, _decode_xtext(value)]
+    out = list(dict.fromkeys(out))
     return [a for a in out if "@" in a and len(a) <= 998]
 
 
@@ -154,23 +145,18 @@ def _charset(part: Message) -> str:
 
 
 def _decoded(part: Message) -> bytes:
-    payload = part.get_payload()
-    if not isinstance(payload, str):
+    """A leaf part's content, transfer-decoded, 8-bit bytes as they came."""
+    if not isinstance(part.get_payload(), str):
         return b""
-    cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
-    data = payload.encode("utf-8", "surrogateescape")
     try:
-        if cte == "base64":
-            return base64.b64decode(re.sub(rb"[^A-Za-z0-9+/=]", b"", data) + b"===")
-        if cte == "quoted-printable":
-            return quopri.decodestring(data)
-    except (binascii.Error, ValueError):
-        return data
-    return data
+        data = part.get_payload(decode=True)
+    except Exception:
+        return b""
+    return data if isinstance(data, bytes) else b""
 
 
 def _text_of(part: Message) -> str:
-    text = _decoded(part).decode(_charset(part), "replace")
+    text = _decoded(part).decode(_charset(part), "replace").replace("\r\n", "\n")
     if part.get_content_type() == "text/html":
         text = _html_to_text(text)
     return text
@@ -259,22 +245,37 @@ def _walk(top: Message) -> _Walk:
 # -- standard DSNs -----------------------------------------------------------------------------
 
 def _report_text(part: Message) -> str:
-    """The raw text of a delivery-status part (its header blocks), decoded."""
+    """The text of a delivery-status part (its header blocks), transfer-decoded, as UTF-8."""
     payload = part.get_payload()
-    if isinstance(payload, list):  # message/delivery-status: the parser made one Message per block
+    if isinstance(payload, list):
+        # The parser made one Message per block (message/delivery-status) or one message of it
+        # all (message/global-delivery-status): put the text back together.
         blocks = []
         for block in payload:
             if isinstance(block, Message):
-                lines = [f"{k}: {v}" for k, v in block.items()]
-                body = block.get_payload()
-                if isinstance(body, str) and body.strip():
+                lines = [f"{k}: {v}" for k, v in block.raw_items()]
+                body = block.get_payload(decode=True) if isinstance(block.get_payload(), str) else b""
+                if body and body.strip():
                     lines.append("")
-                    lines.append(body)
+                    lines.append(body.decode("ascii", "surrogateescape"))
                 blocks.append("\n".join(lines))
-        return "\n\n".join(blocks)
-    if isinstance(payload, str):
-        return _decoded(part).decode("utf-8", "replace")
-    return ""
+        text = "\n\n".join(blocks)
+    elif isinstance(payload, str):
+        text = (part.get_payload(decode=True) or b"").decode("ascii", "surrogateescape")
+        if str(part.get("Content-Transfer-Encoding", "")).strip().lower() in ("base64", "quoted-printable"):
+            return text.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+    else:
+        return ""
+    cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+    data = text.encode("utf-8", "surrogateescape")
+    try:
+        if cte == "base64":
+            data = base64.b64decode(re.sub(rb"[^A-Za-z0-9+/=]", b"", data) + b"===")
+        elif cte == "quoted-printable":
+            data = quopri.decodestring(data)
+    except (binascii.Error, ValueError):
+        pass
+    return data.decode("utf-8", "replace")
 
 
 def _blocks(text: str) -> list[dict[str, str]]:
@@ -297,7 +298,7 @@ def _blocks(text: str) -> list[dict[str, str]]:
 
 
 _STATUS = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?!\.?\d)")
-_BASIC = re.compile(r"(?:^|[\s#'(:\[])([45][0-5]\d)(?=[\s-])")
+_BASIC = re.compile(r"(?:^|[\s#'(:\[])([45][0-5]\d)(?=[\s:-])")
 
 
 def _status_in(text: str) -> str | None:
@@ -420,6 +421,8 @@ def _text_failures(text: str, exclude: set[str]) -> list[tuple[str, str]]:
             addr = m.group(0)
             if m.start() > 0 and line[m.start() - 1] in "/=?&" or "://" in line[max(0, m.start() - 60):m.start()]:
                 continue  # inside a URL
+            if addr.startswith("'") and line[m.end():m.end() + 1] == "'":
+                addr = addr[1:]  # 'name@domain' as Exchange writes it
             if addr.lower() in exclude or is_system_address(addr):
                 continue
             addrs.append(addr)
@@ -442,7 +445,7 @@ _STRONG = re.compile(r"this is the qmail-send program|this message was created a
                      r"----- ?the following addresses had (?:permanent fatal|transient non-fatal) errors", re.I)
 
 
-def _text_bounce(w: _Walk, null_sender: bool) -> tuple[str, list[Failure], bool] | None:
+def _text_bounce(w: _Walk, null_sender: bool, ids: tuple[str, ...] = ()) -> tuple[str, list[Failure], bool] | None:
     """(format, failures, whether it is certainly a bounce) of a notice, or None: not a bounce."""
     notice = _notice_text(w.notices)
     scope = "\n".join(w.subjects) + "\n" + "\n".join(_header(c, "From") for c in w.containers) + "\n" + notice
@@ -454,10 +457,14 @@ def _text_bounce(w: _Walk, null_sender: bool) -> tuple[str, list[Failure], bool]
     certain = bool(failed_header or _STRONG.search(notice) or any(_looks_like_bounce(c) for c in w.containers))
     if not (certain or null_sender):
         return None  # a person's mail that talks about delivery is not a bounce
+    # The bounce's own sender and addressee (the original's sender) and the original's sender are
+    # named in notices, but never as the failed recipient.
     exclude = set()
-    for c in w.containers + w.originals:
-        for name in ("From", "To", "Return-Path", "Sender", "Reply-To", "Delivered-To"):
+    for c, names in [(c, ("From", "To", "Return-Path", "Sender", "Delivered-To")) for c in w.containers] + \
+            [(o, ("From", "Sender", "Reply-To", "Return-Path")) for o in w.originals]:
+        for name in names:
             exclude |= {a.lower() for _, a in getaddresses([_header(c, name)]) if a}
+    exclude |= {i.lower() for i in ids}  # a Message-ID looks like an address
     exclude -= {a.lower() for a in failed_header}
     delay = bool(_DELAY.search("\n".join(w.subjects) + "\n" + notice))
     chunks = _text_failures(notice, exclude)
@@ -481,6 +488,7 @@ def _text_bounce(w: _Walk, null_sender: bool) -> tuple[str, list[Failure], bool]
 
 _MSGID_LINE = re.compile(r"^[ \t>]*Message-ID[ \t]*:[ \t]*(?:\r?\n[ \t]+)?<?[ \t]*([^\s<>]+@[^\s<>]+?)[ \t]*>?[ \t]*$",
                          re.I | re.M)
+_MSGID_INLINE = re.compile(r"Message-ID[ \t]*:[ \t]*<([^<>\s]+@[^<>\s]+)>", re.I)
 _ANGLE_ID = re.compile(r"<([^<>\s]+)>")
 
 
@@ -497,7 +505,7 @@ def _original_ids(w: _Walk) -> list[str]:
     for o in w.originals:
         ids += _bare_ids(_header(o, "Message-ID"))
     for text in w.header_texts + w.notices:
-        ids += _MSGID_LINE.findall(text)
+        ids += _MSGID_LINE.findall(text) + _MSGID_INLINE.findall(text)
     for c in w.containers:
         ids += _ANGLE_ID.findall(_header(c, "In-Reply-To")) + _ANGLE_ID.findall(_header(c, "References"))
     return [i for i in dict.fromkeys(ids) if i not in own][:50]
@@ -524,7 +532,7 @@ def _parse(raw: bytes, null_sender: bool) -> Bounce | None:
         failures, any_block = _dsn_failures(w.reports)
         if any_block:
             return Bounce("dsn", tuple(_merge(failures)), ids)
-    text = _text_bounce(w, null_sender)
+    text = _text_bounce(w, null_sender, ids)
     if text is not None and (text[1] or text[2] or w.reports):
         # (a null sender alone, with no failed address read, is more likely an auto-reply)
         return Bounce(text[0] if text[1] or not w.reports else "dsn", tuple(_merge(text[1])), ids)

@@ -41,6 +41,8 @@ MAX_JOB_ATTEMPTS = 5
 #: Never Log lists change rarely and are read for every message: a change takes effect within this.
 NEVER_LOG_CACHE_SECONDS = 2.0
 _MSGID = re.compile(r"<[^<>\s]+>")
+#: A Message-ID some clients write without its angle brackets.
+_BARE_MSGID = re.compile(r"^\s*([^<>\s]+@[^<>\s]+)\s*$")
 
 
 # -- at acceptance ------------------------------------------------------------------------------
@@ -118,7 +120,7 @@ def parse_email(raw: bytes) -> ParsedEmail:
             p.date = None
     except (TypeError, ValueError, IndexError):
         p.date = None
-    irt = _MSGID.findall(_h(msg, "In-Reply-To"))
+    irt = _MSGID.findall(_h(msg, "In-Reply-To")) or _BARE_MSGID.findall(_h(msg, "In-Reply-To"))
     p.in_reply_to = irt[0] if irt else None
     p.references = _MSGID.findall(_h(msg, "References"))
     for name in (*autoreply.HEADERS, "x-auto-response-suppress"):
