@@ -6,9 +6,13 @@ Pure functions, bytes in and bytes out.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import quopri
 import re
 from dataclasses import dataclass
-from email.header import decode_header, make_header
+from email import errors
+from email.headerregistry import HeaderRegistry
 from email.utils import getaddresses
 
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
@@ -116,14 +120,63 @@ def insert_after_head(raw: bytes, *header_lines: bytes) -> bytes:
     return raw[:body_sep] + b"".join(line + b"\r\n" for line in header_lines) + raw[body_sep:]
 
 
+_UNSTORABLE = re.compile("[\ud800-\udfff\x00]")
+
+
+def text(value: str) -> str:
+    """A header value as text a database can store: raw 8-bit bytes (kept as surrogates by
+    ``Field.value``) read as UTF-8, anything undecodable, lone surrogates and NULs as U+FFFD."""
+    if value.isascii():
+        return value.replace("\x00", "\ufffd")
+    if not _has_lone_surrogate(value):
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return _UNSTORABLE.sub("\ufffd", value)
+
+
+def _has_lone_surrogate(value: str) -> bool:
+    """A surrogate that is not one of surrogateescape's (U+DC80-U+DCFF) cannot be encoded back."""
+    return any("\ud800" <= c <= "\udfff" and not "\udc80" <= c <= "\udcff" for c in value)
+
+
+_ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([bBqQ])\?([^?\s]*)\?=")
+_FOLDING_WHITESPACE = re.compile(r"[ \t\r\n]+")
+
+
 def decoded(value: str | None) -> str:
-    """Human text of a header value: RFC 2047 decoded, never raising."""
+    """Human text of a header value, never raising and always storable: RFC 2047 words decoded
+    (whitespace between two of them dropped; an unknown charset or bad bytes read as UTF-8 with
+    U+FFFD), raw 8-bit bytes read as UTF-8, and whatever still does not decode as U+FFFD."""
     if not value:
         return ""
+    value = text(value)
+    if "=?" not in value:
+        return value
+    out = []
+    pos = 0
+    previous_word_end = -1
+    for mt in _ENCODED_WORD.finditer(value):
+        gap = value[pos:mt.start()]
+        if not (pos == previous_word_end and _FOLDING_WHITESPACE.fullmatch(gap)):
+            out.append(gap)
+        out.append(_decode_word(mt))
+        pos = previous_word_end = mt.end()
+    out.append(value[pos:])
+    return _UNSTORABLE.sub("\ufffd", "".join(out))
+
+
+def _decode_word(mt: re.Match) -> str:
+    charset, kind, payload = mt.group(1), mt.group(2).lower(), mt.group(3)
     try:
-        return str(make_header(decode_header(value)))
-    except Exception:  # malformed encoded words: show what came
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        if kind == "b":
+            data = base64.b64decode(payload + "=" * (-len(payload) % 4))
+        else:
+            data = quopri.decodestring(payload.replace("_", " ").encode("ascii"), header=False)
+    except (ValueError, binascii.Error, UnicodeEncodeError):
+        return mt.group(0)
+    try:
+        return data.decode(charset, "replace")
+    except LookupError:
+        return data.decode("utf-8", "replace")
 
 
 def addresses(value: str | None) -> list[str]:
@@ -132,3 +185,24 @@ def addresses(value: str | None) -> list[str]:
         return []
     text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return [addr.lower() for _, addr in getaddresses([text]) if "@" in addr]
+
+
+_HEADERS = HeaderRegistry()
+
+
+def mailboxes(value: str) -> list[str] | None:
+    """The addr-specs of an address header as a modern parser (the email package's
+    ``policy.default``) reads it, after RFC 2047 decoding and without comments; None when it is
+    not a well-formed address list, or an entry has no domain."""
+    try:
+        header = _HEADERS("from", text(value))
+    except Exception:
+        return None
+    if any(isinstance(d, errors.InvalidHeaderDefect) for d in header.defects):
+        return None
+    found = []
+    for a in header.addresses:
+        if not a.username or not a.domain:
+            return None
+        found.append(a.addr_spec)
+    return found

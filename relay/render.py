@@ -18,6 +18,8 @@ from trackrelay.config import Config
 from trackrelay.links import Keyring
 
 CACHE_SIZE = 32
+#: Room kept under the upstream's SIZE for our DKIM-Signature (a 4096-bit key's is about 900 octets).
+SIGNATURE_ROOM = 1024
 
 
 class DkimSigner:
@@ -51,6 +53,9 @@ class CopyRenderer:
         self.dkim = DkimSigner(config)
         self._cache: OrderedDict[int, instrument.Parsed] = OrderedDict()
         self.parses = 0
+        #: The upstream's advertised SIZE once known: a copy that instrumentation would push past
+        #: it goes out untouched (a message accepted is a message delivered).
+        self.upstream_size: int | None = None
 
     def _parsed(self, raw: bytes, message: Spooled) -> instrument.Parsed:
         parsed = self._cache.get(message.id)
@@ -77,7 +82,11 @@ class CopyRenderer:
             note = result.note
             if result.skipped:
                 note = "; ".join(filter(None, [note, "skipped: " + ", ".join(sorted(set(result.skipped)))]))
-            if data is not raw:
+            if data is not raw and self.upstream_size and len(data) + SIGNATURE_ROOM > self.upstream_size:
+                note = f"instrumented copy of {len(data)} octets would pass the upstream's SIZE " \
+                       f"{self.upstream_size}: delivered untouched"
+                data = raw
+            elif data is not raw:
                 # A body change breaks every signature that came with the message.
                 data = m.remove(data, {"dkim-signature"})
         if self.dkim:

@@ -16,6 +16,15 @@ AUTH_REQUIRED = "530 5.7.0 Authentication required"
 AUTH_LOCKED = "421 4.7.0 Too many failed authentication attempts, try again later"
 SENDER_NOT_OWNED = "553 5.7.1 Sender address not owned by the authenticated user"
 FROM_NOT_OWNED = "550 5.7.1 From: or Sender: header not owned by the authenticated user"
+FROM_MISSING = "550 5.7.1 No From: header: it must name the authenticated user's address"
+DUPLICATE_RECIPIENT = "250 2.1.5 Recipient OK (already given: one copy)"
+#: A message that cannot be stored as it is: sending it again unchanged fails the same way.
+UNSTORABLE = "554 5.6.0 Message could not be stored as sent; sending it again unchanged will not help"
+
+
+def header_rule(label: str, why: str) -> str:
+    """The 550 for a From:/Sender: header that breaks the sender binding, naming the rule."""
+    return f"550 5.7.1 {label} header {why}"
 BAD_ADDRESS = "553 5.1.3 Bad address syntax"
 BAD_SENDER_ADDRESS = "553 5.1.7 Bad sender address syntax"
 RELAY_TRICK = "550 5.7.1 Relaying through address tricks is not allowed"

@@ -23,8 +23,9 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from relay import message as m
 from relay import replies
 from relay.auth import Authenticator
+from trackrelay import idn
 from relay.policy import ContactFacts, MessageFacts, decide
-from storage.spool import Batcher, SpoolEntry, SpoolRecipient
+from storage.spool import Batcher, SpoolEntry, SpoolRecipient, transient
 from trackrelay.config import Config
 
 log = logging.getLogger("trackrelay.relay")
@@ -47,8 +48,13 @@ logging.getLogger("mail.log").addFilter(_QuietAiosmtpd())
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with our replies, route checks on the raw command line, and 421 = close."""
 
-    def __init__(self, *args, plaintext_auth: bool = False, **kwargs):
+    #: The longest DATA line accepted, without its CRLF (command lines keep aiosmtpd's limit).
+    data_line_limit = 65536
+
+    def __init__(self, *args, plaintext_auth: bool = False, data_line_limit: int | None = None, **kwargs):
         super().__init__(*args, auth_require_tls=True, **kwargs)
+        if data_line_limit is not None:
+            self.data_line_limit = data_line_limit
         # The configuration check has already decided whether AUTH without TLS is allowed here
         # (loopback, or relay.allow_plaintext_auth); aiosmtpd would warn on every connection.
         self._auth_require_tls = not plaintext_auth
@@ -64,7 +70,8 @@ class RelaySMTP(SMTP):
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA with the body read in chunks rather than line by line (its reader
         costs a call per line). The rules are the same: only CRLF.CRLF ends the data (a bare CR
-        or LF never does), too much data (552) or a line over ``line_length_limit`` (500) is
+        or LF never does), too much data (552) or a line over ``data_line_limit`` octets without its
+        CRLF (500; ``relay.max_line_octets``, far above RFC 5322's 998, which real clients pass) is
         answered once the end has arrived, and a leading dot is removed (RFC 5321 §4.5.2)."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
@@ -83,7 +90,7 @@ class RelaySMTP(SMTP):
             await self.push("552 Error: Too much mail data")
             self._set_post_data_state()
             return
-        if _has_long_line(data, self.line_length_limit):
+        if _has_long_line(data, self.data_line_limit + 2):
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
             self._set_post_data_state()
             return
@@ -145,6 +152,9 @@ class RelaySMTP(SMTP):
         if arg and _UNSAFE.search(arg):
             await self.push(replies.BAD_SENDER_ADDRESS)
             return
+        if arg and self.session is not None and self.session.authenticated and not path_ok(arg, "FROM:"):
+            await self.push(replies.BAD_SENDER_ADDRESS)
+            return
         await super().smtp_MAIL(arg)
 
     async def smtp_RCPT(self, arg: str) -> None:
@@ -154,6 +164,9 @@ class RelaySMTP(SMTP):
                 return
             if _SOURCE_ROUTE.search(arg):
                 await self.push(replies.RELAY_TRICK)
+                return
+            if not path_ok(arg, "TO:"):  # a comment is not part of a path: never another mailbox
+                await self.push(replies.BAD_ADDRESS)
                 return
         await super().smtp_RCPT(arg)
 
@@ -196,12 +209,62 @@ def recipient_problem(address: str) -> str | None:
         return replies.BAD_ADDRESS
     if "@" in local or "%" in local or "!" in local or ":" in local.split('"')[0]:
         return replies.RELAY_TRICK
-    try:
-        ascii_domain = domain.encode("idna").decode("ascii") if not domain.isascii() else domain
-    except UnicodeError:
+    ascii_domain = domain if domain.startswith("[") else idn.to_ascii_or_none(domain)
+    if ascii_domain is None or not _DOMAIN.match(ascii_domain):
         return replies.BAD_ADDRESS
-    if not _DOMAIN.match(ascii_domain):
-        return replies.BAD_ADDRESS
+    return None
+
+
+# RFC 5321 §4.1.2 paths (RFC 6531: UTF-8 in atoms and quoted strings). Dots are taken loosely, as
+# Postfix takes them (``a..b@`` exists at Japanese carriers); comments, spaces outside quotes and
+# anything after the closing ``>`` but parameters are not a path.
+_U8 = r"[^\x00-\x7f]"
+_LOCAL = (rf"(?:[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~.-]|{_U8})+"
+          rf'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e]|{_U8})*"')
+_PATH_DOMAIN = rf"(?:[A-Za-z0-9-]|{_U8})+(?:\.(?:[A-Za-z0-9-]|{_U8})+)*\.?|\[[^\[\]\\\s]+\]"
+_PATH = re.compile(rf"[ \t]*(<)?(?:{_LOCAL})@(?:{_PATH_DOMAIN})(?(1)>)(?:[ \t]|\Z)")
+
+
+def path_ok(arg: str, prefix: str) -> bool:
+    """Is the path of ``MAIL FROM:``/``RCPT TO:`` (``arg`` without the verb) RFC 5321 syntax?
+    The null path ``<>`` is; aiosmtpd's own parser would read ``<v(comment)ictim@x>`` as the
+    mailbox ``"v ictim"@x``."""
+    if not arg[:len(prefix)].upper() == prefix:
+        return True  # aiosmtpd answers the syntax error itself
+    path = arg[len(prefix):]
+    return path.lstrip(" \t").startswith("<>") or _PATH.match(path) is not None
+
+
+def canonical(address: str) -> str:
+    """An address as compared (duplicates, ownership): a quoted local part that needs no quotes
+    unquoted, the local part lower-cased (as every mail system treats it), the domain in IDNA ASCII."""
+    local, _, domain = address.rpartition("@")
+    if len(local) > 1 and local[0] == local[-1] == '"' and _DOT_ATOM.fullmatch(local[1:-1]):
+        local = local[1:-1]
+    return f"{local.lower()}@{idn.to_ascii_or_none(domain) or domain.lower()}"
+
+
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+
+
+def sender_problem(fs: list[m.Field], owned: set[str]) -> str | None:
+    """Why the From:/Sender: headers break the sender binding, or None. From: must exist; each
+    From: and Sender: must hold at least one address, every address in it the user's — as a modern
+    parser reads it (RFC 2047 decoded, comments removed) and as older ones would."""
+    if not any(f.name == "from" for f in fs):
+        return replies.FROM_MISSING
+    for f in fs:
+        if f.name not in ("from", "sender"):
+            continue
+        label = "From:" if f.name == "from" else "Sender:"
+        found = m.mailboxes(f.value)
+        if found is None:
+            return replies.header_rule(label, "is not a valid address list (RFC 5322)")
+        if not found:
+            return replies.header_rule(label, "must contain the authenticated user's address")
+        seen = found + m.addresses(f.value) + m.addresses(m.decoded(f.value))
+        if any(canonical(a) not in owned for a in seen):
+            return replies.header_rule(label, "names an address not owned by the authenticated user")
     return None
 
 
@@ -260,6 +323,9 @@ class SubmissionHandler(SessionTracking):
         problem = recipient_problem(address)
         if problem:
             return problem
+        key = canonical(address)
+        if any(canonical(r) == key for r in envelope.rcpt_tos):
+            return replies.DUPLICATE_RECIPIENT  # one copy, as Postfix does
         if len(envelope.rcpt_tos) >= self.config.relay.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
@@ -274,11 +340,9 @@ class SubmissionHandler(SessionTracking):
         fs = m.fields(raw)
         if m.count(fs, "received") >= MAX_RECEIVED:
             return replies.LOOP
-        owned = {a.lower() for a in user.addresses}
-        for name in ("from", "sender"):
-            for f in fs:
-                if f.name == name and any(a not in owned for a in m.addresses(f.value)):
-                    return replies.FROM_NOT_OWNED
+        problem = sender_problem(fs, {canonical(a) for a in user.addresses})
+        if problem:
+            return problem
         bcc = self.config.log_bcc_address
         rcpts = [r for r in envelope.rcpt_tos if r.lower() != bcc]
         log_bcc = len(rcpts) != len(envelope.rcpt_tos)
@@ -312,7 +376,7 @@ class SubmissionHandler(SessionTracking):
         spooled = m.prepend(spooled, self._received(server, session))
         decisions = [decide(self.config, facts, r) for r in rcpts]
         entry = SpoolEntry(
-            message_id=message_id[:998], user=user.name, mail_from=envelope.mail_from or "",
+            message_id=m.text(message_id)[:998], user=user.name, mail_from=envelope.mail_from or "",
             raw=spooled,
             recipients=[SpoolRecipient(d.address, d.token, d.track_opens, d.track_clicks, d.log,
                                        d.reasons, d.never_log) for d in decisions],
@@ -320,7 +384,7 @@ class SubmissionHandler(SessionTracking):
             subject=m.decoded(m.get(fs, "subject"))[:2000],
             client_ip=session.peer[0] if isinstance(session.peer, tuple) else None,
             log=any(d.log for d in decisions) or (log_bcc and not rcpts),
-            log_associate=log_associate,
+            log_associate=m.text(log_associate) if log_associate else None,
         )
         handing_over = self.handoff is not None and entry.recipients and self.handoff.ready()
         if handing_over:
@@ -330,8 +394,12 @@ class SubmissionHandler(SessionTracking):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("spool commit failed, answered 451: %s", type(exc).__name__)
-            return replies.TEMP_FAILURE
+            if transient(exc):
+                log.error("spool commit failed, answered 451: %s: %s", type(exc).__name__, exc)
+                return replies.TEMP_FAILURE
+            log.error("message from %s could not be stored, answered 554: %s: %s", user.name,
+                      type(exc).__name__, exc)
+            return replies.UNSTORABLE
         self.accepted += 1
         if handing_over:
             self.handoff.take(pk, entry, copy_ids)
@@ -373,15 +441,21 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+#: Room kept under the upstream's SIZE for what the relay adds to an accepted message: our
+#: Received: (at most about 250 octets), a Message-ID: when it had none, a DKIM-Signature:.
+HEADER_ROOM = 2048
+
+
 class SizeLimit:
-    """relay.max_message_bytes, lowered to the upstream's advertised SIZE once known."""
+    """relay.max_message_bytes, lowered to the upstream's advertised SIZE (less ``HEADER_ROOM``)
+    once known, so that what was accepted fits the upstream."""
 
     def __init__(self, configured: int):
         self.value = configured
 
     def lower_to(self, advertised: int | None) -> None:
-        if advertised and advertised < self.value:
-            self.value = advertised
+        if advertised and advertised - HEADER_ROOM < self.value:
+            self.value = max(advertised - HEADER_ROOM, 1)
 
 
 def protocol_factory(config: Config, handler: SubmissionHandler, authenticator: Authenticator,
@@ -403,6 +477,7 @@ def protocol_factory(config: Config, handler: SubmissionHandler, authenticator: 
             plaintext_auth=ctx is None,
             authenticator=authenticator,
             command_call_limit=CALL_LIMITS,
+            data_line_limit=config.relay.max_line_octets,
         )
         handler.sessions.add(proto)
         return proto

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Awaitable, Callable, Generic, TypeVar
 
+from sqlalchemy import exc as sa
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
@@ -88,11 +90,19 @@ class Batcher(Generic[T, R]):
                     if not fut.done():
                         fut.set_exception(RuntimeError("shutting down"))
                 raise
-            except Exception as exc:  # every waiter learns the batch failed
-                log.error("%s: commit of %d items failed: %s", self._name, len(batch), type(exc).__name__)
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            except Exception as exc:
+                if len(batch) > 1 and not transient(exc):
+                    # One item's fault (a value the database refuses) must not fail the others:
+                    # each is written alone, and only the one at fault learns it.
+                    log.error("%s: commit of %d items failed (%s: %s); writing them one by one", self._name,
+                              len(batch), type(exc).__name__, exc)
+                    await self._one_by_one(batch)
+                else:  # the database itself failed: every waiter learns it
+                    log.error("%s: commit of %d items failed: %s: %s", self._name, len(batch),
+                              type(exc).__name__, exc)
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
                 continue
             finally:
                 self._busy = False
@@ -101,6 +111,34 @@ class Batcher(Generic[T, R]):
             for (_, fut), result in zip(batch, results):
                 if not fut.done():
                     fut.set_result(result)
+
+
+    async def _one_by_one(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        for item, fut in batch:
+            try:
+                (result,) = await self._flush([item])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not fut.done():
+                    fut.set_exception(exc)
+                continue
+            self.batches += 1
+            self.items += 1
+            if not fut.done():
+                fut.set_result(result)
+
+
+def transient(exc: BaseException) -> bool:
+    """May the same message succeed later (a database down or locked, a full disk), or will it
+    fail the same way again?"""
+    if isinstance(exc, (OSError, asyncio.TimeoutError, TimeoutError, ConnectionError, sa.OperationalError,
+                        sa.InterfaceError, sa.TimeoutError, sa.ResourceClosedError, sqlite3.OperationalError,
+                        sqlite3.InterfaceError)):
+        return True
+    if isinstance(exc, sa.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, RuntimeError) and str(exc) == "shutting down"
 
 
 @dataclass

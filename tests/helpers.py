@@ -59,6 +59,8 @@ class SinkBehaviour:
     data_delay: float = 0.0
     #: offer SMTPUTF8 (internationalised addresses)
     smtputf8: bool = True
+    #: the longest line taken, CRLF included (aiosmtpd's default: RFC 5321's 1,001; Postfix takes more)
+    line_length_limit: int = 1001
 
 
 class SinkHandler:
@@ -113,8 +115,10 @@ class Sink:
 
         def factory():
             handler.connections += 1
-            proto = SMTP(handler, hostname="sink.test", data_size_limit=behaviour.size,
-                         enable_SMTPUTF8=behaviour.smtputf8)
+            # aiosmtpd sizes its stream reader by the class's line_length_limit
+            cls = type("SinkSMTP", (SMTP,), {"line_length_limit": behaviour.line_length_limit})
+            proto = cls(handler, hostname="sink.test", data_size_limit=behaviour.size,
+                        enable_SMTPUTF8=behaviour.smtputf8)
             self._protocols.append(proto)
             return proto
 

@@ -47,6 +47,7 @@ class RelaySection:
     allow_plaintext_auth: bool = False
     max_message_bytes: int = 104857600
     max_recipients: int = 100
+    max_line_octets: int = 65536
     auth_max_failures: int = 5
     auth_max_failures_network: int = 20
     auth_backoff_seconds: float = 60.0
@@ -408,6 +409,8 @@ def _validate(c: Config, src: str) -> None:
             "and relay.tls_key_file, or relay.allow_plaintext_auth = true")
     if c.relay.max_recipients < 1:
         bad("relay.max_recipients", "must be at least 1")
+    if not 998 <= c.relay.max_line_octets <= 1048576:
+        bad("relay.max_line_octets", "must be between 998 (RFC 5322's limit) and 1048576")
     if c.relay.max_message_bytes < 1024:
         bad("relay.max_message_bytes", "must be at least 1024")
     scheme = urlsplit(c.upstream.url).scheme

@@ -15,7 +15,7 @@ from relay.crm import CrmLogger, CrmLookup
 from relay.inbound import InboundHandler, start_inbound
 from relay.render import CopyRenderer
 from relay.auth import Authenticator
-from relay.smtp import SizeLimit, SubmissionHandler, start_submission
+from relay.smtp import HEADER_ROOM, SizeLimit, SubmissionHandler, start_submission
 from relay.upstream import make_upstream
 from relay.webhooks import WebhookSender
 from relay.worker import DeliveryWorker, Renderer, plain_renderer
@@ -89,7 +89,6 @@ class Service:
             self._spool = spool_writer(self.sessionmaker)
             self._spool.start()
             self._size = SizeLimit(c.relay.max_message_bytes)
-            self._probe = asyncio.create_task(self._probe_upstream_size())
             self._lookup = CrmLookup(c, self.read_sessionmaker)
             self._lookup.start()
             self.handler = SubmissionHandler(c, self._spool, on_accepted=self._accepted,
@@ -102,6 +101,8 @@ class Service:
                 self._inbound_handlers.append(inbound)
                 self._servers.append(await start_inbound(c, inbound))
                 log.info("inbound listener on %s", c.relay.inbound_listen)
+        if "relay" in self.roles or "worker" in self.roles:
+            self._probe = asyncio.create_task(self._probe_upstream_size())
 
     def _accepted(self, logged: bool, handed: bool) -> None:
         self.bus.notify()
@@ -117,9 +118,12 @@ class Service:
             advertised = await asyncio.wait_for(upstream.advertised_size(), 15)
         except asyncio.TimeoutError:
             advertised = None
-        if advertised and self._size is not None and advertised < self._size.value:
-            log.info("upstream advertises SIZE %d: lowering relay.max_message_bytes to it", advertised)
+        if advertised and isinstance(self.render, CopyRenderer):
+            self.render.upstream_size = advertised
+        if advertised and self._size is not None and advertised - HEADER_ROOM < self._size.value:
             self._size.lower_to(advertised)
+            log.info("upstream advertises SIZE %d: accepting at most %d octets (room for our headers)",
+                     advertised, self._size.value)
 
     async def stop(self) -> None:
         """Stop listening, let sessions in DATA finish their commit, drain the worker, close."""
