@@ -243,11 +243,12 @@ def _encode_body(data: bytes, cte: str, original: bytes) -> tuple[bytes, str]:
 
 
 def _qp(data: bytes, tail: bytes) -> bytes:
-    enc = quopri.encodestring(data.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n")
+    """Quoted-printable that decodes to exactly ``data``: each CRLF stays a line break, a bare CR or
+    LF is encoded (=0D, =0A), and every encoded line fits in 76 octets."""
+    enc = b"\r\n".join(binascii.b2a_qp(line, quotetabs=False, istext=False).replace(b"\n", b"\r\n")
+                        for line in data.split(b"\r\n"))
     if tail and not enc.endswith(b"\r\n"):
         enc += b"\r\n"
-    if not tail:
-        enc = enc.rstrip(b"\r\n") if not data.endswith(b"\r\n") else enc
     return enc
 
 

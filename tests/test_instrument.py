@@ -249,3 +249,191 @@ def test_hostile_html_parses_in_bounded_time():
     t0 = time.perf_counter()
     instrument.render(instrument.parse(raw, PUBLIC), plan())
     assert time.perf_counter() - t0 < 2.0
+
+
+# --- the scanner follows the HTML standard's tokenizer (issue 17) ---------------------------------
+
+_SIGNED = re.compile(re.escape(PUBLIC) + r"/c/([A-Za-z0-9_.-]+)")
+
+
+def _html_message(html: str, cte: str = "8bit") -> bytes:
+    return ("From: a@example.com\r\nTo: c@ext.test\r\nSubject: t\r\nMIME-Version: 1.0\r\n"
+            f"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: {cte}\r\n\r\n").encode() + \
+        html.encode("utf-8")
+
+
+def _deliver(html: str, **kw) -> tuple[instrument.Result, str]:
+    result = instrument.render(instrument.parse(_html_message(html), PUBLIC), plan(**kw))
+    return result, html_parts(result.data)[0]
+
+
+def _targets(delivered: str) -> list[str]:
+    """The target each signed URL in the delivered HTML opens (it must verify)."""
+    out = []
+    for path in _SIGNED.findall(delivered):
+        click = verify_click(KEYS, path)
+        assert click is not None, path
+        out.append(click.target)
+    return out
+
+
+def _unwrapped(delivered: str, original: str) -> str:
+    """The delivered HTML with each signed URL put back as a placeholder, the pixel removed."""
+    return _PIXEL.sub("", _SIGNED.sub("URL", delivered))
+
+
+def test_unquoted_href_with_equals_is_wrapped_whole():
+    html = "<html><body><a href=https://docs.example.com/start?x=1&y=2>Docs</a></body></html>"
+    result, out = _deliver(html)
+    assert _targets(out) == ["https://docs.example.com/start?x=1&y=2"]
+    assert _unwrapped(out, html) == "<html><body><a href=URL>Docs</a></body></html>"
+    # '=', quotes, '<' and backticks inside an unquoted value are part of it (parse errors, kept).
+    html = "<body><a href=https://x.example/a=b'c\"d`e<f>x</a></body>"
+    assert _targets(_deliver(html)[1]) == ["https://x.example/a=b'c\"d`e<f"]
+
+
+def test_href_inside_another_attribute_is_not_a_link():
+    html = '<body><a title="see href=https://decoy.example/" href="https://real.example/">x</a></body>'
+    result, out = _deliver(html)
+    assert _targets(out) == ["https://real.example/"]
+    assert 'title="see href=https://decoy.example/"' in out
+    # In an uninteresting tag too, and a quoted '>' does not end the tag.
+    html = ('<body><div data-x="<a href=https://decoy.example/>" class=\'a > b\'>'
+            '<a class="x>y" href=\'https://real.example/2\'>x</a></div></body>')
+    assert _targets(_deliver(html)[1]) == ["https://real.example/2"]
+
+
+def test_duplicate_href_the_first_wins():
+    result, out = _deliver('<body><a href="https://first.example/" href="https://second.example/">x</a></body>')
+    assert _targets(out) == ["https://first.example/"]
+    assert 'href="https://second.example/"' in out
+
+
+@pytest.mark.parametrize("comment", ["<!-->", "<!--->", "<!---->", "<!-- x --!>", "<!-- x -->", "<!foo>",
+                                     "<?xml version=\"1.0\"?>", "</ 3>", "</>", "<!DOCTYPE html>", "<!DOCTYPE>",
+                                     "<![CDATA[ x ]]>", "<!-- <!-- nested -->"])
+def test_every_comment_form_is_closed_where_the_standard_closes_it(comment):
+    html = f'<body>{comment}<a href="https://after.example/">x</a></body>'
+    assert _targets(_deliver(html)[1]) == ["https://after.example/"]
+
+
+@pytest.mark.parametrize("opened", ['<!--!><a href="https://in.example/">x</a>',  # '--!>' needs its dashes
+                                    '<!-- <a href="https://in.example/">x</a> --!->',
+                                    '<?x <a href="https://in.example/">x</a> ?>',
+                                    '<!x <a href="https://in.example/">x</a> !>'])
+def test_links_inside_comments_are_not_wrapped(opened):
+    html = f'<body>{opened}<a href="https://after.example/">y</a> -->ok</body>'
+    assert "https://in.example/" not in _targets(_deliver(html)[1])
+
+
+def test_cdata_is_a_section_in_svg_and_a_bogus_comment_elsewhere():
+    html = '<body><svg><![CDATA[ > <a href="https://cdata.example/"> ]]></svg><a href="https://after.example/">x</a>'
+    assert _targets(_deliver(html)[1]) == ["https://after.example/"]
+    html = '<body><![CDATA[ > <a href="https://html.example/">x</a> ]]></body>'
+    assert _targets(_deliver(html)[1]) == ["https://html.example/"]
+
+
+@pytest.mark.parametrize("name", ["script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes"])
+def test_raw_text_elements_hide_links_and_end_at_their_end_tag(name):
+    html = (f'<body><{name}><a href="https://in.example/">x</a></{name}x></{name} data-x=">">'
+            f'<a href="https://after.example/">y</a></body>')
+    assert _targets(_deliver(html)[1]) == ["https://after.example/"]
+
+
+def test_script_data_escapes_and_plaintext():
+    # '<!--<script>': double escaped, where '</script>' does not end the script; '-->' ends the escape.
+    html = ('<body><script><!--<script></script><a href="https://in.example/">--><a href="https://in2.example/">'
+            '</script><a href="https://after.example/">y</a></body>')
+    assert _targets(_deliver(html)[1]) == ["https://after.example/"]
+    html = ('<body><script><!--<script></script><a href="https://in.example/"></script>'
+            '<a href="https://after.example/">y</a></body>')  # escaped only: its '</script>' ends it
+    assert _targets(_deliver(html)[1]) == ["https://after.example/"]
+    html = '<body><a href="https://before.example/">b</a><plaintext><a href="https://in.example/">x</a>'
+    assert _targets(_deliver(html)[1]) == ["https://before.example/"]
+
+
+def test_noscript_and_template_content_is_markup():
+    html = ('<body><noscript><a href="https://noscript.example/">n</a></noscript>'
+            '<template><a href="https://template.example/">t</a></template></body>')
+    assert _targets(_deliver(html)[1]) == ["https://noscript.example/", "https://template.example/"]
+
+
+@pytest.mark.parametrize("href, target", [
+    ("https://x.example/?a=1&copy=2", "https://x.example/?a=1&copy=2"),
+    ("https://x.example/?a=1&amp;copy=2", "https://x.example/?a=1&copy=2"),
+    ("https://x.example/?a=1&copyx=2", "https://x.example/?a=1&copyx=2"),
+    ("https://x.example/?a=1&reg", "https://x.example/?a=1\u00ae"),
+    ("https://x.example/?a=1&not;b", "https://x.example/?a=1\u00acb"),
+    ("https://x.example/?a=1&ampb=2", "https://x.example/?a=1&ampb=2"),
+    ("https://x.example/&#x41;&#66;&#x80;", "https://x.example/AB\u20ac"),
+    (" https://x.example/a\r\n b ", "https://x.example/a b"),
+])
+def test_character_references_decode_as_a_browser_decodes_them(href, target):
+    result, out = _deliver(f'<body><a href="{href}">x</a></body>')
+    assert _targets(out) == [target]
+
+
+def test_links_the_scan_cannot_be_sure_of_are_left_untouched_with_a_reason():
+    from relay.html_scan import AMBIGUOUS, IN_SELECT
+    html = ('<body><a href="https://first.example/">a</a><select><option><a href="https://sel.example/">s</a>'
+            '</select><svg></p><style><a href="https://in.example/"></style><a href="https://after.example/">z</a>'
+            '</body>')
+    result, out = _deliver(html)
+    assert _targets(out) == ["https://first.example/"]
+    assert result.skipped.count(IN_SELECT) == 1 and result.skipped.count(AMBIGUOUS) == 1
+    assert 'href="https://sel.example/"' in out and 'href="https://after.example/"' in out
+    # Said even when no link can be told apart after the ambiguous markup.
+    result, out = _deliver('<body><svg></p><![CDATA[ > <a href="https://x.example/"> ]]></body>')
+    assert AMBIGUOUS in result.skipped and not result.links
+
+
+def test_an_unterminated_tag_hides_the_rest_as_the_standard_does():
+    html = '<body><a href="https://ok.example/">x</a><div title="unterminated><a href="https://no.example/">'
+    assert _targets(_deliver(html)[1]) == ["https://ok.example/"]
+
+
+# --- long lines -----------------------------------------------------------------------------------
+
+def _multipart(*parts: bytes) -> bytes:
+    body = b"".join(b"--B\r\n" + p + b"\r\n" for p in parts) + b"--B--\r\n"
+    return (b"From: a@example.com\r\nTo: c@ext.test\r\nSubject: t\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/mixed; boundary="B"\r\n\r\n') + body
+
+
+def test_parts_with_64_kib_lines_untouched_as_they_came_instrumented_re_encoded():
+    long_line = "<p>" + "w\u00f3rd " * 12000 + "</p>"  # ~ 84 KB of UTF-8 on one line
+    assert len(long_line.encode()) > 65536
+    html = f'<html><body>\r\n{long_line}\r\n<a href="https://example.com/long?a=1&amp;b=2">x</a>\r\n</body></html>\r\n'
+    html_part = b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + html.encode()
+    text_part = (b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+                 + long_line.encode())
+    plain_html = (b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+                  + f"<p>{long_line}</p>".encode())  # no link, and the pixel goes into the first part
+    raw = _multipart(html_part, text_part, plain_html)
+    result = instrument.render(instrument.parse(raw, PUBLIC), plan())
+    out = result.data
+    assert result.pixel and [t for _, t in result.links] == ["https://example.com/long?a=1&b=2"]
+    # The untouched parts exactly as they came, long lines and all.
+    assert text_part in out and plain_html in out
+    # The instrumented part re-encoded as quoted-printable; decoded, only the href and pixel changed.
+    msg = email.message_from_bytes(out, policy=policy.compat32)
+    first = [p for p in msg.walk() if p.get_content_type() == "text/html"][0]
+    assert first["Content-Transfer-Encoding"] == "quoted-printable"
+    assert max(len(line) for line in first.get_payload().split("\n")) <= 998
+    delivered = first.get_payload(decode=True).decode("utf-8")
+    assert _targets(delivered) == ["https://example.com/long?a=1&b=2"]
+    assert _unwrapped(delivered, html) == html.replace("https://example.com/long?a=1&amp;b=2", "URL")
+
+
+def test_instrumented_part_is_not_re_encoded_when_its_lines_still_fit():
+    html = "<html><body>\r\n<p>" + "x" * 900 + "</p>\r\n" + '<a href="https://example.com/f">x</a></body></html>'
+    raw = _html_message(html)
+    out = instrument.render(instrument.parse(raw, PUBLIC), plan()).data
+    assert b"Content-Transfer-Encoding: 8bit" in out and b"quoted-printable" not in out
+    assert max(len(line) for line in out.split(b"\r\n")) <= 998
+    # A link near the end of a 990-octet line: the longer signed URL pushes it over, so QP.
+    html = "<html><body>\r\n<p>" + "x" * (990 - 60) + '<a href="https://example.com/f">x</a></p></body></html>'
+    out = instrument.render(instrument.parse(_html_message(html), PUBLIC), plan()).data
+    assert b"Content-Transfer-Encoding: quoted-printable" in out
+    assert max(len(line) for line in out.split(b"\r\n")) <= 998
+    assert _targets(html_parts(out)[0]) == ["https://example.com/f"]

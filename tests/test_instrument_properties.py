@@ -5,15 +5,18 @@ from __future__ import annotations
 import base64
 import email
 import quopri
+import re
 from email import policy
 from html.parser import HTMLParser
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from html_forms import html_text
 from relay import instrument
+from relay.html_scan import decode_attribute, scan, url_of
 from test_instrument import KEYS, PUBLIC, hrefs, other_parts, plan
-from trackrelay.links import verify_click
+from trackrelay.links import pixel_url, verify_click
 
 words = st.text(alphabet="abcdefghijklmnopqrstuvwxyzĄąłżź &;<>\"'", min_size=1, max_size=12).map(
     lambda t: t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
@@ -177,3 +180,55 @@ def test_instrumenting_twice_keeps_wrapped_links_and_one_new_pixel(raw):
     assert h2.count(f"{PUBLIC}/o/") == (1 if result.pixel else 0)
     if result.pixel:
         assert f"{PUBLIC}/o/SECONDsecondSECONDsecond01.gif" in h2
+
+
+# --- the forms the HTML standard's tokenizer has rules for (issue 17) -----------------------------
+
+_SIGNED = re.compile(re.escape(PUBLIC) + r"/c/([A-Za-z0-9_.-]+)")
+
+
+@SETTINGS
+@given(html_text(), st.sampled_from(["8bit", "quoted-printable", "base64"]), st.booleans())
+def test_standard_forms_change_only_wrapped_href_values_and_the_pixel(doc, cte, body):
+    """Byte-exact outside the replaced href values, the pixel and removed opt-out attributes; each
+    replaced value decodes (by the standard's rules) to the target its signed URL opens."""
+    doc = ("<html><body>" if body else "") + doc
+    data = doc.encode("utf-8")
+    if cte == "base64":
+        enc = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    elif cte == "quoted-printable":
+        enc = quopri.encodestring(data, quotetabs=True)
+    else:
+        enc = data
+    raw = (b"From: a@example.com\r\nTo: c@ext.test\r\nSubject: p\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: " + cte.encode() + b"\r\n\r\n" + enc)
+    parsed = instrument.parse(raw, PUBLIC)
+    result = instrument.render(parsed, plan(skip_url_text_links=False))
+    if not result.links and not result.pixel:
+        assert result.data == raw
+        return
+    part = parsed.parts[0]
+    text = part.text  # the HTML as decoded from the message (QP/base64 round trip)
+    delivered = html_bodies(result.data)[0]
+    # Outside the replaced spans, the pixel and the opt-out removals: identical.
+    edits = sorted([(c.start, c.end, "\0URL\0") for c in part.candidates] +
+                   [(a, b, "") for a, b in part.opt_out_removals] + [(a, b, "") for a, b in part.old_pixels])
+    expected, pos = [], 0
+    for a, b, new in edits:
+        expected += [text[pos:a], new]
+        pos = b
+    expected.append(text[pos:])
+    pixel = instrument._pixel_tag(pixel_url(PUBLIC, plan().token)) if result.pixel else ""
+    assert not pixel or delivered.count(pixel) == 1
+    assert _SIGNED.sub("\0URL\0", delivered.replace(pixel, "", 1) if pixel else delivered) == "".join(expected)
+    # Each replaced value, decoded as the standard decodes it, is what its signed URL opens.
+    sc = scan(text, PUBLIC + "/o/")
+    by_span = {link.href.value_start: link for link in sc.links}
+    signed = _SIGNED.findall(delivered)
+    assert len(signed) == len(part.candidates) == len(result.links)
+    for c, path, (_, target) in zip(part.candidates, signed, result.links):
+        link = by_span[c.start]
+        assert link.reason is None
+        assert url_of(decode_attribute(text[c.start:c.end])) == link.target == target
+        click = verify_click(KEYS, path)
+        assert click is not None and click.target == target
