@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from helpers import RelayProcess, base_config, client, free_port, simple_message, to_toml
+from helpers import RelayProcess, base_config, client, free_port, simple_message, to_toml, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -99,4 +99,139 @@ async def test_sigterm_drains_and_exits_cleanly(tmp_path, db_url, sink):
     await c.quit()
     await sink.wait_for(1)
     assert proc.kill(signal.SIGTERM) == 0
+    assert "Traceback" not in (tmp_path / "relay.log").read_text()
+
+
+# -- crash recovery: claims belong to a live process ----------------------------------------------
+
+def write_default_queue_config(tmp_path, db_url, relay_port, sink_port, **sections):
+    """Every queue setting at its default (lease_seconds 300, retries from 60 s)."""
+    cfg = base_config(db_url=db_url, relay_port=relay_port, upstream_url=f"smtp://127.0.0.1:{sink_port}",
+                      tmp=tmp_path, **sections)
+    del cfg["queue"]
+    path = tmp_path / "trackrelay.toml"
+    path.write_text(to_toml(cfg))
+    return path
+
+
+async def scalar(db_url: str, sql: str, **params):
+    from sqlalchemy import text
+
+    from storage.engine import make_engine
+    engine = make_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            return (await conn.execute(text(sql), params)).scalar()
+    finally:
+        await engine.dispose()
+
+
+def copies_by_message_id(received) -> Counter:
+    out = Counter()
+    for r in received:
+        mid = [line for line in r.data.split(b"\r\n") if line.startswith(b"Message-ID:")][0].split()[1].decode()
+        out[(mid, r.rcpt_tos[0])] += 1
+    return out
+
+
+async def test_sigkill_with_copies_in_flight_then_restart_delivers_every_copy_within_10_s(tmp_path, db_url, sink):
+    """kill -9 right after the 250s, with transfers under way and more copies handed over: after a
+    restart with the default lease (300 s) nothing waits for it to lapse."""
+    sink.behaviour.data_delay = 3.0  # every lane is in a transfer when the process dies
+    relay_port = free_port()
+    path = write_default_queue_config(tmp_path, db_url, relay_port, sink.port)
+    proc = RelayProcess(path, relay_port, tmp_path / "relay.log").start()
+    await proc.wait_listening()
+    c = await client(relay_port)
+    wanted = set()
+    for i in range(10):
+        mid = f"<inflight-{i}@example.com>"
+        await c.sendmail("alice@example.com", [f"r{i}a@ext.test", f"r{i}b@ext.test"],
+                         simple_message(extra=f"Message-ID: {mid}\r\n"))
+        wanted |= {(mid, f"r{i}a@ext.test"), (mid, f"r{i}b@ext.test")}
+    c.close()
+    assert proc.kill(signal.SIGKILL) == -signal.SIGKILL
+    assert await scalar(db_url, "SELECT count(*) FROM recipients WHERE status = 'sending'") > 0
+
+    sink.behaviour.data_delay = 0.0
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    proc = RelayProcess(path, relay_port, tmp_path / "relay.log").start()
+    await wait_until(lambda: set(copies_by_message_id(sink.received)) >= wanted, 10.0,
+                     "every copy delivered within 10 s of the restart")
+    elapsed = loop.time() - t0
+    await proc.wait_listening()
+    await wait_until_db(db_url, "SELECT count(*) FROM recipients WHERE status <> 'sent'", 0)
+    assert proc.kill(signal.SIGTERM) == 0
+    duplicates = sum(n - 1 for n in copies_by_message_id(sink.received).values())
+    reclaims = await scalar(db_url, "SELECT coalesce(sum(reclaims), 0) FROM recipients")
+    assert duplicates <= reclaims  # each duplicate is a transfer cut by the kill, and counted
+    assert elapsed < 10.0
+
+
+async def wait_until_db(db_url: str, sql: str, want, timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (got := await scalar(db_url, sql)) != want:
+        if loop.time() > deadline:
+            raise AssertionError(f"{sql!r} is {got}, wanted {want}")
+        await asyncio.sleep(0.1)
+
+
+async def lock_database(db_url: str, tmp_path, seconds: float):
+    """Hold the database locked from another connection for ``seconds``; returns once it holds.
+    SQLite: another process in BEGIN EXCLUSIVE; PostgreSQL: the recipients table locked."""
+    if db_url.startswith("sqlite"):
+        import sys
+        path = db_url.split(":///", 1)[1]
+        code = ("import sqlite3, sys, time\n"
+                "c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n"
+                "c.execute('BEGIN EXCLUSIVE')\n"
+                "print('locked', flush=True)\n"
+                "time.sleep(float(sys.argv[2]))\n"
+                "c.execute('COMMIT')\n")
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, path, str(seconds),
+                                                    stdout=asyncio.subprocess.PIPE)
+        assert (await proc.stdout.readline()).strip() == b"locked"
+        return proc.wait()
+    import asyncpg
+    conn = await asyncpg.connect(db_url.replace("postgresql+asyncpg://", "postgresql://"))
+    tx = conn.transaction()
+    await tx.start()
+    await conn.execute("LOCK TABLE recipients IN ACCESS EXCLUSIVE MODE")
+
+    async def hold():
+        await asyncio.sleep(seconds)
+        await tx.commit()
+        await conn.close()
+    return hold()
+
+
+async def test_database_locked_longer_than_the_lease_while_a_lane_sends_delivers_once(tmp_path, db_url, sink):
+    """No crash, only a slow database: the copy a lane is sending stays its own, however long the
+    lock outlasts the lease (5 s)."""
+    sink.behaviour.data_delay = 10.0  # the transfer outlasts the lock, which outlasts the lease
+    relay_port = free_port()
+    cfg = base_config(db_url=db_url, relay_port=relay_port, upstream_url=sink.url, tmp=tmp_path,
+                      queue={"lease_seconds": 5, "retry_initial_seconds": 0.2, "retry_max_seconds": 0.5},
+                      upstream={"timeout_seconds": 30})
+    path = tmp_path / "trackrelay.toml"
+    path.write_text(to_toml(cfg))
+    proc = RelayProcess(path, relay_port, tmp_path / "relay.log").start()
+    try:
+        await proc.wait_listening()
+        c = await client(relay_port)
+        await c.sendmail("alice@example.com", ["carol@ext.test"],
+                         simple_message(extra="Message-ID: <locked-1@example.com>\r\n"))
+        await c.quit()
+        await asyncio.sleep(0.5)  # the lane is in DATA now
+        held = await lock_database(db_url, tmp_path, 8.0)
+        sink.behaviour.data_delay = 0.0  # the first transfer sleeps on; a second would arrive at once
+        await held
+        await wait_until_db(db_url, "SELECT count(*) FROM recipients WHERE status = 'sent'", 1, timeout=20)
+        await asyncio.sleep(6.0)  # a lapsed lease would have been claimed again by now
+        assert [r.rcpt_tos for r in sink.received] == [["carol@ext.test"]]
+        assert await scalar(db_url, "SELECT reclaims FROM recipients") == 0
+    finally:
+        assert proc.kill(signal.SIGTERM) == 0
     assert "Traceback" not in (tmp_path / "relay.log").read_text()
