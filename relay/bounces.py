@@ -518,7 +518,7 @@ def parse(raw: bytes, mail_from: str | None = None) -> Bounce | None:
     sender, when known ("" is the null sender of bounces and auto-replies). Never raises: a
     message too broken to read is not a bounce."""
     try:
-        return _parse(raw, mail_from == "")
+        return _parse(raw, mail_from is not None and not mail_from.strip("<> "))
     except Exception as exc:  # a parser bug must not turn an incoming message into a 451 loop
         log.warning("bounce parsing failed, taken as no bounce: %s", type(exc).__name__)
         return None

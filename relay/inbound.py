@@ -117,7 +117,7 @@ class InboundHandler(SessionTracking):
         sender = senders[0]
         # Bounce senders and the null sender (auto-replies) never become contacts; an existing
         # contact still gets the mail on its timeline.
-        create = None if not (mailaddr.is_system(sender) or mail_from == "") else False
+        create = False if mailaddr.is_system(sender) or (mail_from is not None and mailaddr.is_system(mail_from)) else None
         internal = sender in self.config.user_addresses or \
             sender.rpartition("@")[2] in self.config.internal_domains
         team_addresses = {a.lower() for a in self.config.crm.team_addresses}
