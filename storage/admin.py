@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, case, delete, event, exists, select, update
+from sqlalchemy import and_, case, event, exists, select, update
+from sqlalchemy import delete as sql_delete
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
@@ -372,7 +373,7 @@ async def delete(session: AsyncSession, ids: list[int], now: datetime) -> tuple[
     if not ids:
         return [], []
     gone = (await session.execute(
-        delete(Recipient).where(Recipient.id.in_(ids), Recipient.status.in_(ACTS_ON["delete"]))
+        sql_delete(Recipient).where(Recipient.id.in_(ids), Recipient.status.in_(ACTS_ON["delete"]))
         .returning(Recipient.id, Recipient.message_pk).execution_options(synchronize_session=False))).all()
     if not gone:
         return [], []
@@ -381,7 +382,7 @@ async def delete(session: AsyncSession, ids: list[int], now: datetime) -> tuple[
         select(Message.id).where(Message.id.in_(pks),
                                  ~exists().where(Recipient.message_pk == Message.id)))).all()
     if empty:
-        await session.execute(delete(Message).where(Message.id.in_(empty))
+        await session.execute(sql_delete(Message).where(Message.id.in_(empty))
                               .execution_options(synchronize_session=False))
     await _mark_done(session, set(pks) - set(empty), now)
     return sorted(rid for rid, _ in gone), sorted(empty)

@@ -178,13 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         "release": ("put held copies back in the queue, due now",
                     ("trackrelay queue release 42 -c FILE",), ""),
     }
-    from storage.admin import STATUSES
     for action, (help, examples, note) in queue_cmds.items():
         a = cmd(qps, action, help, *examples, note=note)
         a.add_argument("ids", nargs="+" if action == "show" else "*", metavar="ID", help=_ID_HELP)
         if action != "show":
-            a.add_argument("--status", action="append", choices=STATUSES,
-                           help="only copies in this status (repeatable)")
+            a.add_argument("--status", action="append", metavar="STATUS",
+                           help="only copies in this status (repeatable): queued, sending, deferred, "
+                                "held, sent or bounced")
             a.add_argument("--user", help="only messages sent by this user")
             a.add_argument("--older-than", metavar="AGE", help="only messages accepted longer ago (90s, 30m, 2h, 3d)")
         if action in ("list", "show"):
@@ -385,7 +385,8 @@ async def _db_current(cfg: Config) -> int:
     if state.unknown:
         raise Failure(f"revision {', '.join(state.unknown)} is newer than this trackrelay ({_version()})")
     if not state.up_to_date:
-        raise Failure(f"the schema is behind (head is {', '.join(state.heads)}): {_UPGRADE}")
+        raise Failure(f"the schema at {', '.join(state.current)} is behind (head is {', '.join(state.heads)}): "
+                      f"{_UPGRADE}")
     return 0
 
 
@@ -432,6 +433,9 @@ def _filters(args, default: tuple[str, ...] | None):
     except admin.SelectionError as e:
         raise UsageError(str(e)) from None
     statuses = tuple(dict.fromkeys(args.status)) if args.status else default
+    unknown = [s for s in statuses or () if s not in admin.STATUSES]
+    if unknown:
+        raise UsageError(f"--status {unknown[0]}: not one of {', '.join(admin.STATUSES)}")
     return admin.Filters(statuses=statuses, user=args.user, older_than=older)
 
 
