@@ -20,8 +20,11 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-#: Keys kept per table. Each is a few hundred bytes: both tables together stay under ~5 MB.
-MAX_ENTRIES = 8192
+#: Keys kept per table: about 280 bytes each with a short name, 540 with the longest (MAX_NAME),
+#: so a table stays under ~2.2 MB however many distinct names are tried. To push a key out, one
+#: needs this many failures on other keys in between, which the per-network budget spreads over
+#: MAX_ENTRIES / budget networks.
+MAX_ENTRIES = 4096
 MAX_NAME = 256
 
 
@@ -67,8 +70,12 @@ class _Table:
             return e
         self.entries.move_to_end(key)
         if e.locked_until and now >= e.locked_until:
+            quiet = now - e.locked_until
             e.locked_until = 0.0
-            e.failures = self.limit - 1  # one more failure locks it again, for twice as long
+            if quiet > self.backoff_max:
+                e.failures = e.lockouts = 0
+            else:
+                e.failures = self.limit - 1  # one more failure locks it again, for twice as long
         elif not e.locked_until and not e.pending and now - e.touched > self.backoff_max:
             e.failures = e.lockouts = 0
         return e

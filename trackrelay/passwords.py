@@ -107,6 +107,7 @@ class Checker:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self.pending = 0
+        self.checks = 0  # checks run so far (in the threads)
 
     async def check(self, password: str, stored: str) -> bool:
         if self.pending >= self._max:
@@ -115,6 +116,7 @@ class Checker:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="trackrelay-pw")
         self.pending += 1
+        self.checks += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, verify_password, password,
                                                                     stored)
