@@ -104,6 +104,16 @@ async def test_sigterm_drains_and_exits_cleanly(tmp_path, db_url, sink):
 
 # -- crash recovery: claims belong to a live process ----------------------------------------------
 
+@pytest.fixture
+def reaper():
+    """Processes a test started: whatever still runs when it ends (a failed assertion) is killed."""
+    started: list[RelayProcess] = []
+    yield started
+    for p in started:
+        if p.proc is not None and p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait(10)
+
 def write_default_queue_config(tmp_path, db_url, relay_port, sink_port, **sections):
     """Every queue setting at its default (lease_seconds 300, retries from 60 s)."""
     cfg = base_config(db_url=db_url, relay_port=relay_port, upstream_url=f"smtp://127.0.0.1:{sink_port}",
@@ -134,13 +144,15 @@ def copies_by_message_id(received) -> Counter:
     return out
 
 
-async def test_sigkill_with_copies_in_flight_then_restart_delivers_every_copy_within_10_s(tmp_path, db_url, sink):
+async def test_sigkill_with_copies_in_flight_then_restart_delivers_every_copy_within_10_s(tmp_path, db_url, sink,
+                                                                                          reaper):
     """kill -9 right after the 250s, with transfers under way and more copies handed over: after a
     restart with the default lease (300 s) nothing waits for it to lapse."""
     sink.behaviour.data_delay = 3.0  # every lane is in a transfer when the process dies
     relay_port = free_port()
     path = write_default_queue_config(tmp_path, db_url, relay_port, sink.port)
     proc = RelayProcess(path, relay_port, tmp_path / "relay.log").start()
+    reaper.append(proc)
     await proc.wait_listening()
     c = await client(relay_port)
     wanted = set()
@@ -157,6 +169,7 @@ async def test_sigkill_with_copies_in_flight_then_restart_delivers_every_copy_wi
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     proc = RelayProcess(path, relay_port, tmp_path / "relay.log").start()
+    reaper.append(proc)
     await wait_until(lambda: set(copies_by_message_id(sink.received)) >= wanted, 10.0,
                      "every copy delivered within 10 s of the restart")
     elapsed = loop.time() - t0
@@ -207,31 +220,31 @@ async def lock_database(db_url: str, tmp_path, seconds: float):
     return hold()
 
 
-async def test_database_locked_longer_than_the_lease_while_a_lane_sends_delivers_once(tmp_path, db_url, sink):
+async def test_database_locked_longer_than_the_lease_while_a_lane_sends_delivers_once(tmp_path, db_url, sink,
+                                                                                      reaper):
     """No crash, only a slow database: the copy a lane is sending stays its own, however long the
     lock outlasts the lease (5 s)."""
     sink.behaviour.data_delay = 10.0  # the transfer outlasts the lock, which outlasts the lease
     relay_port = free_port()
     cfg = base_config(db_url=db_url, relay_port=relay_port, upstream_url=sink.url, tmp=tmp_path,
                       queue={"lease_seconds": 5, "retry_initial_seconds": 0.2, "retry_max_seconds": 0.5},
-                      upstream={"timeout_seconds": 30})
+                      upstream={"timeout_seconds": 30}, log={"level": "info"})
     path = tmp_path / "trackrelay.toml"
     path.write_text(to_toml(cfg))
     proc = RelayProcess(path, relay_port, tmp_path / "relay.log").start()
-    try:
-        await proc.wait_listening()
-        c = await client(relay_port)
-        await c.sendmail("alice@example.com", ["carol@ext.test"],
-                         simple_message(extra="Message-ID: <locked-1@example.com>\r\n"))
-        await c.quit()
-        await asyncio.sleep(0.5)  # the lane is in DATA now
-        held = await lock_database(db_url, tmp_path, 8.0)
-        sink.behaviour.data_delay = 0.0  # the first transfer sleeps on; a second would arrive at once
-        await held
-        await wait_until_db(db_url, "SELECT count(*) FROM recipients WHERE status = 'sent'", 1, timeout=20)
-        await asyncio.sleep(6.0)  # a lapsed lease would have been claimed again by now
-        assert [r.rcpt_tos for r in sink.received] == [["carol@ext.test"]]
-        assert await scalar(db_url, "SELECT reclaims FROM recipients") == 0
-    finally:
-        assert proc.kill(signal.SIGTERM) == 0
+    reaper.append(proc)
+    await proc.wait_listening()
+    c = await client(relay_port)
+    await c.sendmail("alice@example.com", ["carol@ext.test"],
+                     simple_message(extra="Message-ID: <locked-1@example.com>\r\n"))
+    await c.quit()
+    await asyncio.sleep(0.5)  # the lane is in DATA now
+    held = await lock_database(db_url, tmp_path, 8.0)
+    sink.behaviour.data_delay = 0.0  # the first transfer sleeps on; a second would arrive at once
+    await held
+    await wait_until_db(db_url, "SELECT count(*) FROM recipients WHERE status = 'sent'", 1, timeout=20)
+    await asyncio.sleep(6.0)  # a lapsed lease would have been claimed again by now
+    assert [r.rcpt_tos for r in sink.received] == [["carol@ext.test"]]
+    assert await scalar(db_url, "SELECT reclaims FROM recipients") == 0
+    assert proc.kill(signal.SIGTERM) == 0
     assert "Traceback" not in (tmp_path / "relay.log").read_text()
