@@ -41,6 +41,9 @@ log = logging.getLogger("trackrelay.bounces")
 _MAX_DEPTH = 6
 _MAX_FAILURES = 200
 _MAX_DIAGNOSTIC = 500
+#: A notice is short (an HTML NDR is some tens of KB): what is read of each text part, and in all.
+_MAX_PART_TEXT = 128 * 1024
+_MAX_NOTICE_TEXT = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -235,7 +238,8 @@ def _walk(top: Message) -> _Walk:
             return
         if m.get_content_maintype() == "text" and ctype in ("text/plain", "text/html") and \
                 str(m.get_content_disposition() or "") != "attachment":
-            w.notices.append(_text_of(m))
+            if sum(map(len, w.notices)) < _MAX_NOTICE_TEXT:
+                w.notices.append(_text_of(m)[:_MAX_PART_TEXT])
 
     w.subjects.append(_header(top, "Subject"))
     visit(top, 0)
@@ -447,16 +451,18 @@ _STRONG = re.compile(r"this is the qmail-send program|this message was created a
 
 def _text_bounce(w: _Walk, null_sender: bool, ids: tuple[str, ...] = ()) -> tuple[str, list[Failure], bool] | None:
     """(format, failures, whether it is certainly a bounce) of a notice, or None: not a bounce."""
-    notice = _notice_text(w.notices)
-    scope = "\n".join(w.subjects) + "\n" + "\n".join(_header(c, "From") for c in w.containers) + "\n" + notice
-    fmt = next((name for name, rx in _FORMAT_RES if rx.search(scope)), None)
     failed_header = [a for c in w.containers for _, a in getaddresses(c.get_all("X-Failed-Recipients") or [])
                      if "@" in a]
+    certain = bool(failed_header) or any(_looks_like_bounce(c) for c in w.containers)
+    notice = _notice_text(w.notices)
+    if not certain and not null_sender:
+        if not _STRONG.search(notice[:8192]):
+            return None  # a person's mail that talks about delivery is not a bounce
+        certain = True
+    scope = "\n".join(w.subjects) + "\n" + "\n".join(_header(c, "From") for c in w.containers) + "\n" + notice
+    fmt = next((name for name, rx in _FORMAT_RES if rx.search(scope)), None)
     if fmt is None and failed_header:
         fmt = "exim"
-    certain = bool(failed_header or _STRONG.search(notice) or any(_looks_like_bounce(c) for c in w.containers))
-    if not (certain or null_sender):
-        return None  # a person's mail that talks about delivery is not a bounce
     # The bounce's own sender and addressee (the original's sender) and the original's sender are
     # named in notices, but never as the failed recipient.
     exclude = set()

@@ -46,12 +46,8 @@ INBOUND_LINE_LIMIT = 1 << 20
 BOUNCE_WITHOUT_ID_WINDOW = timedelta(days=7)
 
 
-def is_automatic(p: ParsedEmail) -> bool:
-    """An automatic reply (kept for callers; ``automatic_reason`` says why)."""
-    return automatic_reason(p) is not None
-
-
 def automatic_reason(p: ParsedEmail) -> str | None:
+    """Why this incoming mail is an automatic reply (``relay.autoreply``), or None."""
     return autoreply.detect({**p.headers, "subject": p.subject})
 
 
@@ -106,7 +102,7 @@ class InboundHandler(SessionTracking):
         return replies.TEMP_FAILURE
 
     async def process(self, s: AsyncSession, raw: bytes, users: list[User], mail_from: str | None = None) -> None:
-        bounce = bounces.parse(raw, mail_from)
+        bounce = await asyncio.to_thread(bounces.parse, raw, mail_from)  # CPU work, off the event loop
         if bounce is not None:
             await self._bounced(s, bounce, users, raw)
             return

@@ -445,3 +445,38 @@ async def test_cli_never_log_and_contacts(relay, sink, tmp_path):
     assert await asyncio.to_thread(run, "contacts", "show", "carol@ext.test") == 0
     assert await asyncio.to_thread(run, "contacts", "forget", "carol@ext.test") == 0
     assert await relay.rows("SELECT id FROM contacts") == []
+
+
+async def test_company_by_registrable_domain_and_none_for_free_mail(relay, sink):
+    await start(relay)
+    await send(relay, ["john@eu.acme.co.uk", "jane@acme.co.uk", "x@hotmail.co.uk", "y@T-Online.de"], HTML_MSG)
+    c = await client(relay.port, user="alice", source="127.0.0.2")
+    await c.sendmail("alice@example.com", ["z@bücher.de"], HTML_MSG, mail_options=["SMTPUTF8"])
+    await c.quit()
+    await sink.wait_for(5)
+    await wait_logged(relay, 2)
+    rows = dict(await relay.rows("SELECT c.email, co.domain FROM contacts c LEFT JOIN companies co ON co.id = c.company_pk"))
+    assert rows["john@eu.acme.co.uk"] == rows["jane@acme.co.uk"] == "acme.co.uk"
+    assert rows["x@hotmail.co.uk"] is None and rows["y@t-online.de"] is None
+    assert rows["z@bücher.de"] == "xn--bcher-kva.de"  # IDNA 2008, one form for comparing
+    assert len(await relay.rows("SELECT id FROM companies")) == 2
+
+
+async def test_inbound_bounce_from_mailer_daemon_is_neither_logged_nor_a_contact(relay, sink):
+    await start(relay, inbound=True, users=alice_with_log_key(relay))
+    await send(relay, ["dave@ext.test"], HTML_MSG.replace(b"Subject: Offer", b"Message-ID: offer-4@example.com\r\nSubject: Offer"))
+    await sink.wait_for(1)
+    await wait_logged(relay)
+    qmail = (b"From: MAILER-DAEMON@mx.ext.test\r\nTo: alice@example.com\r\nSubject: failure notice\r\n\r\n"
+             b"Hi. This is the qmail-send program at mx.ext.test.\r\n"
+             b"I'm afraid I wasn't able to deliver your message to the following addresses.\r\n"
+             b"This is a permanent error; I've given up. Sorry it didn't work out.\r\n\r\n"
+             b"<dave@ext.test>:\r\nSorry, no mailbox here by that name. (#5.1.1)\r\n\r\n"
+             b"--- Below this line is a copy of the message.\r\n\r\n"
+             b"From: alice@example.com\r\nTo: dave@ext.test\r\nMessage-ID: offer-4@example.com\r\nSubject: Offer\r\n\r\nHi\r\n")
+    await inbound_send(relay, qmail)
+    rows = await relay.rows("SELECT r.address, e.type, e.reason FROM events e JOIN recipients r ON r.id = e.recipient_pk "
+                            "WHERE e.type = 'bounced'")
+    assert [(a, t) for a, t, _ in rows] == [("dave@ext.test", "bounced")] and "qmail; status 5.1.1" in rows[0][2]
+    assert await relay.rows("SELECT id FROM logged_emails WHERE direction = 'incoming'") == []
+    assert await relay.rows("SELECT email FROM contacts WHERE email LIKE 'mailer-daemon%'") == []
