@@ -248,3 +248,115 @@ async def test_database_locked_longer_than_the_lease_while_a_lane_sends_delivers
     assert await scalar(db_url, "SELECT reclaims FROM recipients") == 0
     assert proc.kill(signal.SIGTERM) == 0
     assert "Traceback" not in (tmp_path / "relay.log").read_text()
+
+
+@pytest.fixture
+async def pg_url():
+    from conftest import _pg_available, pg_test_url, reset_pg
+    why = await _pg_available()
+    if why:
+        pytest.skip(why)
+    await reset_pg()
+    return pg_test_url()
+
+
+@pytest.mark.postgres
+async def test_two_workers_one_killed_the_survivor_takes_its_copies_within_a_few_heartbeats(tmp_path, sink, pg_url):
+    """`serve --only worker` twice beside a relay, the default lease (300 s): kill -9 the worker
+    holding copies, and the other frees and delivers them within a few heartbeat intervals."""
+    from relay.worker import HEARTBEAT_SECONDS
+    from topology import Topology, send_many
+
+    topo = Topology(pg_url, sink.url, tmp_path)
+    topo.build(relays=1, workers=2, trackers=0)
+    for p in topo.procs:
+        p.config.write_text(p.config.read_text().replace("lease_seconds = 6\n", "lease_seconds = 300\n"))
+    sink.behaviour.data_delay = 0.5  # copies stay in transfer (and claimed) for a while
+    await topo.start()
+    try:
+        await wait_until_db(pg_url, "SELECT count(*) FROM worker_heartbeats", 2, timeout=30)
+        ids = await send_many([p.ports["relay"] for p in topo.of("relay")], 40, 1, concurrency=4)
+        await wait_until_db(pg_url, "SELECT count(*) > 0 FROM recipients WHERE status = 'sending'", True)
+        owner = await scalar(pg_url, "SELECT lease_owner FROM recipients WHERE status = 'sending' "
+                                     "GROUP BY lease_owner ORDER BY count(*) DESC LIMIT 1")
+        (victim,) = [p for p in topo.of("worker") if p.popen.pid == int(owner.split(":")[-2])]
+        held = await scalar(pg_url, "SELECT count(*) FROM recipients WHERE status = 'sending' AND lease_owner = :o",
+                            o=owner)
+        assert held > 0
+        loop = asyncio.get_running_loop()
+        assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
+        killed = loop.time()
+        await wait_until_db(pg_url, f"SELECT count(*) FROM recipients WHERE lease_owner = '{owner}'", 0,
+                            timeout=4 * HEARTBEAT_SECONDS + 2)
+        freed_after = loop.time() - killed
+        sink.behaviour.data_delay = 0.0
+        await wait_until_db(pg_url, "SELECT count(*) FROM recipients WHERE status <> 'sent'", 0, timeout=60)
+        assert await scalar(pg_url, "SELECT count(*) FROM worker_heartbeats WHERE owner = :o", o=owner) == 0
+        reclaims = await scalar(pg_url, "SELECT coalesce(sum(reclaims), 0) FROM recipients")
+        assert reclaims >= 1
+    finally:
+        topo.stop()
+    per_copy = Counter()
+    for r in sink.received:
+        mid = [line for line in r.data.split(b"\r\n") if line.startswith(b"Message-ID:")][0].split()[1].decode()
+        per_copy[mid] += 1
+    assert set(per_copy) == set(ids)  # none lost
+    assert sum(n - 1 for n in per_copy.values()) <= reclaims  # each duplicate counted
+    assert freed_after <= 4 * HEARTBEAT_SECONDS + 2
+    assert topo.logs_clean()
+
+
+@pytest.mark.postgres
+async def test_a_heartbeat_that_stands_still_frees_its_claims_one_that_moves_keeps_them(tmp_path, sink, pg_url):
+    """Workers on other machines (no pid to look at): judged by their heartbeats alone. A copy
+    claimed by one whose heartbeat stopped is delivered after a few intervals; a copy claimed by
+    one whose heartbeat moves stays its own, whatever its lease says, until the heartbeat stops."""
+    from datetime import timedelta
+
+    from conftest import RelayFixture
+    from relay.worker import HEARTBEAT_SECONDS, STALE_BEATS
+    from storage import queue as q
+    from storage.models import utcnow
+    from storage.spool import SpoolEntry, SpoolRecipient, add_entries
+
+    relay = RelayFixture(tmp_path, pg_url, sink)
+    await relay.start()
+    try:
+        async with relay.service.sessionmaker() as s:
+            async with s.begin():
+                for owner, rcpt in (("far:1:dead", "dead@ext.test"), ("far:2:live", "live@ext.test")):
+                    await q.register(s, owner, "far", "another-machine", 1, "1", utcnow() - timedelta(minutes=5))
+                    await add_entries(s, [SpoolEntry(
+                        message_id=f"<{owner}@example.com>", user="alice", mail_from="alice@example.com",
+                        raw=simple_message(to=rcpt, extra=f"Message-ID: <{owner}@example.com>\r\n"),
+                        recipients=[SpoolRecipient(rcpt, None, False, False, False, [])],
+                        claim_owner=owner, lease_until=utcnow() - timedelta(seconds=1))])  # lapsed
+        beating = True
+
+        async def beat_live():
+            while beating:
+                async with relay.service.sessionmaker() as s:
+                    async with s.begin():
+                        await q.beat(s, "far:2:live", utcnow())
+                await asyncio.sleep(HEARTBEAT_SECONDS / 4)
+
+        beater = asyncio.create_task(beat_live())
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        limit = (STALE_BEATS + 2) * HEARTBEAT_SECONDS
+        (first,) = await sink.wait_for(1, timeout=limit + 2)
+        assert first.rcpt_tos == ["dead@ext.test"]
+        await asyncio.sleep(max(0.0, limit + 2 - (loop.time() - t0)))
+        assert [r.rcpt_tos for r in sink.received] == [["dead@ext.test"]]
+        assert await relay.rows("SELECT status, lease_owner, reclaims FROM recipients "
+                                "WHERE address = 'live@ext.test'") == [("sending", "far:2:live", 0)]
+        beating = False
+        await beater
+        await sink.wait_for(2, timeout=limit + 2)
+        assert sorted(r.rcpt_tos[0] for r in sink.received) == ["dead@ext.test", "live@ext.test"]
+        await relay.wait_status({"sent"}, 2)
+        assert await relay.rows("SELECT address, reclaims FROM recipients ORDER BY address") == [
+            ("dead@ext.test", 1), ("live@ext.test", 1)]
+        assert await relay.rows("SELECT owner FROM worker_heartbeats") == [(relay.service.worker.owner,)]
+    finally:
+        await relay.stop()
