@@ -364,3 +364,47 @@ async def test_an_https_api_public_url_makes_the_cookie_secure(relay, sink):
     async with session_from() as s:
         r = await post_login(s, relay, await login_nonce(s, relay))
         assert r.status == 303 and "Secure" in r.headers["Set-Cookie"]
+
+
+# -- the event loop while guessing ----------------------------------------------------------------
+
+@SQLITE_ONLY
+async def test_the_trackers_pixel_p99_stays_within_twice_idle_while_8_clients_guess(relay, sink):
+    await relay.start(relay={"auth_max_failures": 0, "auth_max_failures_network": 0})
+    pixel = f"{relay.config.tracker.public_url}/o/x.gif"  # not a token: served, nothing recorded
+
+    async def p99(s: aiohttp.ClientSession, seconds: float = 2.0) -> float:
+        times = []
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            t = time.perf_counter()
+            async with s.get(pixel) as r:
+                await r.read()
+                assert r.status == 200
+            times.append(time.perf_counter() - t)
+        return statistics.quantiles(times, n=100)[98]
+
+    stop = asyncio.Event()
+    guesses = [0]
+
+    async def guesser(i: int) -> None:
+        while not stop.is_set():
+            _, writer, cmd = await smtp_open(relay.port, f"127.0.1.{i + 2}")
+            for _ in range(15):
+                if stop.is_set():
+                    break
+                assert (await cmd(plain("alice", f"guess-{i}"))).startswith("535")
+                guesses[0] += 1
+            writer.close()
+
+    async with aiohttp.ClientSession() as s:
+        await p99(s, 0.3)  # warm
+        idle = await p99(s)
+        tasks = [asyncio.create_task(guesser(i)) for i in range(8)]
+        await asyncio.sleep(0.3)
+        busy = await p99(s)
+        stop.set()
+        await asyncio.gather(*tasks)
+    print(f"pixel p99 idle {idle * 1e3:.2f} ms, while guessing {busy * 1e3:.2f} ms ({guesses[0]} guesses)")
+    assert guesses[0] >= 8  # each client guessed (about 30 ms a hash, on a machine with others)
+    assert busy < 2 * idle, (idle, busy)
