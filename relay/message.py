@@ -155,16 +155,19 @@ def decoded(value: str | None) -> str:
     pos = 0
     previous_word_end = -1
     for mt in _ENCODED_WORD.finditer(value):
+        word = _decode_word(mt)
+        if word is None:  # not decodable: plain text
+            continue
         gap = value[pos:mt.start()]
         if not (pos == previous_word_end and _FOLDING_WHITESPACE.fullmatch(gap)):
             out.append(gap)
-        out.append(_decode_word(mt))
+        out.append(word)
         pos = previous_word_end = mt.end()
     out.append(value[pos:])
     return _UNSTORABLE.sub("\ufffd", "".join(out))
 
 
-def _decode_word(mt: re.Match) -> str:
+def _decode_word(mt: re.Match) -> str | None:
     charset, kind, payload = mt.group(1), mt.group(2).lower(), mt.group(3)
     try:
         if kind == "b":
@@ -172,7 +175,7 @@ def _decode_word(mt: re.Match) -> str:
         else:
             data = quopri.decodestring(payload.replace("_", " ").encode("ascii"), header=False)
     except (ValueError, binascii.Error, UnicodeEncodeError):
-        return mt.group(0)
+        return None
     try:
         return data.decode(charset, "replace")
     except LookupError:

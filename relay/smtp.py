@@ -20,6 +20,7 @@ from typing import Awaitable, Callable, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
+from relay import maillog
 from relay import message as m
 from relay import replies
 from relay.auth import Authenticator
@@ -353,7 +354,7 @@ class SubmissionHandler(SessionTracking):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("CRM lookup failed, answered 451: %s", type(exc).__name__)
+            log.error("CRM lookup failed, answered 451: %s", maillog.error(exc))
             return replies.TEMP_FAILURE
         facts = MessageFacts(
             user_addresses=self.config.user_addresses,
@@ -395,12 +396,14 @@ class SubmissionHandler(SessionTracking):
             raise
         except Exception as exc:
             if transient(exc):
-                log.error("spool commit failed, answered 451: %s: %s", type(exc).__name__, exc)
+                log.error("spool commit failed, answered 451: %s", maillog.error(exc))
                 return replies.TEMP_FAILURE
-            log.error("message from %s could not be stored, answered 554: %s: %s", user.name,
-                      type(exc).__name__, exc)
+            log.error("message from %s could not be stored, answered 554: %s", user.name, maillog.error(exc))
             return replies.UNSTORABLE
         self.accepted += 1
+        maillog.log.info("queue_id=%d status=accepted user=%s client=%s size=%d recipients=%d message_id=%s",
+                         pk, user.name, entry.client_ip or "-", len(spooled), len(entry.recipients),
+                         maillog.quoted(entry.message_id))
         if handing_over:
             self.handoff.take(pk, entry, copy_ids)
         self.on_accepted(entry.log, bool(handing_over))
@@ -414,7 +417,7 @@ class SubmissionHandler(SessionTracking):
                 f"with {proto};\r\n\t{formatdate(localtime=False, usegmt=True)}").encode()
 
     async def handle_exception(self, error: Exception) -> str:
-        log.error("SMTP session error: %s", type(error).__name__, exc_info=(type(error), error, None))
+        log.error("SMTP session error: %s", maillog.error(error), exc_info=(type(error), error, None))
         return replies.TEMP_FAILURE
 
 

@@ -331,3 +331,68 @@ async def test_an_idn_recipient_domain_is_checked_with_idna_2008(relay, sink):
     assert (await cmd("RCPT TO:<kunde@☃.net>".encode())).startswith(b"553 5.1.3")  # not IDNA 2008
     w.close()
 
+
+
+async def test_the_mail_log_has_an_accepted_line_with_the_250s_queue_id(relay, sink, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="trackrelay.mail")
+    await relay.start()
+    c = await client(relay.port)
+    _, reply = await c.sendmail("alice@example.com", ["carol@ext.test", "dave@ext.test"],
+                                simple_message(extra="Message-ID: <log1@example.com>\r\n"))
+    await c.quit()
+    queue_id = reply.rsplit(" ", 1)[1]
+    lines = [r.getMessage() for r in caplog.records if r.name == "trackrelay.mail"]
+    (accepted,) = [ln for ln in lines if f"queue_id={queue_id} status=accepted" in ln]
+    assert "user=alice client=127.0.0.1" in accepted and "recipients=2" in accepted
+    assert 'message_id="<log1@example.com>"' in accepted
+    assert "carol" not in accepted
+
+
+_WORD_CHARSETS = ["utf-8", "iso-8859-1", "iso-8859-15", "windows-1252", "koi8-r", "big5", "gb2312",
+                  "shift_jis", "euc-kr", "utf-16"]
+
+
+def test_decoded_headers_agree_with_the_email_packages_policy_default():
+    """For well-formed RFC 2047 text, ``message.decoded`` reads what ``email`` with
+    ``policy.default`` reads; for any bytes at all it never raises and gives storable text."""
+    from email.headerregistry import HeaderRegistry
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from relay import message as m
+    registry = HeaderRegistry()
+
+    @st.composite
+    def encoded_words(draw):
+        charset = draw(st.sampled_from(_WORD_CHARSETS))
+        text = draw(st.text(st.characters(codec=None, exclude_categories=("Cs", "Cc")), min_size=1, max_size=12))
+        try:
+            data = text.encode(charset)
+        except UnicodeEncodeError:
+            data = text.encode("utf-8")
+            charset = "utf-8"
+        if draw(st.booleans()):
+            import base64
+            return f"=?{charset}?b?{base64.b64encode(data).decode()}?="
+        q = "".join(chr(b) if chr(b).isascii() and chr(b).isalnum() else f"={b:02X}" for b in data)
+        return f"=?{charset}?q?{q}?="
+
+    @given(st.lists(st.one_of(encoded_words(), st.from_regex(r"[A-Za-z0-9]{1,8}", fullmatch=True)),
+                    min_size=1, max_size=5))
+    @settings(max_examples=300, deadline=None)
+    def agree(parts):
+        value = " ".join(parts)
+        assert m.decoded(value) == str(registry("subject", value))
+
+    @given(st.binary(max_size=200))
+    @settings(max_examples=300, deadline=None)
+    def storable(data):
+        value = data.decode("utf-8", "surrogateescape").replace("\r", "").replace("\n", "")
+        out = m.decoded(value)
+        out.encode("utf-8")
+        assert "\x00" not in out
+
+    agree()
+    storable()

@@ -139,6 +139,7 @@ class NeverLogSection:
 class LogSection:
     level: str = "info"
     format: str = "text"
+    recipients: str = "domain"
 
 
 @dataclass(frozen=True)
@@ -470,6 +471,8 @@ def _validate(c: Config, src: str) -> None:
         bad("log.level", f"must be debug, info, warning or error, got {c.log.level!r}")
     if c.log.format not in ("text", "json"):
         bad("log.format", f"must be text or json, got {c.log.format!r}")
+    if c.log.recipients not in ("full", "domain", "none"):
+        bad("log.recipients", f"must be full, domain or none, got {c.log.recipients!r}")
     names: set[str] = set()
     for i, u in enumerate(c.users):
         where = f"users[{i}]"
