@@ -1,18 +1,26 @@
 """Instrumentation cost, measured in one run:
 
-- throughput (MB/s of HTML) of parse + render for 10 KB, 100 KB and 1 MB HTML bodies, beside a
-  plain lxml parse + serialize of the same HTML;
+- the HTML scanner alone and parse + render (MB/s of HTML), the standard-conformant scanner side by
+  side with the scanner of an older revision (``--old-rev``, default the last one before it; loaded
+  from ``git show REV:relay/html_scan.py`` into a temporary module, never kept in the package),
+  rounds alternating and best of rounds kept, for 10 KB, 100 KB and 1 MB of link-dense HTML and for
+  the real-world templates in ../shared/corpus/html (when present); beside a plain lxml parse +
+  serialize of the same HTML;
 - the cost of 100 recipients' copies against 1 (one parse, then splicing per copy);
 - peak memory (tracemalloc) rendering a message with a 50 MB attachment.
 
-    .venv/bin/python bench/instrument_bench.py
+    .venv/bin/python bench/instrument_bench.py [--old-rev 677fa6e] [--rounds 5]
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -21,8 +29,13 @@ import lxml.html
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay import instrument  # noqa: E402
+from relay import html_scan, instrument  # noqa: E402
 from trackrelay.links import Keyring  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "corpus" / "html"
+#: main's commit before the standard-conformant scanner
+OLD_REV = "677fa6e"
 
 PUBLIC = "https://t.example.com"
 KEYS = Keyring.from_strings(["bench-key-0123456789abcdef"])
@@ -66,16 +79,75 @@ def timeit(fn, min_time: float = 1.0) -> float:
             return elapsed / n
 
 
+def old_scanner(rev: str):
+    """The scanner of revision ``rev`` as a temporary module, adapted to what instrument expects."""
+    source = subprocess.run(["git", "show", f"{rev}:relay/html_scan.py"], cwd=ROOT, check=True,
+                            capture_output=True).stdout
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "old_html_scan.py"
+        path.write_bytes(source)
+        spec = importlib.util.spec_from_file_location("old_html_scan", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["old_html_scan"] = module
+        spec.loader.exec_module(module)
+
+    def scan(text: str, prefix: str):
+        sc = module.scan(text, prefix)
+        for link in sc.links:
+            link.reason = getattr(link, "reason", None)
+        sc.ambiguous_from = getattr(sc, "ambiguous_from", None)
+        return sc
+    return scan
+
+
+def best(fns: dict, rounds: int, min_time: float = 0.3) -> dict:
+    """Seconds per call of each function: rounds alternate between them (the order too), best kept."""
+    out = {k: float("inf") for k in fns}
+    keys = list(fns)
+    for r in range(rounds):
+        for k in (keys if r % 2 == 0 else keys[::-1]):
+            out[k] = min(out[k], timeit(fns[k], min_time))
+    return out
+
+
 def main() -> None:
-    print("| HTML size | trackrelay parse+render MB/s | lxml parse+serialize MB/s | ratio |")
-    print("|---|---:|---:|---:|")
-    for size in (10_000, 100_000, 1_000_000):
-        html = html_of(size)
-        raw = message_of(html)
-        ours = timeit(lambda: instrument.render(instrument.parse(raw, PUBLIC), plan("T" * 27)))
-        theirs = timeit(lambda: lxml.html.tostring(lxml.html.document_fromstring(html)))
-        mb = len(html.encode()) / 1e6
-        print(f"| {size // 1000} KB | {mb / ours:.1f} | {mb / theirs:.1f} | {theirs / ours:.2f} |")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--old-rev", default=OLD_REV)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    old_scan, new_scan = old_scanner(args.old_rev), html_scan.scan
+
+    def copy(raw: bytes, scanner):
+        instrument.scan = scanner
+        try:
+            return instrument.render(instrument.parse(raw, PUBLIC), plan("T" * 27))
+        finally:
+            instrument.scan = new_scan
+
+    cases = [(f"{size // 1000} KB", html_of(size)) for size in (10_000, 100_000, 1_000_000)]
+    if CORPUS.is_dir():
+        files = sorted(CORPUS.glob("*.htm*"))
+        templates = [p.read_bytes().decode("utf-8", "replace") for p in files]
+        cases.append((f"corpus ({len(files)} templates)", templates))
+    print(f"Scanner of {args.old_rev} (old) and of this tree (new); MB/s of HTML, best of {args.rounds} "
+          "alternating rounds.\n")
+    print("| HTML | scan old MB/s | scan new MB/s | new/old speed | parse+render old MB/s | parse+render new MB/s "
+          "| new/old speed | lxml parse+serialize MB/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, html in cases:
+        docs = html if isinstance(html, list) else [html]
+        raws = [message_of(h) for h in docs]
+        mb = sum(len(h.encode()) for h in docs) / 1e6
+        t = best({
+            "scan_old": lambda: [old_scan(h, PUBLIC + "/o/") for h in docs],
+            "scan_new": lambda: [new_scan(h, PUBLIC + "/o/") for h in docs],
+            "copy_old": lambda: [copy(r, old_scan) for r in raws],
+            "copy_new": lambda: [copy(r, new_scan) for r in raws],
+            "lxml": lambda: [lxml.html.tostring(lxml.html.document_fromstring(h)) for h in docs],
+        }, args.rounds)
+        print(f"| {label} | {mb / t['scan_old']:.1f} | {mb / t['scan_new']:.1f} | "
+              f"{t['scan_old'] / t['scan_new']:.2f} | {mb / t['copy_old']:.1f} | {mb / t['copy_new']:.1f} | "
+              f"{t['copy_old'] / t['copy_new']:.2f} | {mb / t['lxml']:.1f} |")
 
     raw = message_of(html_of(17_000))
     t_parse = timeit(lambda: instrument.parse(raw, PUBLIC))

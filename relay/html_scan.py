@@ -59,17 +59,20 @@ _ATTRS = (r"(?:[\t\n\f\r /]++"
           r"(?>[\t\n\f\r ]*+(?:=[\t\n\f\r ]*+(?>\"[^\"]*+\"|'[^']*+'|[^\t\n\f\r >\"'][^\t\n\f\r >]*+|(?=>))"
           r"|(?!=))))*+")
 _TAG = re.compile(r"<(/?+)([A-Za-z][^\t\n\f\r />]*+)(" + _ATTRS + ")>")
-_ATTR = re.compile(r"[\t\n\f\r /]++|([^\t\n\f\r />][^\t\n\f\r />=]*+)"
+_ATTR = re.compile(r"[\t\n\f\r /]*+([^\t\n\f\r />][^\t\n\f\r />=]*+)"
                    r"(?>[\t\n\f\r ]*+(?:=[\t\n\f\r ]*+(?>\"([^\"]*+)\"|'([^']*+)'|([^\t\n\f\r >\"'][^\t\n\f\r >]*+)|(?=>()))"
                    r"|(?!=)))")
 
 _RAW = ("script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes", "noscript", "plaintext")
 _INTERESTING = ("a", "area", "img", "body", "svg", "math", "select", "frameset") + _RAW
-# Runs of text and of uninteresting tags (each tokenized to its real end), skipped in the regex
-# engine; it stops at an interesting tag, a comment or other markup declaration, or the end.
-_SKIP_HTML = re.compile(r"(?:[^<]++|<(?![A-Za-z/!?])|</?+(?!(?:" + "|".join(_INTERESTING) + r")[\t\n\f\r />])"
-                        r"[A-Za-z][^\t\n\f\r />]*+" + _ATTRS + ">)*+", _F)
-_SKIP_TEXT = re.compile(r"(?:[^<]++|<(?![A-Za-z/!?]))*+")
+# One step of the scan: runs of text and of uninteresting tags (each tokenized to its real end) are
+# skipped inside the regex engine, up to an interesting tag (matched too; groups: '/', name,
+# attribute area), a comment or other markup declaration, or the end. In foreign content every tag
+# is interesting.
+_TAG_AFTER = r"(?:<(/?+)([A-Za-z][^\t\n\f\r />]*+)(" + _ATTRS + ")>)?"
+_STEP_HTML = re.compile(r"(?:[^<]++|<(?![A-Za-z/!?])|</?+(?!(?:" + "|".join(_INTERESTING) + r")[\t\n\f\r />])"
+                        r"[A-Za-z][^\t\n\f\r />]*+" + _ATTRS + ">)*+" + _TAG_AFTER, _F)
+_STEP_FOREIGN = re.compile(r"(?:[^<]++|<(?![A-Za-z/!?]))*+" + _TAG_AFTER)
 _COMMENT_CLOSE = re.compile(r"--!?>")
 _RAW_CLOSE = {name: re.compile(rf"</{name}[\t\n\f\r />]", _F) for name in _RAW}
 _SCRIPT_DATA = re.compile(r"<!--|</script[\t\n\f\r />]", _F)
@@ -100,7 +103,7 @@ _INVISIBLE = re.compile(r"<!--.*?(?:-->|\Z)|<(script|style|title)\b.*?(?:</\1\s*
                         re.S | re.I)
 
 
-@dataclass
+@dataclass(slots=True)
 class Attr:
     name: str  # ASCII lower-case
     start: int  # span of the whole attribute (name=value) in the text
@@ -110,7 +113,7 @@ class Attr:
     value_end: int = -1
 
 
-@dataclass
+@dataclass(slots=True)
 class Link:
     tag_start: int
     href: Attr
@@ -153,6 +156,27 @@ def _numeric(digits: str, base: int) -> str:
     return _C1.get(n) or chr(n)
 
 
+def _ref(mt: re.Match) -> str:
+    cand = mt.group(3)
+    if cand is None:
+        return _numeric(mt.group(1), 16) if mt.group(1) is not None else _numeric(mt.group(2), 10)
+    if cand[-1] == ";" and cand in _ENTITIES:
+        return _ENTITIES[cand]
+    k = len(cand) if len(cand) < _LONGEST_ENTITY else _LONGEST_ENTITY
+    while k:
+        name = cand[:k]
+        if name in _ENTITIES:
+            break
+        k -= 1
+    else:
+        return mt.group(0)  # no such reference: kept as written
+    if not name.endswith(";"):
+        nxt = cand[k] if k < len(cand) else mt.string[mt.end():mt.end() + 1]
+        if nxt == "=" or (nxt.isascii() and nxt.isalnum()):
+            return mt.group(0)  # a legacy name without ';' before '=' or alphanumeric: as written
+    return _ENTITIES[name] + cand[k:]
+
+
 def decode_attribute(raw: str) -> str:
     """An attribute value as the tokenizer produces it from its source text."""
     if "\r" in raw:
@@ -161,26 +185,9 @@ def decode_attribute(raw: str) -> str:
         raw = raw.replace("\0", "\ufffd")
     if "&" not in raw:
         return raw
-
-    def ref(mt: re.Match) -> str:
-        if mt.group(1) is not None:
-            return _numeric(mt.group(1), 16)
-        if mt.group(2) is not None:
-            return _numeric(mt.group(2), 10)
-        cand = mt.group(3)
-        for k in range(min(len(cand), _LONGEST_ENTITY), 0, -1):
-            name = cand[:k]
-            if name in _ENTITIES:
-                break
-        else:
-            return mt.group(0)  # no such reference: kept as written
-        if not name.endswith(";"):
-            nxt = cand[k] if k < len(cand) else raw[mt.end():mt.end() + 1]
-            if nxt == "=" or (nxt.isascii() and nxt.isalnum()):
-                return mt.group(0)  # a legacy name without ';' before '=' or alphanumeric: as written
-        return _ENTITIES[name] + cand[k:]
-
-    return _CHARREF.sub(ref, raw)
+    if raw.count("&") == raw.count("&amp;"):
+        return raw.replace("&amp;", "&")
+    return _CHARREF.sub(_ref, raw)
 
 
 _URL_STRIP = "".join(map(chr, range(0x21)))
@@ -189,27 +196,24 @@ _URL_TAB_NL = re.compile(r"[\t\n\r]")
 
 def url_of(value: str) -> str:
     """What a browser's URL parser takes from an href value (before resolving it)."""
+    if value and value[0] > " " and value[-1] > " " and "\t" not in value and "\n" not in value \
+            and "\r" not in value:
+        return value
     return _URL_TAB_NL.sub("", value).strip(_URL_STRIP)
 
 
 # --- the scan --------------------------------------------------------------------------------------
 
-def _lower(name: str) -> str:
-    return name.translate(_LOWER)
-
-
 def _attrs(text: str, start: int, end: int) -> list[Attr]:
     """Every attribute of a tag whose attribute area is text[start:end] (end: just before '>')."""
     out = []
     for mt in _ATTR.finditer(text, start, end + 1):
-        if mt.group(1) is None:
-            continue
-        g = 2 if mt.group(2) is not None else 3 if mt.group(3) is not None else \
-            4 if mt.group(4) is not None else 5 if mt.group(5) is not None else 0
-        if g:
-            out.append(Attr(_lower(mt.group(1)), mt.start(), mt.end(), mt.group(g), mt.start(g), mt.end(g)))
+        g = mt.lastindex  # the value's group (2-5: double, single quoted, unquoted, missing), or 1
+        if g > 1:
+            out.append(Attr(mt.group(1).translate(_LOWER), mt.start(1), mt.end(), mt.group(g), mt.start(g), mt.end(g)))
         else:
-            out.append(Attr(_lower(mt.group(1)), mt.start(), mt.end(1), "", mt.end(1), mt.end(1)))
+            e = mt.end(1)
+            out.append(Attr(mt.group(1).translate(_LOWER), mt.start(1), e, "", e, e))
     return out
 
 
@@ -224,7 +228,7 @@ def _self_closing(text: str, start: int, end: int) -> bool:
     last = None
     for last in _ATTR.finditer(text, start, end + 1):
         pass
-    return last is not None and last.group(1) is None
+    return last is None or last.end() < end  # the '/' is not the end of an unquoted value
 
 
 def _opted_out(a: Attr) -> bool:
@@ -299,49 +303,55 @@ def scan(text: str, pixel_prefix: str) -> Scan:
             s.ambiguous_from = at
 
     while True:
-        pos = (_SKIP_TEXT if mode == _FOREIGN else _SKIP_HTML).match(text, pos).end()
-        if noscript_end is not None and pos > noscript_end:
+        mt = (_STEP_HTML if mode != _FOREIGN else _STEP_FOREIGN).match(text, pos)
+        raw_name = mt.group(2)
+        if raw_name is None:  # no tag here: other markup, a tag left open at the end, or the end
+            pos = mt.end()
+            if noscript_end is not None and pos > noscript_end:
+                ambiguous(noscript_end)
+                noscript_end = None
+            if pos >= n:
+                break
+            c = text[pos + 1] if pos + 1 < n else ""
+            if c == "!":
+                if text.startswith("--", pos + 2):
+                    pos = _comment_end(text, pos)
+                    continue
+                if mode != _HTML and text.startswith("[CDATA[", pos + 2):
+                    if mode == _UNSURE:
+                        ambiguous(pos)
+                    end = text.find("]]>", pos + 9)
+                    pos = n if end < 0 else end + 3
+                    continue
+                end = text.find(">", pos + 2)  # DOCTYPE, bogus comment, CDATA in HTML content
+                pos = n if end < 0 else end + 1
+            elif c == "?":
+                end = text.find(">", pos + 2)  # bogus comment
+                pos = n if end < 0 else end + 1
+            elif c == "/":
+                c = text[pos + 2] if pos + 2 < n else ""
+                if c == "":
+                    break  # '</' at the end: text
+                if c.isascii() and c.isalpha():
+                    break  # an end tag left open at the end: dropped, as the standard drops it
+                if c == ">":
+                    pos += 3  # '</>': nothing
+                    continue
+                end = text.find(">", pos + 2)  # bogus comment
+                pos = n if end < 0 else end + 1
+            elif c.isascii() and c.isalpha():
+                break  # a start tag left open at the end: dropped, as the standard drops it
+            else:
+                pos += 1  # a '<' that is text
+            continue
+
+        lt = mt.start(1) - 1
+        pos = end = mt.end()
+        if noscript_end is not None and lt > noscript_end:
             ambiguous(noscript_end)
             noscript_end = None
-        if pos >= n:
-            break
-        c = text[pos + 1] if pos + 1 < n else ""
-        if c == "!":
-            if text.startswith("--", pos + 2):
-                pos = _comment_end(text, pos)
-                continue
-            if text.startswith("[CDATA[", pos + 2) and mode != _HTML:
-                if mode == _UNSURE:
-                    ambiguous(pos)
-                end = text.find("]]>", pos + 9)
-                pos = n if end < 0 else end + 3
-                continue
-            end = text.find(">", pos + 2)  # DOCTYPE, bogus comment, CDATA in HTML content
-            pos = n if end < 0 else end + 1
-            continue
-        if c == "?":
-            end = text.find(">", pos + 2)
-            pos = n if end < 0 else end + 1
-            continue
-        if c == "/" and not (pos + 2 < n and text[pos + 2].isascii() and text[pos + 2].isalpha()):
-            if pos + 2 >= n:
-                break  # '</' at the end: text
-            if text[pos + 2] == ">":
-                pos += 3  # '</>': nothing
-                continue
-            end = text.find(">", pos + 2)  # bogus comment
-            pos = n if end < 0 else end + 1
-            continue
-        if not (c == "/" or (c.isascii() and c.isalpha())):
-            pos += 1  # a '<' that is text (only reached in foreign content)
-            continue
-        mt = _TAG.match(text, pos)
-        if mt is None:
-            break  # the rest is one unterminated tag, which the standard drops
-        lt, end = pos, mt.end()
-        pos = end
-        closing = bool(mt.group(1))
-        name = _lower(mt.group(2))
+        closing = mt.group(1)
+        name = raw_name if raw_name.islower() else raw_name.translate(_LOWER)
         a_start, a_end = mt.start(3), mt.end(3)
 
         if mode == _FOREIGN:
@@ -368,32 +378,30 @@ def scan(text: str, pixel_prefix: str) -> Scan:
             else:
                 if not _self_closing(text, a_start, a_end):
                     foreign.append(name)
-                if name in ("a", "area"):
+                if name == "a" or name == "area":
                     open_link = _link(s, text, lt, end, name, a_start, a_end, open_link, None)
                 continue
 
         # HTML content (or _UNSURE: HTML, but maybe inside foreign content)
-        if closing:
-            if name == "a":
+        if name == "a":
+            if closing:
                 if open_link is not None:
                     open_link.text_end = lt
                     open_link = None
-            elif name == "body":
+            else:
+                open_link = _link(s, text, lt, end, name, a_start, a_end, open_link,
+                                  IN_SELECT if in_select else None)
+        elif closing:
+            if name == "body":
                 s.body_close_start = lt
             elif name == "select":
                 in_select = False
             elif name == "noscript" and noscript_end == lt:
                 noscript_end = None
-                if mode == _FOREIGN:
-                    mode = _UNSURE
-                    foreign.clear()
-            continue
-        if name in ("a", "area"):
-            open_link = _link(s, text, lt, end, name, a_start, a_end, open_link,
-                              IN_SELECT if in_select else None)
+        elif name == "area":
+            open_link = _link(s, text, lt, end, name, a_start, a_end, open_link, IN_SELECT if in_select else None)
         elif name == "img":
-            attrs = _attrs(text, a_start, a_end)
-            src = _first(attrs, "src")
+            src = _first(_attrs(text, a_start, a_end), "src")
             if src is not None and url_of(decode_attribute(src.value or "")).startswith(pixel_prefix):
                 s.old_pixels.append((lt, end))
             else:
@@ -401,7 +409,7 @@ def scan(text: str, pixel_prefix: str) -> Scan:
         elif name == "body":
             if s.body_open_end is None:
                 s.body_open_end = end
-        elif name in ("svg", "math"):
+        elif name == "svg" or name == "math":
             if in_select:
                 ambiguous(lt)
             if mode == _HTML and not _self_closing(text, a_start, a_end):
@@ -421,8 +429,7 @@ def scan(text: str, pixel_prefix: str) -> Scan:
             if mode == _UNSURE or (in_select and name != "script"):
                 ambiguous(lt)
             if name == "plaintext":
-                pos = n
-                continue
+                break
             if name == "script":
                 close = _script_end(text, end)
             else:
@@ -449,18 +456,33 @@ def _link(s: Scan, text: str, lt: int, end: int, name: str, a_start: int, a_end:
     if name == "a" and open_link is not None:  # an unclosed <a>: the new one closes it
         open_link.text_end = lt
         open_link = None
-    attrs = _attrs(text, a_start, a_end)
-    href = _first(attrs, "href")
+    href = None
+    opt_names: list[str] = []
+    opt_attrs: list[Attr] = []
+    for mt in _ATTR.finditer(text, a_start, a_end + 1):
+        an = mt.group(1)
+        if not an.islower():
+            an = an.translate(_LOWER)
+        if an == "href":
+            if href is None:  # of a duplicate, the first wins
+                g = mt.lastindex
+                if g > 1:
+                    href = Attr(an, mt.start(1), mt.end(), mt.group(g), mt.start(g), mt.end(g))
+                else:
+                    e = mt.end(1)
+                    href = Attr(an, mt.start(1), e, "", e, e)
+        elif an in OPT_OUT:
+            g = mt.lastindex
+            opt_attrs.append(Attr(an, mt.start(1), mt.end() if g > 1 else mt.end(1), mt.group(g) if g > 1 else ""))
+            if an not in opt_names:
+                opt_names.append(an)
     if href is None:
         return open_link
-    seen: set[str] = set()
     opt_out = []
-    for a in attrs:
-        if a.name in OPT_OUT and a.name not in seen:
-            seen.add(a.name)
-            if _opted_out(a):  # the first of a name decides; every one of that name is removed
-                opt_out += [b for b in attrs if b.name == a.name]
-    value = decode_attribute(href.value or "")
+    for on in opt_names:  # the first of a name decides; every one of that name is removed
+        if _opted_out(next(a for a in opt_attrs if a.name == on)):
+            opt_out += [a for a in opt_attrs if a.name == on]
+    value = decode_attribute(href.value)
     link = Link(lt, href, url_of(value), opt_out, tag=name, value=value, reason=reason)
     s.links.append(link)
     if name == "a":
