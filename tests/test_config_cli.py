@@ -54,6 +54,16 @@ def test_config_error_is_one_line_naming_file_and_key(tmp_path, text, key, words
     assert str(path) in lines[0] and f": {key}: " in lines[0] and words in lines[0], lines[0]
 
 
+def test_config_error_is_the_same_with_c_after_the_command_word(tmp_path):
+    """README's form: `trackrelay check-config -c FILE`."""
+    path = write(tmp_path, "[relay]\nmax_recipients = \"ten\"\n")
+    before, after = run_cli("-c", str(path), "check-config"), run_cli("check-config", "-c", str(path))
+    assert before.returncode == after.returncode == 1
+    assert before.stderr == after.stderr and ": relay.max_recipients: " in after.stderr
+    ok = run_cli("check-config", "-c", str(ROOT / "config.example.toml"))
+    assert ok.returncode == 0 and ok.stdout == f"{ROOT / 'config.example.toml'}: OK\n"
+
+
 def test_secret_from_environment_variable(tmp_path):
     cfg = config_mod.from_dict({"upstream": {"url": "smtp://h:25", "username": "u", "password_env": "UP_PW"}},
                                "x.toml", env={"UP_PW": "hunter2"})
