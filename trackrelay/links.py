@@ -163,8 +163,9 @@ class Unrepresentable(ValueError):
 #: What the URL standard strips from both ends of an address: C0 controls and space.
 _C0_SPACE = "".join(map(chr, range(0x21)))
 _CTL = re.compile(r"[\x00-\x1f\x7f]")
-_SCHEME = re.compile(r"https?:", re.IGNORECASE)
-_AUTHORITY_END = re.compile(r"[/\\?#]")
+#: Scheme, authority (after any run of slashes and backslashes), the rest: as the URL standard
+#: splits a special URL.
+_SPLIT = re.compile(r"(https?:)[/\\]*([^/\\?#]*)(.*)", re.IGNORECASE | re.DOTALL)
 _PORT = re.compile(r"[0-9]*")
 #: The URL standard's forbidden domain code points (C0 controls and DEL are refused before).
 _FORBIDDEN_IN_HOST = re.compile(r"[ #%/:<>?@\[\\\]^|]")
@@ -214,25 +215,24 @@ def _rebuild(target: str) -> str:
     s = target.strip(_C0_SPACE)
     if _CTL.search(s) or _CONTROL.search(target):  # the tracker refuses CR, LF and NUL anywhere
         raise Unrepresentable("a control character (tab, line break) inside the address")
-    if not _SCHEME.match(s) or not is_http_url(s):
+    m = _SPLIT.match(s)
+    if m is None or not is_http_url(s):
         raise Unrepresentable("not an http(s) address")
-    scheme_end = start = s.index(":") + 1
-    while start < len(s) and s[start] in "/\\":
-        start += 1
-    end_m = _AUTHORITY_END.search(s, start)
-    end = end_m.start() if end_m else len(s)
-    authority = s[start:end]
+    scheme, authority, rest = m.groups()
     at = authority.rfind("@")
-    hostport = authority[at + 1:]
-    inside, colon = False, -1
-    for i, c in enumerate(hostport):
-        if c == "[":
-            inside = True
-        elif c == "]":
-            inside = False
-        elif c == ":" and not inside:
-            colon = i
-            break
+    hostport = authority[at + 1:] if at >= 0 else authority
+    if "[" in hostport:  # a colon inside brackets does not start the port
+        inside, colon = False, -1
+        for i, c in enumerate(hostport):
+            if c == "[":
+                inside = True
+            elif c == "]":
+                inside = False
+            elif c == ":" and not inside:
+                colon = i
+                break
+    else:
+        colon = hostport.find(":")
     host = hostport if colon < 0 else hostport[:colon]
     if colon >= 0:
         port = hostport[colon + 1:]
@@ -245,10 +245,10 @@ def _rebuild(target: str) -> str:
         return s
     try:
         userinfo = _pct(authority[:at + 1])
-        rest = _pct(s[end:])
+        rest = _pct(rest)
     except UnicodeEncodeError:
         raise Unrepresentable("not valid Unicode (a lone surrogate)") from None
-    return f"{s[:scheme_end]}//{userinfo}{host_ascii}{hostport[len(host):]}{rest}"
+    return f"{scheme}//{userinfo}{host_ascii}{hostport[len(host):]}{rest}"
 
 
 def _pct(text: str) -> str:
@@ -302,13 +302,12 @@ def _ipv4_number(part: str) -> int | None:
 
 
 def _ends_in_number(name: str) -> bool:
-    parts = name.split(".")
-    if parts[-1] == "":
-        if len(parts) == 1:
-            return False
-        parts.pop()
-    last = parts[-1]
-    return bool(last) and (last.isascii() and last.isdigit() or _ipv4_number(last) is not None)
+    """The URL standard's "ends in a number": the last label (a trailing dot aside) is decimal
+    digits or 0x hex, so the host must be an IPv4 address."""
+    return _LAST_LABEL_NUMBER.search(name) is not None
+
+
+_LAST_LABEL_NUMBER = re.compile(r"(?:^|\.)(?:[0-9]+|0[xX][0-9A-Fa-f]*)\.?\Z")
 
 
 def _ipv4(name: str) -> bool:
