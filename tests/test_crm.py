@@ -480,3 +480,17 @@ async def test_inbound_bounce_from_mailer_daemon_is_neither_logged_nor_a_contact
     assert [(a, t) for a, t, _ in rows] == [("dave@ext.test", "bounced")] and "qmail; status 5.1.1" in rows[0][2]
     assert await relay.rows("SELECT id FROM logged_emails WHERE direction = 'incoming'") == []
     assert await relay.rows("SELECT email FROM contacts WHERE email LIKE 'mailer-daemon%'") == []
+
+
+async def test_never_log_entries_for_idn_domains_are_idna_2008(relay, sink):
+    # IDNA 2003 made faß.de into fass.de: another domain, whose mail would then go unlogged.
+    await start(relay)
+    status, body = await call(relay, "POST", "/never-log", json={"entries": ["*@faß.de"]})
+    assert status == 201 and body["added"] == ["*@xn--fa-hia.de"]
+    for bad in ("*@💩.la", "*@xn--ls8h.la"):  # emoji are not IDNA 2008
+        status, body = await call(relay, "POST", "/never-log", json={"entries": [bad]})
+        assert status == 400 and "not a valid domain" in body["error"]["message"], bad
+    await send(relay, ["x@xn--fa-hia.de", "x@fass.de"])
+    await sink.wait_for(2)
+    reasons = dict(await relay.rows("SELECT address, reasons FROM recipients"))
+    assert "never_log" in str(reasons["x@xn--fa-hia.de"]) and "never_log" not in str(reasons["x@fass.de"])
