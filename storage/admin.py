@@ -283,9 +283,9 @@ async def show(session: AsyncSession, message_pk: int) -> dict | None:
     for rid, kind, at, reason in attempts:
         by_copy.setdefault(rid, []).append({"at": _iso(at), "outcome": kind, "reply": reason})
     headers = None
-    if raw is not None:
-        from relay import message as m
-        headers = raw[:m.header_end(raw)].decode("utf-8", "replace").rstrip("\r\n")
+    if raw is not None:  # the spooled form is CRLF throughout: the head ends at the first empty line
+        end = raw.find(b"\r\n\r\n")
+        headers = raw[:end if end >= 0 else len(raw)].decode("utf-8", "replace")
     return {
         "id": msg.id, "kind": msg.kind, "message_id": msg.message_id, "user": msg.user,
         "envelope": {"mail_from": msg.mail_from, "rcpt_to": [r.address for r in rcpts]},
