@@ -157,4 +157,5 @@ class AsyncAuth:
         assert self._auth_pending is not None
         mechanism, auth_data = self._auth_pending
         self._auth_pending = None
-        return await self._authenticator.authenticate(self, self.session, mechanism, auth_data)  # type: ignore[attr-defined]
+        authenticator = self._authenticator  # type: ignore[attr-defined]
+        return await authenticator.authenticate(self, self.session, mechanism, auth_data)  # type: ignore[attr-defined]

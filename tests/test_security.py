@@ -14,7 +14,6 @@ import dataclasses
 import re
 import statistics
 import time
-from pathlib import Path
 
 import aiohttp
 import argon2
@@ -196,6 +195,7 @@ async def test_unknown_and_known_names_take_the_same_time(relay, sink):
                 times[name].append(time.perf_counter() - t)
             writer.close()
     known, unknown = statistics.median(times["alice"]), statistics.median(times["nobody-here"])
+    print(f"AUTH failure medians: known name {known * 1e3:.1f} ms, unknown {unknown * 1e3:.1f} ms")
     assert abs(known - unknown) / known < 0.20, (known, unknown)
     assert known > 0.005  # both paid for a real hash
 
@@ -221,11 +221,11 @@ async def test_50000_distinct_user_names_keep_the_tables_bounded(relay, sink):
             await writer.drain()
             for _ in range(n):
                 line = await asyncio.wait_for(reader.readline(), 20)
-                assert line[:3] in (b"535", b"454"), line
+                assert line.startswith(b"535 5.7.8"), line
             writer.close()
             done += n
 
-    await run(0, 4000)  # warm: code paths, the thread pool, the table at its bound
+    await run(0, 400)  # warm the code paths and the thread pool (the table still has to grow)
     rss0 = _rss()
     checks0 = CHECKER.checks
     await run(10_000, 50_000)

@@ -23,8 +23,8 @@ from storage import crm as q
 from storage import feed
 from tracker_http import sessions
 from tracker_http.crm_api import attachment_response, contact_json, logged_json
-from tracker_http.state import CTX
 from tracker_http.netaddr import client_ip
+from tracker_http.state import CTX
 from trackrelay.attempts import Attempt, AttemptBudgets
 from trackrelay.config import User
 from trackrelay.passwords import CHECKER, Busy, hash_for
@@ -140,8 +140,8 @@ async def login(request: web.Request) -> web.Response:
         return again("Wrong user name or password.", 401)
     assert user is not None
     resp = web.HTTPSeeOther(nxt)
-    sessions.set_cookie(resp, await sessions.begin(ctx, user), secure=sessions.is_https(request, ctx.trusted_proxies),
-                        max_age=ctx.config.api.session_max_seconds)
+    sessions.set_cookie(resp, await sessions.begin(ctx, user), max_age=ctx.config.api.session_max_seconds,
+                        secure=sessions.is_https(request, ctx.trusted_proxies))
     resp.del_cookie(LOGIN_NONCE, path="/login")
     raise resp
 
