@@ -54,25 +54,48 @@ _WS = "\t\n\f\r "
 # name, attribute name, before attribute value, the three value states, self-closing start tag).
 # Possessive and atomic throughout, so it matches exactly one way; it only fails at the end of the
 # text (an unterminated tag or quoted value).
-_ATTRS = (r"(?:[\t\n\f\r /]++"
-          r"|[^\t\n\f\r />][^\t\n\f\r />=]*+"
-          r"(?>[\t\n\f\r ]*+(?:=[\t\n\f\r ]*+(?>\"[^\"]*+\"|'[^']*+'|[^\t\n\f\r >\"'][^\t\n\f\r >]*+|(?=>))"
-          r"|(?!=))))*+")
+_W, _NW = r"[\t\n\f\r ]", r"\t\n\f\r "
+# The attribute area of a tag, as the tokenizer's attribute states read it (before/after attribute
+# name, attribute name, before attribute value, the three value states, self-closing start tag):
+# each attribute with the whitespace or '/' before it, then what is left before '>'. Possessive
+# throughout, so it matches one way only; a quoted value left open runs to the end of the text,
+# where '>' then fails, as the standard drops a tag still open at the end.
+_ATTRS = (rf"(?:[{_NW}/]*+[^{_NW}/>][^{_NW}/>=]*+{_W}*+"
+          rf"(?:={_W}*+(?:\"[^\"]*+(?:\"|\Z)|'[^']*+(?:'|\Z)|[^{_NW}>\"'][^{_NW}>]*+)?+)?+)*+[{_NW}/]*+")
 _TAG = re.compile(r"<(/?+)([A-Za-z][^\t\n\f\r />]*+)(" + _ATTRS + ")>")
-_ATTR = re.compile(r"[\t\n\f\r /]*+([^\t\n\f\r />][^\t\n\f\r />=]*+)"
-                   r"(?>[\t\n\f\r ]*+(?:=[\t\n\f\r ]*+(?>\"([^\"]*+)\"|'([^']*+)'|([^\t\n\f\r >\"'][^\t\n\f\r >]*+)|(?=>()))"
-                   r"|(?!=)))")
+# One attribute (groups: name, then the value: double-quoted, single-quoted, unquoted, missing).
+_ATTR = re.compile(rf"[{_NW}/]*+([^{_NW}/>][^{_NW}/>=]*+)"
+                   rf"(?>{_W}*+(?:={_W}*+(?>\"([^\"]*+)\"|'([^']*+)'|([^{_NW}>\"'][^{_NW}>]*+)|(?=>()))|(?!=)))")
+
+
+
+def _first_attr(name: str) -> re.Pattern:
+    """A regex matching a tag's attribute area up to and including its first attribute ``name``
+    (groups as _ATTR's); the attributes before it are skipped inside the regex engine."""
+    value = rf"(?:={_W}*+(?:\"[^\"]*+\"|'[^']*+'|[^{_NW}>\"'][^{_NW}>]*+)?+)?+"
+    return re.compile(rf"(?:[{_NW}/]*+(?!{name}[{_NW}/>=])[^{_NW}/>][^{_NW}/>=]*+{_W}*+{value})*+[{_NW}/]*+"
+                      rf"({name})(?>{_W}*+(?:={_W}*+(?>\"([^\"]*+)\"|'([^']*+)'|([^{_NW}>\"'][^{_NW}>]*+)|(?=>()))"
+                      r"|(?!=)))", _F)
+
+
+_HREF = _first_attr("href")
+_SRC = _first_attr("src")
 
 _RAW = ("script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes", "noscript", "plaintext")
 _INTERESTING = ("a", "area", "img", "body", "svg", "math", "select", "frameset") + _RAW
 # One step of the scan: runs of text and of uninteresting tags (each tokenized to its real end) are
 # skipped inside the regex engine, up to an interesting tag (matched too; groups: '/', name,
-# attribute area), a comment or other markup declaration, or the end. In foreign content every tag
-# is interesting.
-_TAG_AFTER = r"(?:<(/?+)([A-Za-z][^\t\n\f\r />]*+)(" + _ATTRS + ")>)?"
-_STEP_HTML = re.compile(r"(?:[^<]++|<(?![A-Za-z/!?])|</?+(?!(?:" + "|".join(_INTERESTING) + r")[\t\n\f\r />])"
-                        r"[A-Za-z][^\t\n\f\r />]*+" + _ATTRS + ">)*+" + _TAG_AFTER, _F)
-_STEP_FOREIGN = re.compile(r"(?:[^<]++|<(?![A-Za-z/!?]))*+" + _TAG_AFTER)
+# attribute area), other markup the caller handles, or the end. In HTML content, comments (every
+# form: '<!-->', '<!--->', '-->', '--!>'), bogus comments, DOCTYPE and CDATA (a bogus comment
+# there) are skipped too; in foreign content every tag is interesting.
+_TEXT = r"[^<]++|<(?![A-Za-z/!?])"
+_OTHER_TAG = r"</?+(?!(?:" + "|".join(_INTERESTING) + rf")[{_NW}/>])[A-Za-z][^{_NW}/>]*+(?:>|" + _ATTRS + ">)"
+_DECLARATIONS = (r"<!--(?:-?>|(?:[^-]++|-(?!-!?>))*+(?:--!?>|\Z))|<!(?!--)[^>]*+(?:>|\Z)|<\?[^>]*+(?:>|\Z)"
+                 r"|</(?![A-Za-z>])[^>]++(?:>|\Z)|</>")
+_TAG_AFTER = rf"(?:<(/?+)([A-Za-z][^{_NW}/>]*+)(" + _ATTRS + ")>)?"
+_STEP_HTML = re.compile(rf"(?:{_TEXT}|{_OTHER_TAG}|{_DECLARATIONS})*+" + _TAG_AFTER, _F)
+_STEP_UNSURE = re.compile(rf"(?:{_TEXT}|{_OTHER_TAG})*+" + _TAG_AFTER, _F)
+_STEP_FOREIGN = re.compile(rf"(?:{_TEXT})*+" + _TAG_AFTER)
 _COMMENT_CLOSE = re.compile(r"--!?>")
 _RAW_CLOSE = {name: re.compile(rf"</{name}[\t\n\f\r />]", _F) for name in _RAW}
 _SCRIPT_DATA = re.compile(r"<!--|</script[\t\n\f\r />]", _F)
@@ -90,6 +113,7 @@ _LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz
 
 #: Attributes that opt a link out of click tracking (removed from the delivered copy).
 OPT_OUT = {"data-notrack", "clicktracking", "disable-tracking", "data-pm-no-track", "ses:no-track"}
+assert all("track" in name for name in OPT_OUT)  # _link's quick test before it reads every attribute
 
 #: Why a link is left untouched (Result.skipped carries these).
 IN_SELECT = "html: link inside <select>, which parsers read differently"
@@ -303,7 +327,7 @@ def scan(text: str, pixel_prefix: str) -> Scan:
             s.ambiguous_from = at
 
     while True:
-        mt = (_STEP_HTML if mode != _FOREIGN else _STEP_FOREIGN).match(text, pos)
+        mt = (_STEP_HTML if mode == _HTML else _STEP_FOREIGN if mode == _FOREIGN else _STEP_UNSURE).match(text, pos)
         raw_name = mt.group(2)
         if raw_name is None:  # no tag here: other markup, a tag left open at the end, or the end
             pos = mt.end()
@@ -401,8 +425,9 @@ def scan(text: str, pixel_prefix: str) -> Scan:
         elif name == "area":
             open_link = _link(s, text, lt, end, name, a_start, a_end, open_link, IN_SELECT if in_select else None)
         elif name == "img":
-            src = _first(_attrs(text, a_start, a_end), "src")
-            if src is not None and url_of(decode_attribute(src.value or "")).startswith(pixel_prefix):
+            src = _SRC.match(text, a_start, a_end + 1)
+            if src is not None and url_of(decode_attribute(src.group(src.lastindex) if src.lastindex > 1 else "")
+                                          ).startswith(pixel_prefix):
                 s.old_pixels.append((lt, end))
             else:
                 s.images += 1
@@ -456,38 +481,30 @@ def _link(s: Scan, text: str, lt: int, end: int, name: str, a_start: int, a_end:
     if name == "a" and open_link is not None:  # an unclosed <a>: the new one closes it
         open_link.text_end = lt
         open_link = None
-    href = None
-    opt_names: list[str] = []
-    opt_attrs: list[Attr] = []
-    for mt in _ATTR.finditer(text, a_start, a_end + 1):
-        an = mt.group(1)
-        if not an.islower():
-            an = an.translate(_LOWER)
-        if an == "href":
-            if href is None:  # of a duplicate, the first wins
-                g = mt.lastindex
-                if g > 1:
-                    href = Attr(an, mt.start(1), mt.end(), mt.group(g), mt.start(g), mt.end(g))
-                else:
-                    e = mt.end(1)
-                    href = Attr(an, mt.start(1), e, "", e, e)
-        elif an in OPT_OUT:
-            g = mt.lastindex
-            opt_attrs.append(Attr(an, mt.start(1), mt.end() if g > 1 else mt.end(1), mt.group(g) if g > 1 else ""))
-            if an not in opt_names:
-                opt_names.append(an)
-    if href is None:
+    hm = _HREF.match(text, a_start, a_end + 1)
+    if hm is None:
         return open_link
+    g = hm.lastindex
+    if g > 1:
+        href = Attr("href", hm.start(1), hm.end(), hm.group(g), hm.start(g), hm.end(g))
+    else:
+        e = hm.end(1)
+        href = Attr("href", hm.start(1), e, "", e, e)
     opt_out = []
-    for on in opt_names:  # the first of a name decides; every one of that name is removed
-        if _opted_out(next(a for a in opt_attrs if a.name == on)):
-            opt_out += [a for a in opt_attrs if a.name == on]
+    if "track" in text[a_start:a_end].lower():  # every opt-out name has it; rare: read every attribute
+        attrs = _attrs(text, a_start, a_end)
+        seen: set[str] = set()
+        for a in attrs:
+            if a.name in OPT_OUT and a.name not in seen:
+                seen.add(a.name)
+                if _opted_out(a):  # the first of a name decides; every one of that name is removed
+                    opt_out += [b for b in attrs if b.name == a.name]
     value = decode_attribute(href.value)
-    link = Link(lt, href, url_of(value), opt_out, tag=name, value=value, reason=reason)
-    s.links.append(link)
     if name == "a":
-        link.text_start = end
+        link = Link(lt, href, url_of(value), opt_out, end, -1, name, value, reason)
+        s.links.append(link)
         return link
+    s.links.append(Link(lt, href, url_of(value), opt_out, -1, -1, name, value, reason))
     return open_link
 
 
