@@ -59,7 +59,12 @@ def variants(address: str) -> set[str]:
     return {f"{lp}@{d}".lower() for lp in locals_ for d in domains}
 
 
+#: Exchange's system mailbox, the sender of its NDRs (``MicrosoftExchange329e71ec88ae4615bbc36ab6ce41109e``).
+_EXCHANGE_SYSTEM = re.compile(r"^microsoftexchange[0-9a-f]{32}$")
+
+
 def is_system(address: str | None) -> bool:
-    """MAILER-DAEMON@…, postmaster@… and the null sender (``""``, ``<>``)."""
+    """MAILER-DAEMON@…, postmaster@…, Exchange's system mailbox and the null sender (``""``, ``<>``)."""
     bare = (address or "").strip().strip("<>").strip()
-    return not bare or unquote_local(bare.rpartition("@")[0]).lower() in SYSTEM_LOCAL_PARTS
+    local = unquote_local(bare.rpartition("@")[0]).lower()
+    return not bare or local in SYSTEM_LOCAL_PARTS or bool(_EXCHANGE_SYSTEM.match(local))
