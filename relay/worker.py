@@ -487,7 +487,7 @@ class DeliveryWorker:
 
     async def _deliver_one(self, c: q.Claimed, msg: q.Spooled | None) -> q.Outcome:
         outcome = await self._attempt(c, msg)
-        return dataclasses.replace(outcome, attempts=c.attempts + 1)
+        return dataclasses.replace(outcome, attempts=c.attempts + 1, owner=self.owner)
 
     async def _attempt(self, c: q.Claimed, msg: q.Spooled | None) -> q.Outcome:
         now = utcnow()

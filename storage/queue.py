@@ -67,6 +67,9 @@ class Outcome:
     dsn_wanted: bool = False
     render_note: str | None = None
     attempts: int = 1  # the copy's attempts after this one
+    #: The worker whose claim this settles: the copy is settled only while still that claim
+    #: (None: the operator's commands, on copies nobody has claimed).
+    owner: str | None = None
 
 
 async def claim(session: AsyncSession, owner: str, now: datetime, lease_seconds: float,
@@ -209,11 +212,18 @@ _MARK_DONE = (update(Message)
               .execution_options(synchronize_session=False))
 
 
-def _settle(columns: tuple[str, ...]):
-    stmt = _SETTLE.get(columns)
+#: In a settling row's key: the row settles only the claim of this owner (not a column it sets).
+_CLAIMANT = "claimant"
+
+
+def _settle(key: tuple[str, ...]):
+    stmt = _SETTLE.get(key)
     if stmt is None:
-        stmt = _SETTLE[columns] = (update(_RECIPIENTS).where(_RECIPIENTS.c.id == bindparam("rid"))
-                                   .values({c: bindparam(c) for c in columns}))
+        stmt = update(_RECIPIENTS).where(_RECIPIENTS.c.id == bindparam("rid"))
+        if _CLAIMANT in key:
+            stmt = stmt.where(_RECIPIENTS.c.lease_owner == bindparam(_CLAIMANT),
+                              _RECIPIENTS.c.status == "sending")
+        stmt = _SETTLE[key] = stmt.values({c: bindparam(c) for c in key if c != _CLAIMANT})
     return stmt
 
 
@@ -237,7 +247,8 @@ async def record(session: AsyncSession | AsyncConnection, outcomes: list[Outcome
 
 
 def _settle_rows(outcomes: list[Outcome], now: datetime) -> dict[tuple[str, ...], list[dict]]:
-    """The settling UPDATE's rows, grouped by the columns they set."""
+    """The settling UPDATE's rows, grouped by the columns they set (and whether they settle a
+    worker's claim: a claim freed meanwhile, its worker judged dead, is another's now)."""
     by_columns: dict[tuple[str, ...], list[dict]] = {}
     for o in outcomes:
         row = {"rid": o.recipient_id, "status": o.status, "last_reply": o.reply[:2000],
@@ -247,6 +258,8 @@ def _settle_rows(outcomes: list[Outcome], now: datetime) -> dict[tuple[str, ...]
             row["next_attempt_at"] = o.next_attempt_at or now
         elif o.status == "bounced":
             row["dsn"] = "pending" if o.dsn_wanted else "suppressed"
+        if o.owner is not None:
+            row[_CLAIMANT] = o.owner
         by_columns.setdefault(tuple(k for k in row if k != "rid"), []).append(row)
     return by_columns
 
@@ -275,11 +288,16 @@ def _record_sqlite(db: direct.Db, outcomes: list[Outcome], by_columns: dict[tupl
                    at: datetime, events_sql: str) -> None:
     """``record`` on SQLite's thread: the same statements, one trip."""
     cur = db.cursor()
-    for columns, rows in by_columns.items():
+    for key, rows in by_columns.items():
+        columns = [c for c in key if c != _CLAIMANT]
         sets = ", ".join(f'"{c}" = ?' for c in columns)
-        cur.executemany(f'UPDATE recipients SET {sets} WHERE id = ?', [
+        if _CLAIMANT in key:
+            where, extra = "id = ? AND lease_owner = ? AND status = 'sending'", lambda row: (row[_CLAIMANT],)
+        else:
+            where, extra = "id = ?", lambda row: ()
+        cur.executemany(f'UPDATE recipients SET {sets} WHERE {where}', [
             tuple(events.sqlite_time(row[c]) if c in _TIME_COLUMNS and row[c] is not None else row[c]
-                  for c in columns) + (row["rid"],) for row in rows])
+                  for c in columns) + (row["rid"],) + extra(row) for row in rows])
     now = events.sqlite_time(at)
     cur.executemany(events_sql, [_outcome_event(o, now) for o in outcomes])
     touched = sorted({o.message_pk for o in outcomes if o.status in FINAL})

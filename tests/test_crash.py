@@ -360,3 +360,41 @@ async def test_a_heartbeat_that_stands_still_frees_its_claims_one_that_moves_kee
         assert await relay.rows("SELECT owner FROM worker_heartbeats") == [(relay.service.worker.owner,)]
     finally:
         await relay.stop()
+
+
+async def test_an_outcome_settles_only_its_workers_claim(db_url):
+    """A worker judged dead whose outcome arrives late (it was only cut off) cannot overwrite the
+    copy another worker has claimed since: its deferral would send the copy a third time."""
+    from storage import queue as q
+    from storage.engine import make_engine, make_sessionmaker
+    from storage.migrate import upgrade
+    from storage.models import utcnow
+    from storage.spool import SpoolEntry, SpoolRecipient, add_entries
+
+    engine = make_engine(db_url)
+    try:
+        await upgrade(engine)
+        sessions = make_sessionmaker(engine)
+        async with sessions() as s:
+            async with s.begin():
+                ((_, (rid,)),) = await add_entries(s, [SpoolEntry(
+                    message_id="<late@example.com>", user="alice", mail_from="alice@example.com",
+                    raw=simple_message(), recipients=[SpoolRecipient("carol@ext.test", None, False, False, False, [])],
+                    claim_owner="w1", lease_until=utcnow())])
+                assert await q.free_claims_of(s, ["w1"]) == 1
+                (claimed,) = await q.claim(s, "w2", utcnow(), 300, 10)
+                assert claimed.id == rid
+        late = q.Outcome(rid, claimed.message_pk, "alice", "deferred", "451 4.4.1 Timed out",
+                         next_attempt_at=utcnow(), owner="w1")
+        await q.record_committed(engine, [late], utcnow())
+        async with engine.connect() as conn:
+            from sqlalchemy import text
+            row = (await conn.execute(text("SELECT status, lease_owner, reclaims FROM recipients"))).one()
+            assert tuple(row) == ("sending", "w2", 1)
+        await q.record_committed(engine, [q.Outcome(rid, claimed.message_pk, "alice", "sent", "250 2.0.0 OK",
+                                                    owner="w2")], utcnow())
+        async with engine.connect() as conn:
+            row = (await conn.execute(text("SELECT status, lease_owner FROM recipients"))).one()
+            assert tuple(row) == ("sent", None)
+    finally:
+        await engine.dispose()
