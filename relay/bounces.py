@@ -403,9 +403,12 @@ _HEADER_LINE = re.compile(r"^\s*>?\s*(?:from|to|cc|bcc|reply-to|sender|return-pa
 
 
 def _notice_text(notices: list[str]) -> str:
+    """The notices up to where the returned original begins: the first end marker with an
+    address before it (a bounce forwarded inline starts with a "Forwarded message" line of its
+    own, before the notice)."""
     parts = []
     for text in notices:
-        end = _END.search(text)
+        end = next((m for m in _END.finditer(text) if _ADDR.search(text, 0, m.start())), None)
         parts.append(text[:end.start()] if end else text)
     return "\n".join(parts)
 

@@ -96,6 +96,7 @@ FLUFL_DISAGREES = {
     "gmail_address_not_found": "Gmail's current '** Address not found **' text (without its report part) is not among flufl's formats",
     "gmail_delivery_incomplete": "Gmail's '** Delivery incomplete **' (temporary) is not among flufl's formats",
     "google_groups_address_not_found": "Google Groups' notice is not among flufl's formats",
+    "gmail_forwarded_inline_by_the_user": "a bounce the user forwarded inline: flufl reads no Gmail text format",
     "gmail_message_blocked": "Gmail's '** Message blocked **' is not among flufl's formats",
     "mimecast_rejection": "Mimecast's HTML notice ('Recipient: … Reason: …') is not among flufl's formats",
     "proofpoint_essentials_notice": "Proofpoint Essentials' notice is not among flufl's formats",
