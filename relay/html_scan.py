@@ -241,10 +241,6 @@ def _attrs(text: str, start: int, end: int) -> list[Attr]:
     return out
 
 
-def _first(attrs: list[Attr], name: str) -> Attr | None:
-    return next((a for a in attrs if a.name == name), None)
-
-
 def _self_closing(text: str, start: int, end: int) -> bool:
     """A tag's attribute area text[start:end] ends with the self-closing '/'."""
     if end <= start or text[end - 1] != "/":
