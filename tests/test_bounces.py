@@ -35,9 +35,10 @@ AUTOREPLIES = HERE / "data" / "autoreplies"
 CORPUS = HERE.parent.parent / "shared" / "corpus" / "eml"
 EXPECTED = tomllib.loads((BOUNCES / "expected.toml").read_text("utf-8"))
 AUTO_EXPECTED = tomllib.loads((AUTOREPLIES / "expected.toml").read_text("utf-8"))
-#: The corpus files that are bounces (by name and content: see MANIFEST.tsv).
-CORPUS_BOUNCES = sorted(p.name for p in CORPUS.glob("*.eml")
-                        if re.search(r"dsn|bounce|deliver|report|failure", p.name)) if CORPUS.is_dir() else []
+CORPUS_ALL = sorted(p.name for p in CORPUS.glob("*.eml")) if CORPUS.is_dir() else []
+#: The corpus files that are bounces, by name or content (see its MANIFEST.tsv).
+CORPUS_BOUNCES = [n for n in CORPUS_ALL if re.search(r"dsn|bounce|deliver|report|failure", n) or
+                  re.search(rb"(?i)delivery-status|^From:.*mailer-daemon|^X-Failed-Recipients:", (CORPUS / n).read_bytes(), re.M)]
 needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"the shared corpus is not at {CORPUS}")
 
 
@@ -124,10 +125,16 @@ def test_the_corpus_has_its_dsns():
 
 
 @needs_corpus
-@pytest.mark.parametrize("name", CORPUS_BOUNCES)
-def test_corpus_bounce_agrees_with_flufl_bounce(name):
+@pytest.mark.parametrize("name", CORPUS_ALL)
+def test_corpus_message_agrees_with_flufl_bounce(name):
+    """Every corpus message, bounce or not: the same failures as flufl.bounce (none for the rest)."""
     raw = crlf((CORPUS / name).read_bytes())
-    assert ours(raw) == flufl(raw), name
+    try:
+        theirs = flufl(raw)
+    except (IndexError, AttributeError):  # flufl's Yale and Sina detectors fail on a missing or encoded From
+        theirs = (set(), set())
+        assert name not in CORPUS_BOUNCES
+    assert ours(raw) == theirs, name
 
 
 # -- generated DSNs ------------------------------------------------------------------------------
