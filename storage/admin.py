@@ -361,7 +361,8 @@ async def bounce(session: AsyncSession, ids: list[int], now: datetime) -> list[i
         select(Recipient.id, Recipient.message_pk, Message.user, Message.mail_from, Message.kind, Recipient.attempts)
         .join(Message, Message.id == Recipient.message_pk).where(Recipient.id.in_(taken)))).all()
     await q.record(session, [q.Outcome(rid, mpk, user, "bounced", BOUNCE_REPLY,
-                                       dsn_wanted=bool(mail_from) and kind == "mail", attempts=attempts)
+                                       dsn_wanted=bool(mail_from) and kind == "mail", attempts=attempts,
+                                       owner=owner)
                              for rid, mpk, user, mail_from, kind, attempts in rows], now)
     return sorted(taken)
 
