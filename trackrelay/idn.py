@@ -6,11 +6,11 @@ Python's built-in ``"idna"`` codec is IDNA 2003: it maps ``straße.de`` to ``str
 domain. Browsers and registries follow IDNA 2008 with the UTS #46 non-transitional mapping, under
 which ``straße.de`` is ``xn--strae-oqa.de``.
 
-An ASCII domain is only lower-cased, except that its ``xn--`` labels must decode to a valid IDNA
-2008 label. A domain with any other character goes through ``idna.encode`` whole: its every label
-is checked (IDNA 2008 code points, hyphens, joiners, bidi, at most 63 octets), so it is refused
-where a browser might be more lenient (emoji, ``_`` next to a non-ASCII label) — a refusal costs a
-click count or a match, a wrong conversion would send someone elsewhere.
+An ASCII domain without an ``xn--`` label is only lower-cased. Any other goes through
+``idna.encode`` whole: its every label is checked (IDNA 2008 code points, hyphens, joiners, bidi,
+at most 63 octets; an ``xn--`` label must decode to a valid one), so it is refused where a browser
+is more lenient (emoji, ``_`` or ``ab--c`` beside a non-ASCII label): a refusal costs a click
+count or a match, a wrong conversion would send someone elsewhere.
 """
 
 from __future__ import annotations
