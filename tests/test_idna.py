@@ -215,6 +215,21 @@ def test_whole_links_against_the_url_standard(scheme, userinfo, host, port, tail
             ada.URL(target)
 
 
+_ASCII_LABEL = st.one_of(st.text(st.sampled_from("aZ09_-x"), min_size=1, max_size=5),
+                         st.sampled_from(["xn--strae-oqa", "XN--ls8h", "0x", "0x7f", "08", "255", "256"]))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["http://", "HTTPS://"]), st.lists(_ASCII_LABEL, min_size=1, max_size=4).map(".".join),
+       st.sampled_from(["", "."]), st.sampled_from(["", ":", ":0", ":80", ":65535", ":65536", ":99999", ":123456"]),
+       st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=12))
+def test_the_shortcut_for_plain_ascii_links_agrees_with_the_full_parse(scheme, host, dot, port, tail):
+    from trackrelay import links
+    for target in (f"{scheme}{host}{dot}{port}", f"{scheme}{host}{dot}{port}/{tail}", f"{scheme}{host}{port}?{tail}"):
+        if links._plain(target):
+            assert links._rebuild(target) == target
+
+
 # --- Over real HTTP: the relay wraps, the tracker redirects -----------------------------------
 
 def _message(targets: list[str]) -> bytes:

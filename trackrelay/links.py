@@ -205,10 +205,28 @@ def representable(target: str) -> str | None:
 
 @functools.lru_cache(maxsize=4096)
 def _uri(target: str) -> tuple[str | None, str | None]:
+    if _plain(target):
+        return target, None
     try:
         return _rebuild(target), None
     except Unrepresentable as e:
         return None, str(e)
+
+
+#: The common link, which ``_rebuild`` would give back as it is: ASCII, an LDH (or ``_``) host name
+#: with no userinfo, a decimal port, then printable ASCII. A shortcut (a message's every link is
+#: checked once) that must agree with _rebuild: tests/test_idna.py holds them to it.
+_PLAIN = re.compile(r"https?://([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?)(?::([0-9]{1,5}))?(?:[/?#][ -~]*)?",
+                    re.IGNORECASE)
+
+
+def _plain(target: str) -> bool:
+    m = _PLAIN.fullmatch(target)
+    if m is None or target[-1] == " ":
+        return False
+    host, port = m.groups()
+    return ("xn--" not in host.lower() and _LAST_LABEL_NUMBER.search(host) is None
+            and (port is None or int(port) <= 65535))
 
 
 def _rebuild(target: str) -> str:
