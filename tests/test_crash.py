@@ -398,3 +398,39 @@ async def test_an_outcome_settles_only_its_workers_claim(db_url):
             assert tuple(row) == ("sent", None)
     finally:
         await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_heartbeats_stalled_for_everyone_free_no_claim(tmp_path, sink, pg_url):
+    """Two live workers whose heartbeats both stall (their table locked) for longer than the
+    others need to judge a worker dead: a stall is one missed renewal, not several, so neither
+    frees the other's copies, and every copy is delivered once."""
+    from relay.worker import HEARTBEAT_SECONDS, STALE_BEATS
+    from topology import Topology, send_many
+
+    topo = Topology(pg_url, sink.url, tmp_path)
+    topo.build(relays=1, workers=2, trackers=0)
+    sink.behaviour.data_delay = 0.3
+    await topo.start()
+    try:
+        await wait_until_db(pg_url, "SELECT count(*) FROM worker_heartbeats", 2, timeout=30)
+        sending = asyncio.create_task(send_many([p.ports["relay"] for p in topo.of("relay")], 30, 1, concurrency=4))
+        await wait_until_db(pg_url, "SELECT count(DISTINCT lease_owner) > 0 FROM recipients WHERE status = 'sending'",
+                            True)
+        import asyncpg
+        conn = await asyncpg.connect(pg_url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE worker_heartbeats IN ACCESS EXCLUSIVE MODE")
+                await asyncio.sleep(STALE_BEATS * HEARTBEAT_SECONDS + 4)
+        finally:
+            await conn.close()
+        ids = await sending
+        await wait_until_db(pg_url, "SELECT count(*) FROM recipients WHERE status <> 'sent'", 0, timeout=60)
+        await asyncio.sleep(2 * HEARTBEAT_SECONDS)
+        assert await scalar(pg_url, "SELECT coalesce(sum(reclaims), 0) FROM recipients") == 0
+        assert await scalar(pg_url, "SELECT count(*) FROM worker_heartbeats") == 2
+    finally:
+        topo.stop()
+    assert sorted(r.data.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode() for r in sink.received) == sorted(ids)
+    assert topo.logs_clean()
