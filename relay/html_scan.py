@@ -24,8 +24,10 @@ Tokenization, as the standard does it:
   markup (its links are real links there). A browser with scripting enabled reads it as raw text to
   the first ``</noscript``; when the two readings end it at different places, everything after is
   left untouched.
-- ``<template>`` content is ordinary markup to the tokenizer and tree builder (html5lib puts its
-  ``<a>`` elements in the tree like any other): its links are wrapped like any other.
+- ``<template>`` content is ordinary markup to the tokenizer, and the tree builder inserts its
+  ``<a>`` elements like any other (into the template's content; html5lib likewise): its links are
+  wrapped like any other (they are inert until a script clones them). A ``<body>`` tag inside a
+  template is ignored, as the tree builder ignores it (the pixel never goes there).
 - Character references in attribute values are decoded by the standard's rules: numeric ones with
   its replacements (0, surrogates, > U+10FFFF → U+FFFD; 0x80-0x9F by the windows-1252 table), the
   longest named match, and a legacy name without ``;`` followed by ``=`` or an ASCII alphanumeric
@@ -37,8 +39,13 @@ concerned carry a ``reason`` and are left untouched by the caller: links inside 
 a state the scan cannot know for sure (a raw-text element or CDATA after ``<svg>``/``<math>``
 content the scan lost track of, inside ``<select>``, a ``<noscript>`` read two ways, ``<frameset>``).
 
-Linear time: every character is consumed once, the regular expressions are possessive and atomic
-(no backtracking), and uninteresting text and tags are skipped inside the regex engine.
+Links inside ``<svg>``/``<math>`` (an SVG ``<a href>`` is a link too) are found and wrapped while the
+scan is sure of the foreign content's extent; the differential test (tests/test_html_scan_standard.py)
+checks all of this against html5lib.
+
+Linear time: every character is consumed once, the regular expressions are possessive (no
+backtracking into another reading), and text, uninteresting tags and comments are skipped inside
+the regex engine, one step per interesting tag; a link's first ``href`` is found by one regex.
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ _HREF = _first_attr("href")
 _SRC = _first_attr("src")
 
 _RAW = ("script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes", "noscript", "plaintext")
-_INTERESTING = ("a", "area", "img", "body", "svg", "math", "select", "frameset") + _RAW
+_INTERESTING = ("a", "area", "img", "body", "svg", "math", "select", "frameset", "template") + _RAW
 # One step of the scan: runs of text and of uninteresting tags (each tokenized to its real end) are
 # skipped inside the regex engine, up to an interesting tag (matched too; groups: '/', name,
 # attribute area), other markup the caller handles, or the end. In HTML content, comments (every
@@ -315,6 +322,7 @@ def scan(text: str, pixel_prefix: str) -> Scan:
     mode = _HTML  # _FOREIGN: inside <svg>/<math>, tracked; _UNSURE: lost track of foreign content
     foreign: list[str] = []  # the open foreign elements (lower-case names)
     in_select = False
+    templates = 0  # open <template> elements: a <body> tag inside one is ignored
     noscript_end: int | None = None  # where a scripting browser ends the open <noscript>
     open_link: Link | None = None
 
@@ -413,7 +421,10 @@ def scan(text: str, pixel_prefix: str) -> Scan:
                                   IN_SELECT if in_select else None)
         elif closing:
             if name == "body":
-                s.body_close_start = lt
+                if not templates:
+                    s.body_close_start = lt
+            elif name == "template":
+                templates -= templates > 0
             elif name == "select":
                 in_select = False
             elif name == "noscript" and noscript_end == lt:
@@ -428,8 +439,10 @@ def scan(text: str, pixel_prefix: str) -> Scan:
             else:
                 s.images += 1
         elif name == "body":
-            if s.body_open_end is None:
+            if s.body_open_end is None and not templates:
                 s.body_open_end = end
+        elif name == "template":
+            templates += 1
         elif name == "svg" or name == "math":
             if in_select:
                 ambiguous(lt)

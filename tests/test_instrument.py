@@ -277,7 +277,7 @@ def _targets(delivered: str) -> list[str]:
     return out
 
 
-def _unwrapped(delivered: str, original: str) -> str:
+def _unwrapped(delivered: str) -> str:
     """The delivered HTML with each signed URL put back as a placeholder, the pixel removed."""
     return _PIXEL.sub("", _SIGNED.sub("URL", delivered))
 
@@ -286,7 +286,7 @@ def test_unquoted_href_with_equals_is_wrapped_whole():
     html = "<html><body><a href=https://docs.example.com/start?x=1&y=2>Docs</a></body></html>"
     result, out = _deliver(html)
     assert _targets(out) == ["https://docs.example.com/start?x=1&y=2"]
-    assert _unwrapped(out, html) == "<html><body><a href=URL>Docs</a></body></html>"
+    assert _unwrapped(out) == "<html><body><a href=URL>Docs</a></body></html>"
     # '=', quotes, '<' and backticks inside an unquoted value are part of it (parse errors, kept).
     html = "<body><a href=https://x.example/a=b'c\"d`e<f>x</a></body>"
     assert _targets(_deliver(html)[1]) == ["https://x.example/a=b'c\"d`e<f"]
@@ -373,6 +373,14 @@ def test_character_references_decode_as_a_browser_decodes_them(href, target):
     assert _targets(out) == [target]
 
 
+def test_a_body_tag_inside_a_template_is_not_where_the_pixel_goes():
+    html = '<html><head><template><body><p>t</p></body></template></head><body class="b"><p>hi</p></body></html>'
+    result, out = _deliver(html)
+    assert result.pixel and out.index(f"{PUBLIC}/o/") > out.index('<body class="b">')
+    result, out = _deliver(html, pixel_position="bottom")
+    assert out.index(f"{PUBLIC}/o/") > out.index("hi</p>")
+
+
 def test_links_the_scan_cannot_be_sure_of_are_left_untouched_with_a_reason():
     from relay.html_scan import AMBIGUOUS, IN_SELECT
     html = ('<body><a href="https://first.example/">a</a><select><option><a href="https://sel.example/">s</a>'
@@ -422,7 +430,7 @@ def test_parts_with_64_kib_lines_untouched_as_they_came_instrumented_re_encoded(
     assert max(len(line) for line in first.get_payload().split("\n")) <= 998
     delivered = first.get_payload(decode=True).decode("utf-8")
     assert _targets(delivered) == ["https://example.com/long?a=1&b=2"]
-    assert _unwrapped(delivered, html) == html.replace("https://example.com/long?a=1&amp;b=2", "URL")
+    assert _unwrapped(delivered) == html.replace("https://example.com/long?a=1&amp;b=2", "URL")
 
 
 def test_instrumented_part_is_not_re_encoded_when_its_lines_still_fit():
