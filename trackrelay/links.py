@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import functools
 import hashlib
 import hmac
@@ -197,10 +198,26 @@ def to_uri(target: str) -> str:
     return uri
 
 
-def representable(target: str) -> str | None:
+def representable(target: str, charset: str = "utf-8") -> str | None:
     """None when ``to_uri`` can carry ``target``, else the reason it cannot (for the recipient's
-    reasons: such a link is left as it is, not wrapped)."""
-    return _uri(target)[1]
+    reasons: such a link is left as it is, not wrapped). ``charset``: the HTML part's. A browser
+    percent-encodes a non-ASCII query in the document's charset (UTF-8 for UTF-8 and UTF-16), so
+    in a part of another charset such a link is refused too: the Location's query is UTF-8."""
+    why = _uri(target)[1]
+    if why is None and not target.isascii() and not _query_in_utf8(charset):
+        query = target.partition("#")[0].partition("?")[2]
+        if not query.isascii():
+            why = f"a non-ASCII query in a {charset} part (a browser would encode it in {charset})"
+    return why
+
+
+@functools.lru_cache(maxsize=64)
+def _query_in_utf8(charset: str) -> bool:
+    try:
+        name = codecs.lookup(charset).name
+    except LookupError:
+        return False
+    return name in ("utf-8", "utf-16", "utf-16-le", "utf-16-be")
 
 
 @functools.lru_cache(maxsize=4096)
