@@ -23,8 +23,9 @@ from storage import queue as q
 from storage.models import Event, Message, Recipient
 
 #: Every status a copy can have. ``held``: kept out of delivery by the operator until released
-#: (the worker's claim selects only queue.ACTIVE).
-STATUSES = ("queued", "sending", "deferred", "held", "sent", "bounced")
+#: (the worker's claim selects only queued and deferred copies); ``deleted``: taken out of the
+#: queue by the operator, without a DSN.
+STATUSES = ("queued", "sending", "deferred", "held", "sent", "bounced", "deleted")
 #: What `queue list` shows unless --status says otherwise: copies not yet delivered or bounced.
 WAITING = ("queued", "sending", "deferred", "held")
 #: The statuses each action may change.
@@ -368,20 +369,23 @@ async def bounce(session: AsyncSession, ids: list[int], now: datetime) -> list[i
 
 
 async def delete(session: AsyncSession, ids: list[int], now: datetime) -> tuple[list[int], list[int]]:
-    """Remove waiting copies without a DSN (their events go with them). A message left with no
-    copy at all is removed too (with its pending CRM-logging job: it went to nobody). Returns the
-    copies and the messages removed."""
+    """Take waiting copies out of the queue for good, without a DSN: status ``deleted`` (the row
+    stays, so the other copies keep their numbers). A message none of whose copies went anywhere
+    is then removed whole — its rows, events and pending CRM-logging job: it reached nobody.
+    Returns the copies deleted and the messages removed."""
     if not ids:
         return [], []
     gone = (await session.execute(
-        sql_delete(Recipient).where(Recipient.id.in_(ids), Recipient.status.in_(ACTS_ON["delete"]))
+        update(Recipient).where(Recipient.id.in_(ids), Recipient.status.in_(ACTS_ON["delete"]))
+        .values(status="deleted", dsn="suppressed", lease_owner=None, lease_until=None)
         .returning(Recipient.id, Recipient.message_pk).execution_options(synchronize_session=False))).all()
     if not gone:
         return [], []
     pks = sorted({mpk for _, mpk in gone})
     empty = (await session.scalars(
         select(Message.id).where(Message.id.in_(pks),
-                                 ~exists().where(Recipient.message_pk == Message.id)))).all()
+                                 ~exists().where(Recipient.message_pk == Message.id,
+                                                 Recipient.status != "deleted")))).all()
     if empty:
         await session.execute(sql_delete(Message).where(Message.id.in_(empty))
                               .execution_options(synchronize_session=False))

@@ -382,6 +382,20 @@ async def test_retry_and_bounce_take_the_id_of_the_250(relay, sink, tmp_path):
     received = await sink.wait_for(4)
     assert received[3].rcpt_tos == ["later@ext.test"]
 
+    # One copy of a message deleted: no DSN, never tried again, and the other copy keeps its number.
+    sink.behaviour.rcpt_replies["slow2@ext.test"] = "450 4.2.0 Mailbox busy"
+    mixed = await _submit(relay, ["erin@ext.test", "slow2@ext.test"], subject="Mixed")
+    await sink.wait_for(5)
+    await relay.wait_status({"deferred"}, 1)
+    r = await arun("queue", "delete", f"{mixed}.2", "-c", str(cfg))
+    assert r.returncode == 0 and r.stdout == f"{mixed}.2\tslow2@ext.test\tdeleted\n"
+    assert await relay.service.worker.write_dsns() == 0
+    shown = await _json(cfg, "queue", "show", str(mixed))
+    assert [(c["copy"], c["status"], c["dsn"]) for c in shown["copies"]] == [
+        (f"{mixed}.1", "sent", "none"), (f"{mixed}.2", "deleted", "suppressed")]
+    assert shown["done_at"] is not None
+    assert (await arun("queue", "retry", f"{mixed}.2", "-c", str(cfg))).returncode == 1
+
     # Ids that name nothing, and actions on copies they cannot apply to: exit 1, nothing changed.
     for words, says in ((["bounce", "999"], "999: no such message"),
                         (["bounce", f"{first}.3"], f"message {first} has 2 copies"),
@@ -395,7 +409,7 @@ async def test_retry_and_bounce_take_the_id_of_the_250(relay, sink, tmp_path):
 
     # --json of the other reading commands, parsed.
     feed = await _json(cfg, "feed", "--user", "alice")
-    assert [m["subject"] for m in feed] == ["First", "Bounce me", "Retry me"]
+    assert [m["subject"] for m in feed] == ["First", "Bounce me", "Retry me", "Mixed"]
     assert [r["status"] for r in feed[0]["recipients"]] == ["sent", "sent"]
     async with relay.service.sessionmaker() as s:
         async with s.begin():
@@ -538,8 +552,8 @@ async def test_every_documented_command_runs_as_written(tmp_path):
     assert ["queue", "bounce"] in ran and ["queue", "hold"] in ran and ["contacts", "forget"] in ran
     with sqlite3.connect(tmp_path / "trackrelay.db") as db:
         # 42.1 deleted (no DSN), 42.2 bounced (its DSN pending for the worker); erin erased.
-        assert db.execute("SELECT address, status, dsn FROM recipients").fetchall() == [
-            ("dave@client.example", "bounced", "pending")]
+        assert db.execute("SELECT address, status, dsn FROM recipients ORDER BY id").fetchall() == [
+            ("carol@client.example", "deleted", "suppressed"), ("dave@client.example", "bounced", "pending")]
         assert db.execute("SELECT email FROM contacts").fetchall() == [("carol@client.example",)]
 
 

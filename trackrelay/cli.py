@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bounce": ("bounce waiting copies: the sender gets a DSN, as for a 5xx",
                    ("trackrelay queue bounce 42.2 -c FILE",),
                    "The worker writes the DSN at its next DSN pass (within 30 s)."),
-        "delete": ("remove waiting copies without a DSN (a message left with none goes too)",
-                   ("trackrelay queue delete 42 -c FILE",), ""),
+        "delete": ("take waiting copies out of the queue for good, without a DSN",
+                   ("trackrelay queue delete 42 -c FILE",),
+                   "The copies become `deleted`; a message none of whose copies went anywhere is removed whole."),
         "hold": ("keep waiting copies out of delivery until released",
                  ("trackrelay queue hold 42 -c FILE", "trackrelay queue hold --user alice -c FILE"), ""),
         "release": ("put held copies back in the queue, due now",
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         if action != "show":
             a.add_argument("--status", action="append", metavar="STATUS",
                            help="only copies in this status (repeatable): queued, sending, deferred, "
-                                "held, sent or bounced")
+                                "held, sent, bounced or deleted")
             a.add_argument("--user", help="only messages sent by this user")
             a.add_argument("--older-than", metavar="AGE", help="only messages accepted longer ago (90s, 30m, 2h, 3d)")
         if action in ("list", "show"):
