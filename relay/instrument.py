@@ -20,7 +20,7 @@ from email.message import Message as _HeaderParser
 
 from relay import message as m
 from relay.html_scan import AMBIGUOUS, has_visible_content, looks_like_url, scan, visible_text
-from trackrelay.links import Keyring, encode_target, is_http_url, pixel_url, signed_click
+from trackrelay.links import Keyring, encode_target, is_http_url, pixel_url, representable, signed_click
 
 MAX_DEPTH = 30
 MAX_PARTS = 500
@@ -72,7 +72,7 @@ class HtmlPart:
     untouched_links: list[str] = field(default_factory=list)  # why http links were left untouched
 
 
-def _prepare(text: str, public_url: str) -> tuple[bool, list[Candidate], list[tuple[int, int]], int,
+def _prepare(text: str, public_url: str, charset: str = "utf-8") -> tuple[bool, list[Candidate], list[tuple[int, int]], int,
                                                     list[tuple[int, int]], int, int, list[str]]:
     """Everything a copy needs that does not depend on the recipient: computed once per message."""
     public = public_url.rstrip("/")
@@ -93,6 +93,10 @@ def _prepare(text: str, public_url: str) -> tuple[bool, list[Candidate], list[tu
             continue
         if not is_http_url(link.target) or link.target.startswith(public + "/"):
             continue  # other schemes; ours already (quoted text): never wrapped twice
+        why = representable(link.target, charset)
+        if why is not None:  # no redirect could open what the link says: left as it is
+            untouched.append(why)
+            continue
         inner = text[link.text_start:link.text_end] if link.text_start >= 0 else ""
         url_text = "." in inner and looks_like_url(visible_text(inner))  # a URL or domain has a dot
         candidates.append(Candidate(link.href.value_start, link.href.value_end, link.target,
@@ -196,7 +200,7 @@ def _walk(raw: bytes, start: int, end: int, parsed: Parsed, depth: int, top: boo
         else:
             raise Untouched(f"body is not {charset}") from None
     parsed.parts.append(HtmlPart(start, start + body_off, end, cte, charset, text,
-                                 *_prepare(text, public_url)))
+                                 *_prepare(text, public_url, "utf-8" if charset == "utf-8-as-ascii" else charset)))
 
 
 def _split_multipart(entity: bytes, body_off: int, boundary: bytes) -> list[tuple[int, int]]:
