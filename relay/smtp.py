@@ -23,8 +23,9 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from relay import maillog
 from relay import message as m
 from relay import replies
-from relay.auth import Authenticator
+from relay.auth import AsyncAuth, Authenticator
 from trackrelay import idn
+from trackrelay.mailaddr import quote_local, unquote_local
 from relay.policy import ContactFacts, MessageFacts, decide
 from storage.spool import Batcher, SpoolEntry, SpoolRecipient, transient
 from trackrelay.config import Config
@@ -46,7 +47,7 @@ class _QuietAiosmtpd(logging.Filter):
 logging.getLogger("mail.log").addFilter(_QuietAiosmtpd())
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(AsyncAuth, SMTP):
     """aiosmtpd's SMTP with our replies, route checks on the raw command line, and 421 = close."""
 
     #: The longest DATA line accepted, without its CRLF (command lines keep aiosmtpd's limit).
@@ -143,7 +144,13 @@ class RelaySMTP(SMTP):
         here with one regex, giving the same (address, rest); anything else goes to aiosmtpd."""
         simple = _SIMPLE_PATH.match(arg)
         if simple is None:
-            return super()._getaddr(arg)
+            address, rest = super()._getaddr(arg)
+            if address and "@" in address:
+                # the email package's addr_spec drops quotes the local part needs
+                # ("neko....nyaan"@example.org is no address without them): put them back
+                local, _, domain = address.rpartition("@")
+                address = f"{quote_local(unquote_local(local))}@{domain}"
+            return address, rest
         address, rest = simple.group(1), simple.group(2)
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None
@@ -237,15 +244,10 @@ def path_ok(arg: str, prefix: str) -> bool:
 
 
 def canonical(address: str) -> str:
-    """An address as compared (duplicates, ownership): a quoted local part that needs no quotes
-    unquoted, the local part lower-cased (as every mail system treats it), the domain in IDNA ASCII."""
+    """An address as compared (duplicates, ownership): quoted only where the local part needs it,
+    lower-cased (as every mail system treats it), the domain in IDNA 2008 ASCII."""
     local, _, domain = address.rpartition("@")
-    if len(local) > 1 and local[0] == local[-1] == '"' and _DOT_ATOM.fullmatch(local[1:-1]):
-        local = local[1:-1]
-    return f"{local.lower()}@{idn.to_ascii_or_none(domain) or domain.lower()}"
-
-
-_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+    return f"{quote_local(unquote_local(local)).lower()}@{idn.to_ascii_or_none(domain) or domain.lower()}"
 
 
 def sender_problem(fs: list[m.Field], owned: set[str]) -> str | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Awaitable, Callable, Generic, TypeVar
@@ -129,16 +128,26 @@ class Batcher(Generic[T, R]):
                 fut.set_result(result)
 
 
+def message_fault(exc: BaseException) -> bool:
+    """Is the failure this message's own (a value the database or its driver refuses), so that
+    writing it again fails the same way, rather than the database's (down, locked, missing a
+    table, out of disk), which may pass later? The driver's own error is looked for through the
+    wrappers (SQLAlchemy's ``orig``, the cause chain): asyncpg's client-side ``DataError`` for a
+    value it cannot encode is a ``ValueError``."""
+    values = (UnicodeError, ValueError, TypeError, OverflowError, sa.DataError, sa.IntegrityError)
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 8:
+        if isinstance(cur, values):
+            return True
+        cur = getattr(cur, "orig", None) or cur.__cause__
+        seen += 1
+    return False
+
+
 def transient(exc: BaseException) -> bool:
-    """May the same message succeed later (a database down or locked, a full disk), or will it
-    fail the same way again?"""
-    if isinstance(exc, (OSError, asyncio.TimeoutError, TimeoutError, ConnectionError, sa.OperationalError,
-                        sa.InterfaceError, sa.TimeoutError, sa.ResourceClosedError, sqlite3.OperationalError,
-                        sqlite3.InterfaceError)):
-        return True
-    if isinstance(exc, sa.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, RuntimeError) and str(exc) == "shutting down"
+    """May the same message succeed later? Everything that is not the message's own fault."""
+    return not message_fault(exc)
 
 
 @dataclass

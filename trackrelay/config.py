@@ -120,6 +120,7 @@ class CrmSection:
     max_attachment_bytes: int = 52428800
     create_contacts: bool = True
     team_addresses: tuple[str, ...] = ()
+    free_mail_domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

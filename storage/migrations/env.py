@@ -3,6 +3,7 @@
 from alembic import context
 
 from storage.models import Base
+import storage.sessions  # noqa: F401  (its table is on Base.metadata too)
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only through storage.migrate
