@@ -152,6 +152,8 @@ class User:
     admin: bool = False
     log_key: str | None = field(default=None, repr=False)
     never_log: tuple[str, ...] = ()
+    #: IANA zone for the pages (e.g. "America/New_York"); None: the browser's, else UTC.
+    time_zone: str | None = None
 
 
 @dataclass(frozen=True)
@@ -492,6 +494,12 @@ def _validate(c: Config, src: str) -> None:
         for j, a in enumerate(u.addresses):
             if a.count("@") != 1 or not a.split("@")[0] or "." not in a.split("@")[1]:
                 bad(f"{where}.addresses[{j}]", f"not an email address: {a!r}")
+        if u.time_zone is not None:
+            from zoneinfo import ZoneInfo
+            try:
+                ZoneInfo(u.time_zone)
+            except (ValueError, KeyError, OSError):
+                bad(f"{where}.time_zone", f"not an IANA time zone name (like Europe/Berlin): {u.time_zone!r}")
     from trackrelay.neverlog import MAX_ENTRIES, EntryError, normalise_entry
     for key, entries in [("never_log.team", c.never_log.team)] + [
             (f"users[{i}].never_log", u.never_log) for i, u in enumerate(c.users)]:
