@@ -217,15 +217,18 @@ class DeliveryWorker:
         rounds = 0
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
-            peers = await self._beat()
-            if peers is not None and not self._sole:
-                rounds += 1
-                dead = await self._judge(peers)
-                if dead or rounds % ORPHAN_SCAN_BEATS == 0:
-                    self._side(self._free(dead, orphans=rounds % ORPHAN_SCAN_BEATS == 0), "free-claims")
-            if loop.time() - renewed >= self.config.queue.lease_seconds / 3 and self._held:
-                renewed = loop.time()
-                self._side(self._renew(), "lease-renewal")
+            try:  # this task must outlive any fault: without it the others judge us dead
+                peers = await self._beat()
+                if peers is not None and not self._sole:
+                    rounds += 1
+                    dead = await self._judge(peers)
+                    if dead or rounds % ORPHAN_SCAN_BEATS == 0:
+                        self._side(self._free(dead, orphans=rounds % ORPHAN_SCAN_BEATS == 0), "free-claims")
+                if loop.time() - renewed >= self.config.queue.lease_seconds / 3 and self._held:
+                    renewed = loop.time()
+                    self._side(self._renew(), "lease-renewal")
+            except Exception as exc:
+                log.error("worker heartbeat: %s", _err(exc))
 
     def _side(self, coro, name: str) -> None:
         """Work that must not hold up the heartbeat (it may wait for row locks), one of a kind at a time."""
@@ -245,7 +248,8 @@ class DeliveryWorker:
             try:
                 async with self.sessionmaker() as session:
                     async with session.begin():
-                        await self._register(session)
+                        if not await q.beat(session, self.owner, utcnow()):  # not enlisted by a try
+                            await self._register(session)                   # whose answer was lost
                         if self._sole:
                             freed = await q.free_claims_but(session, self.owner)
                         else:
