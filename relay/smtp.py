@@ -307,6 +307,7 @@ class SubmissionHandler(SessionTracking):
         self.on_accepted = on_accepted or (lambda logged, handed: None)
         self.accepted = 0
         self.sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+        self.tls: ssl.SSLContext | None = None
 
     def _user(self, session: Session):
         name = session.auth_data if isinstance(session.auth_data, str) else None
@@ -465,7 +466,7 @@ class SizeLimit:
 
 def protocol_factory(config: Config, handler: SubmissionHandler, authenticator: Authenticator,
                      size: SizeLimit) -> Callable[[], RelaySMTP]:
-    ctx = tls_context(config)
+    ctx = handler.tls = tls_context(config)  # kept: SIGHUP loads a renewed certificate into it
 
     def factory() -> RelaySMTP:
         proto = RelaySMTP(

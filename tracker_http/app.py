@@ -54,6 +54,21 @@ class Tracker:
             self._runners.append(runner)
         log.info("tracker on %s, API on %s", c.tracker.listen, c.api.listen)
 
+    async def reconfigure(self, config: Config) -> None:
+        """A reload (SIGHUP): users, tokens and trusted proxies from ``config``; the sessions of
+        users it removed or gave another password end; the Apple ranges are read again."""
+        from tracker_http.sessions import end_for_config
+        self.ctx.config = config
+        self.ctx.trusted_proxies = networks(config.tracker.trusted_proxies)
+        if isinstance(self.recorder, Recorder):
+            self.recorder.config = config
+            self.recorder.apple = RangeSet.from_file(apple_ranges_path(config))
+        else:
+            self.recorder.reconfigure(config)
+        ended = await end_for_config(self.ctx, config)
+        if ended:
+            log.info("reload ended %d page sessions of removed or changed users", ended)
+
     async def stop(self) -> None:
         for runner in self._runners:
             await runner.cleanup()

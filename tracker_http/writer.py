@@ -90,6 +90,7 @@ class WriterClient:
         self._task: asyncio.Task | None = None
         self._signed_in_sent = 0.0
         self.pid: int | None = None  # the running child's
+        self._renew = False  # a reload: the child ends after writing what it holds, a new one starts
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -112,6 +113,13 @@ class WriterClient:
     def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name="event-writer")
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload (SIGHUP): the running child writes what it holds and exits, and the next one
+        starts at once with ``config`` and the Apple ranges as they are now."""
+        self.config = config
+        self._renew = True
+        self._wake.set()
+
     async def stop(self, grace: float = GRACE) -> None:
         self._stop.set()
         self._wake.set()
@@ -133,6 +141,10 @@ class WriterClient:
             self._inflight.clear()
             if self._stop.is_set():
                 return
+            if self._renew:  # ended on purpose by a reload: no back-off
+                self._renew = False
+                log.info("event writer process restarted with the reloaded configuration")
+                continue
             self.stats.writer_restarts += 1
             if time.monotonic() - started > STABLE_SECONDS:
                 backoff = 0.5
@@ -174,7 +186,7 @@ class WriterClient:
                     pass
                 self._wake.clear()
                 await self._send_hits(writer)
-                if self._stop.is_set():
+                if self._stop.is_set() or self._renew:
                     writer.write_eof()  # the child writes what it holds, reports and exits
                     await asyncio.wait({reading}, timeout=GRACE + EXIT_SECONDS)
                     break

@@ -763,12 +763,20 @@ async def _run(cfg: Config, only: str | None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def on_hup() -> None:
+        task = asyncio.create_task(_reload(service))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await service.start()
     except OSError as e:
         await service.stop()
         raise Failure(f"cannot start: {e.strerror or e}") from None
-    log.info("trackrelay running (%s); SIGTERM stops it", ", ".join(service.roles))
+    log.info("trackrelay running (%s); SIGTERM stops it, SIGHUP reloads the config", ", ".join(service.roles))
     # Everything loaded so far (modules, compiled statements, regexes, ranges) lives as long as the
     # process: out of the collector's sight, a full collection no longer walks it every time.
     gc.freeze()
@@ -777,6 +785,32 @@ async def _run(cfg: Config, only: str | None) -> int:
     await service.stop()
     log.info("stopped")
     return 0
+
+
+async def _reload(service) -> None:
+    """SIGHUP: read the config file again; a file that no longer validates is refused (the reason
+    logged) and the running configuration kept."""
+    log = logging.getLogger("trackrelay")
+    source = service.config.source
+    if source.startswith("<"):
+        log.warning("SIGHUP: running on the built-in defaults, no file to reload")
+        return
+    try:
+        new = config_mod.load(source)
+    except ConfigError as e:
+        log.error("SIGHUP: reload refused, keeping the running configuration: %s", e)
+        return
+    for w in config_mod.warnings_for(new):
+        log.warning("%s: %s", new.source, w)
+    try:
+        restart = await service.reload(new)
+    except Exception as e:  # a certificate that does not load, say: the old one stays
+        log.error("SIGHUP: reload failed, keeping the running configuration: %s: %s", type(e).__name__, e)
+        return
+    log.info("SIGHUP: reloaded %s (users, tokens, log keys, Never Log, webhooks, certificates, Apple ranges)",
+             source)
+    if restart:
+        log.warning("SIGHUP: these changed but need a restart: %s", ", ".join(restart))
 
 
 if __name__ == "__main__":  # pragma: no cover

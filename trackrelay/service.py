@@ -30,6 +30,20 @@ from trackrelay.links import keyring_for
 
 log = logging.getLogger("trackrelay")
 
+#: What a SIGHUP cannot change: listeners, storage, keys, roles' wiring (named in the log).
+_RESTART_KEYS = {
+    "relay.listen": lambda c: c.relay.listen,
+    "relay.inbound_listen": lambda c: c.relay.inbound_listen,
+    "relay.hostname": lambda c: c.relay.hostname,
+    "relay.tls_cert_file (on or off)": lambda c: bool(c.relay.tls_cert_file),
+    "tracker.listen": lambda c: c.tracker.listen,
+    "api.listen": lambda c: c.api.listen,
+    "storage.url": lambda c: c.storage.url,
+    "tracker.secret_keys": lambda c: c.tracker.secret_keys,
+    "tracker.writer_process": lambda c: c.tracker.writer_process,
+    "upstream": lambda c: c.upstream,
+}
+
 ROLES = ("relay", "worker", "tracker")
 
 
@@ -44,6 +58,7 @@ class Service:
     sessionmaker: async_sessionmaker | None = None
     worker: DeliveryWorker | None = None
     handler: SubmissionHandler | None = None
+    authenticator: Authenticator | None = None
     tracker: Tracker | None = None
     crm: CrmLogger | None = None
     webhooks: WebhookSender | None = None
@@ -93,7 +108,8 @@ class Service:
             self._lookup.start()
             self.handler = SubmissionHandler(c, self._spool, on_accepted=self._accepted,
                                              crm_lookup=self._lookup, handoff=self.worker)
-            server = await start_submission(c, self.handler, Authenticator(c), self._size)
+            self.authenticator = Authenticator(c)
+            server = await start_submission(c, self.handler, self.authenticator, self._size)
             self._servers.append(server)
             log.info("submission listener on %s", c.relay.listen)
             if c.relay.inbound_listen:
@@ -124,6 +140,30 @@ class Service:
             self._size.lower_to(advertised)
             log.info("upstream advertises SIZE %d: accepting at most %d octets (room for our headers)",
                      advertised, self._size.value)
+
+    async def reload(self, new: Config) -> list[str]:
+        """SIGHUP: take what can change while running from ``new`` (already validated) — users,
+        passwords, API tokens, log keys, Never Log entries, webhooks, TLS certificates, the Apple
+        ranges — without dropping a session. Returns what still needs a restart to change."""
+        old = self.config
+        restart = [key for key, get in _RESTART_KEYS.items() if get(old) != get(new)]
+        if self.handler is not None and self.handler.tls is not None and new.relay.tls_cert_file:
+            self.handler.tls.load_cert_chain(new.relay.tls_cert_file, new.relay.tls_key_file)
+        self.config = new
+        for part in (self.handler, self.authenticator, self._lookup, self.worker, self.crm, self.webhooks,
+                     self.render, *self._inbound_handlers):
+            if part is None:
+                continue
+            reconfigure = getattr(part, "reconfigure", None)
+            if reconfigure is not None:
+                reconfigure(new)
+            elif hasattr(part, "config"):
+                part.config = new
+            elif hasattr(part, "_config"):
+                part._config = new
+        if self.tracker is not None:
+            await self.tracker.reconfigure(new)
+        return restart
 
     async def stop(self) -> None:
         """Stop listening, let sessions in DATA finish their commit, drain the worker, close."""
