@@ -384,9 +384,11 @@ def scan(text: str, pixel_prefix: str) -> Scan:
 
         if mode == _FOREIGN:
             if closing:
-                if name in foreign and name not in ("br", "p"):
-                    while foreign.pop() != name:
-                        pass
+                i = len(foreign) - 1 if name != "br" and name != "p" else -1
+                while i >= 0 and foreign[i] != name:  # from the current node down (amortized linear)
+                    i -= 1
+                if i >= 0:
+                    del foreign[i:]
                     if not foreign:
                         mode = _HTML
                 else:  # handed to the HTML rules, which may or may not close the foreign elements

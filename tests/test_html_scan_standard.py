@@ -181,4 +181,5 @@ def test_scan_of_hostile_html_is_linear():
     for start in range(0, 6):
         scan(hostile[start * 1000:], PIXEL_PREFIX)
     scan("<a href=" + "&amp" * 50000 + ">" + "<b x='>'>" * 50000, PIXEL_PREFIX)
+    scan("<svg>" + "<x>" * 30000 + "<y></y>" * 30000 + "<noscript>" * 30000 + "<style></style>" * 30000, PIXEL_PREFIX)
     assert time.perf_counter() - t0 < 3.0
