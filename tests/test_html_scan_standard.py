@@ -2,7 +2,7 @@
 
 For generated HTML (unquoted values with '=', quotes and backticks, attributes holding 'href=',
 every comment form, bogus comments, DOCTYPE, <template>, <noscript>, raw-text elements, CDATA in
-<svg>/<math>, character references) and for every HTML template of the real-world corpus: the links
+<svg>/<math>, character references) and for every HTML template and every HTML part of the real-world corpus' mail: the links
 the scanner finds (tag, decoded href value) are exactly the ones a standard parse's tokenizer emits,
 in order — up to the point from which the scanner says it cannot be sure (``Scan.ambiguous_from``),
 after which every link it reports is left untouched with a reason.
@@ -101,6 +101,26 @@ def test_corpus_templates_links_match_a_standard_parse():
         check(text)
         found += len(scan(text, PIXEL_PREFIX).links)
     assert found > 100
+
+
+@pytest.mark.skipif(not (CORPUS.parent / "eml").is_dir(), reason="../shared/corpus/eml is absent (the real-world corpus)")
+def test_corpus_mail_html_parts_links_match_a_standard_parse():
+    import email
+    from email import policy
+    parts = 0
+    for path in sorted((CORPUS.parent / "eml").iterdir()):
+        msg = email.message_from_bytes(path.read_bytes(), policy=policy.compat32)
+        for part in msg.walk():
+            data = part.get_payload(decode=True) if part.get_content_type() == "text/html" else None
+            if not isinstance(data, bytes):
+                continue
+            try:
+                text = data.decode(part.get_content_charset() or "utf-8", "replace")
+            except LookupError:
+                text = data.decode("utf-8", "replace")
+            check(text)
+            parts += 1
+    assert parts > 50
 
 
 # --- by hand: cases where html5lib is not the reference -------------------------------------------
