@@ -57,10 +57,6 @@ from html.entities import html5 as _ENTITIES
 
 _F = re.I | re.A
 _WS = "\t\n\f\r "
-# The attribute area of a tag, as the tokenizer's attribute states read it (before/after attribute
-# name, attribute name, before attribute value, the three value states, self-closing start tag).
-# Possessive and atomic throughout, so it matches exactly one way; it only fails at the end of the
-# text (an unterminated tag or quoted value).
 _W, _NW = r"[\t\n\f\r ]", r"\t\n\f\r "
 # The attribute area of a tag, as the tokenizer's attribute states read it (before/after attribute
 # name, attribute name, before attribute value, the three value states, self-closing start tag):
@@ -73,7 +69,6 @@ _TAG = re.compile(r"<(/?+)([A-Za-z][^\t\n\f\r />]*+)(" + _ATTRS + ")>")
 # One attribute (groups: name, then the value: double-quoted, single-quoted, unquoted, missing).
 _ATTR = re.compile(rf"[{_NW}/]*+([^{_NW}/>][^{_NW}/>=]*+)"
                    rf"(?>{_W}*+(?:={_W}*+(?>\"([^\"]*+)\"|'([^']*+)'|([^{_NW}>\"'][^{_NW}>]*+)|(?=>()))|(?!=)))")
-
 
 
 def _first_attr(name: str) -> re.Pattern:

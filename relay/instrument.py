@@ -72,8 +72,8 @@ class HtmlPart:
     untouched_links: list[str] = field(default_factory=list)  # why http links were left untouched
 
 
-def _prepare(text: str, public_url: str, charset: str = "utf-8") -> tuple[bool, list[Candidate], list[tuple[int, int]], int,
-                                                    list[tuple[int, int]], int, int, list[str]]:
+def _prepare(text: str, public_url: str, charset: str = "utf-8") -> tuple[
+        bool, list[Candidate], list[tuple[int, int]], int, list[tuple[int, int]], int, int, list[str]]:
     """Everything a copy needs that does not depend on the recipient: computed once per message."""
     public = public_url.rstrip("/")
     sc = scan(text, f"{public}/o/")

@@ -2,10 +2,11 @@
 
 For generated HTML (unquoted values with '=', quotes and backticks, attributes holding 'href=',
 every comment form, bogus comments, DOCTYPE, <template>, <noscript>, raw-text elements, CDATA in
-<svg>/<math>, character references) and for every HTML template and every HTML part of the real-world corpus' mail: the links
-the scanner finds (tag, decoded href value) are exactly the ones a standard parse's tokenizer emits,
-in order — up to the point from which the scanner says it cannot be sure (``Scan.ambiguous_from``),
-after which every link it reports is left untouched with a reason.
+<svg>/<math>, character references) and for every HTML template and every HTML part of the
+real-world corpus' mail: the links the scanner finds (tag, decoded href value) are exactly the
+ones a standard parse's tokenizer emits, in order — up to the point from which the scanner says it
+cannot be sure (``Scan.ambiguous_from``), after which every link it reports is left untouched with
+a reason.
 
 The reference is html5lib's parser (its tree builder switches the tokenizer into raw text, RCDATA,
 script data and CDATA as the standard says), with scripting disabled, as a mail client parses
@@ -103,7 +104,8 @@ def test_corpus_templates_links_match_a_standard_parse():
     assert found > 100
 
 
-@pytest.mark.skipif(not (CORPUS.parent / "eml").is_dir(), reason="../shared/corpus/eml is absent (the real-world corpus)")
+@pytest.mark.skipif(not (CORPUS.parent / "eml").is_dir(),
+                    reason="../shared/corpus/eml is absent (the real-world corpus)")
 def test_corpus_mail_html_parts_links_match_a_standard_parse():
     import email
     from email import policy
