@@ -477,6 +477,7 @@ def _validate(c: Config, src: str) -> None:
     if c.log.recipients not in ("full", "domain", "none"):
         bad("log.recipients", f"must be full, domain or none, got {c.log.recipients!r}")
     names: set[str] = set()
+    log_keys: dict[str, str] = {}
     for i, u in enumerate(c.users):
         where = f"users[{i}]"
         if not u.name:
@@ -491,6 +492,14 @@ def _validate(c: Config, src: str) -> None:
         if u.api_token_hash is not None and not (
                 u.api_token_hash.startswith("sha256:") and len(u.api_token_hash) == 71):
             bad(f"{where}.api_token_hash", "must be sha256:<64 hex digits> from `trackrelay new-token`")
+        if u.log_key is not None:
+            from trackrelay.logkeys import problem as log_key_problem
+            key_problem = log_key_problem(u.log_key)
+            if key_problem:
+                bad(f"{where}.log_key", key_problem)
+            if u.log_key in log_keys:
+                bad(f"{where}.log_key", f"the same as user {log_keys[u.log_key]!r}'s: every user needs their own")
+            log_keys[u.log_key] = u.name
         for j, a in enumerate(u.addresses):
             if a.count("@") != 1 or not a.split("@")[0] or "." not in a.split("@")[1]:
                 bad(f"{where}.addresses[{j}]", f"not an email address: {a!r}")
