@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(sub, "hash-password", "read a password from stdin (or prompt), print its hash for [[users]] password_hash",
         "echo 'their password' | trackrelay hash-password")
     cmd(sub, "new-token", "print a fresh API token and its api_token_hash", "trackrelay new-token")
+    cmd(sub, "new-log-key", "print a fresh inbound log key (160 random bits) for [[users]] log_key",
+        "trackrelay new-log-key", note="Mail to log+<log_key>@<relay.hostname> is logged for that user.")
 
     nl = cmd(sub, "never-log", "the Never Log lists (the team's, or a user's with --user)",
              "trackrelay never-log list -c FILE")
@@ -246,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     if args.command == "hash-password":
         return _hash_password()
+    if args.command == "new-log-key":
+        from trackrelay.logkeys import new_log_key
+        print(f'log_key = "{new_log_key()}"')
+        return 0
     if args.command == "new-token":
         from trackrelay.passwords import new_api_token
         token, digest = new_api_token()

@@ -498,7 +498,7 @@ def _validate(c: Config, src: str) -> None:
             if key_problem:
                 bad(f"{where}.log_key", key_problem)
             if u.log_key in log_keys:
-                bad(f"{where}.log_key", f"the same as user {log_keys[u.log_key]!r}'s: every user needs their own")
+                bad(f"{where}.log_key", f"the same as the log key of user {log_keys[u.log_key]!r}: every user needs their own")
             log_keys[u.log_key] = u.name
         for j, a in enumerate(u.addresses):
             if a.count("@") != 1 or not a.split("@")[0] or "." not in a.split("@")[1]:
