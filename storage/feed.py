@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import and_, exists, func, select
+from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import Event, LoggedEmail, Message, Recipient
+from storage.models import Company, Event, LoggedEmail, Message, Recipient
 
 #: A recipient's status: the furthest it got. Delivery states until a human event arrives.
 _DELIVERY = {"queued": "queued", "sending": "queued", "deferred": "deferred", "sent": "sent", "bounced": "bounced"}
@@ -17,15 +17,55 @@ def _iso(t: datetime | None) -> str | None:
     return t.isoformat().replace("+00:00", "Z") if t else None
 
 
+#: Feed filters: what the recipients' copies must show (any one recipient of the message).
+FILTERS = ("tracked", "opened", "clicked", "replied", "bounced", "not_opened")
+
+
+def _human(kind: str):
+    return exists().where(Event.recipient_pk == Recipient.id, Event.type == kind, Event.classification == "human")
+
+
+def _filter_cond(name: str):
+    """A recipient condition for a feed filter (used inside EXISTS over the message's recipients)."""
+    if name == "tracked":
+        return Recipient.token.is_not(None)
+    if name == "bounced":
+        return Recipient.status == "bounced"
+    if name == "not_opened":
+        return and_(Recipient.track_opens.is_(True), Recipient.status == "sent", ~_human("opened"))
+    return _human(name)
+
+
+def _like(text: str) -> str:
+    return "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 async def list_messages(session: AsyncSession, user: str | None, before: int | None, limit: int,
-                        tracked_only: bool) -> list[Message]:
+                        tracked_only: bool, *, status: str | None = None, search: str | None = None,
+                        after: int | None = None) -> list[Message]:
+    """The user's mail (None: everybody's), newest first. ``status`` one of FILTERS; ``search``
+    matches the subject, a recipient's address or the company (name or domain) of a recipient;
+    ``after``: only messages newer than that id (the page's live additions)."""
     cond = [Message.kind == "mail"]
     if user is not None:
         cond.append(Message.user == user)
     if before is not None:
         cond.append(Message.id < before)
+    if after is not None:
+        cond.append(Message.id > after)
     if tracked_only:
-        cond.append(exists().where(Recipient.message_pk == Message.id, Recipient.token.is_not(None)))
+        status = status or "tracked"
+        if status != "tracked":
+            cond.append(exists().where(Recipient.message_pk == Message.id, Recipient.token.is_not(None)))
+    if status:
+        cond.append(exists().where(Recipient.message_pk == Message.id, _filter_cond(status)))
+    if search and search.strip():
+        pat = _like(search.strip())
+        company = exists().where(func.lower(Company.name).like(pat, escape="\\"),
+                                 func.lower(Recipient.address).like("%@" + Company.domain))
+        cond.append(or_(func.lower(Message.subject).like(pat, escape="\\"),
+                        exists().where(Recipient.message_pk == Message.id,
+                                       or_(func.lower(Recipient.address).like(pat, escape="\\"), company))))
     return list((await session.scalars(select(Message).where(and_(*cond)).order_by(Message.id.desc())
                                        .limit(limit))).all())
 
@@ -57,7 +97,10 @@ async def feed_json(session: AsyncSession, messages: list[Message]) -> list[dict
     per_url: dict[int, list[dict]] = {}
     for r, url, n, first in clicks.all():
         per_url.setdefault(r, []).append({"url": url, "count": n, "first_clicked_at": _iso(_aware(first))})
-    logged = set((await session.scalars(select(LoggedEmail.message_pk).where(LoggedEmail.message_pk.in_(pks)))).all())
+    logged_rows = (await session.execute(select(LoggedEmail.message_pk, LoggedEmail.to, LoggedEmail.cc)
+                                         .where(LoggedEmail.message_pk.in_(pks)))).all()
+    logged = {row[0] for row in logged_rows}
+    names = names_in(*(h for row in logged_rows for h in row[1:]))
     by_msg: dict[int, list[dict]] = {}
     for r in rcpts:
         human_open = agg.get((r.id, "opened", "human"))
@@ -69,6 +112,7 @@ async def feed_json(session: AsyncSession, messages: list[Message]) -> list[dict
         elif human_open:
             status = "opened"
         machine = sum(v[0] for k, v in agg.items() if k[0] == r.id and k[1] == "opened" and k[2] != "human")
+        machine_clicks = sum(v[0] for k, v in agg.items() if k[0] == r.id and k[1] == "clicked" and k[2] != "human")
         by_msg.setdefault(r.message_pk, []).append({
             "address": r.address, "status": status, "tracked_opens": bool(r.track_opens),
             "tracked_clicks": bool(r.track_clicks), "reasons": list(r.reasons or []),
@@ -76,10 +120,23 @@ async def feed_json(session: AsyncSession, messages: list[Message]) -> list[dict
             "first_opened_at": _iso(_aware(human_open[1])) if human_open else None,
             "last_opened_at": _iso(_aware(human_open[2])) if human_open else None,
             "clicks": sorted(per_url.get(r.id, []), key=lambda c: c["first_clicked_at"] or ""),
+            "machine_clicks": machine_clicks, "sent_at": _iso(_aware(r.sent_at)),
+            "name": names.get(r.address.lower()),
         })
     return [{"id": m.id, "message_id": m.message_id, "subject": m.subject, "from": m.from_header,
              "accepted_at": _iso(m.accepted_at), "logged": m.id in logged, "recipients": by_msg.get(m.id, [])}
             for m in messages]
+
+
+def names_in(*headers: str | None) -> dict[str, str]:
+    """Display names by lower-cased address from address headers ("Dave Decider <dave@x>")."""
+    from email.utils import getaddresses
+    out: dict[str, str] = {}
+    for name, addr in getaddresses([h for h in headers if h]):
+        name = " ".join(name.split())
+        if name and "@" in addr and name.lower() != addr.lower():
+            out.setdefault(addr.lower(), name)
+    return out
 
 
 def _aware(t):

@@ -1,13 +1,15 @@
 """The pages: sign-in, the feed with live updates, a message's events, a contact's timeline.
 
 Over plain HTTP for the rules (sign-in required, CSRF, rate limit, escaping, headers), and in real
-headless Chromium for what a salesperson does. Screenshots of the feed and a timeline are written
-to docs/screenshots/.
+headless Chromium for what a salesperson does. Screenshots of every page, desktop and phone width,
+are written to the test's temporary folder; with ``TRACKRELAY_SCREENSHOTS=docs`` (regenerating them
+on purpose) to docs/screenshots/ instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from pathlib import Path
 
@@ -18,7 +20,15 @@ from helpers import PASSWORD
 from test_crm import send, wait_logged, with_attachment
 from test_tracker import HTML_MSG
 
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+DOC_SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    """Where screenshots go: a temporary folder, or docs/screenshots/ when regenerated on purpose."""
+    folder = DOC_SHOTS if os.environ.get("TRACKRELAY_SCREENSHOTS") == "docs" else tmp_path / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 async def start(relay, **sections):
@@ -113,7 +123,7 @@ async def test_subjects_and_user_agents_are_escaped_and_bodies_sandboxed(relay, 
 
 
 @pytest.mark.browser
-async def test_chromium_sign_in_live_open_pin_delete_download_and_screenshots(relay, sink):
+async def test_chromium_sign_in_live_open_pin_delete_download_and_screenshots(relay, sink, shots):
     from browser import chromium_page
     await start(relay)
     await send(relay, ["carol@ext.test", "dave@ext.test"])
@@ -124,7 +134,6 @@ async def test_chromium_sign_in_live_open_pin_delete_download_and_screenshots(re
     await wait_logged(relay, 2)
     offer = [r for r in got if r.rcpt_tos == ["carol@ext.test"] and b"Offer" in r.data][0]
     pixel = re.search(rb'src="(http://[^"]+/o/[^"]+\.gif)"', offer.data).group(1).decode()
-    SHOTS.mkdir(parents=True, exist_ok=True)
     async with chromium_page() as page:
         await page.goto(base(relay) + "/")
         assert "/login" in page.url
@@ -143,11 +152,11 @@ async def test_chromium_sign_in_live_open_pin_delete_download_and_screenshots(re
             async with b.get(pixel) as px:
                 assert px.status == 200
         await row.locator(".status", has_text="opened").wait_for(timeout=5000)
-        assert await page.locator(".toast").first.inner_text() == "carol@ext.test opened"
+        assert await page.locator(".toast").first.inner_text() == "carol@ext.test opened \u201cOffer\u201d"
         await page.set_viewport_size({"width": 1280, "height": 800})
-        await page.screenshot(path=str(SHOTS / "feed.png"), full_page=True)
+        await page.screenshot(path=str(shots / "feed.png"), full_page=True)
         await page.set_viewport_size({"width": 390, "height": 844})
-        await page.screenshot(path=str(SHOTS / "feed-phone.png"), full_page=True)
+        await page.screenshot(path=str(shots / "feed-phone.png"), full_page=True)
         await page.set_viewport_size({"width": 1280, "height": 800})
 
         # The contact's timeline: expand, download an attachment, pin, delete.
@@ -165,7 +174,7 @@ async def test_chromium_sign_in_live_open_pin_delete_download_and_screenshots(re
         assert await page.locator("article.logged").nth(0).locator(".subject").inner_text() == "Offer"
         assert await page.locator("article.logged.pinned").count() == 1
         await page.locator("article.logged").nth(0).locator("summary").click()
-        await page.screenshot(path=str(SHOTS / "timeline.png"), full_page=True)
+        await page.screenshot(path=str(shots / "timeline.png"), full_page=True)
         await page.locator("article.logged").nth(1).locator("summary").click()
         await page.locator("article.logged").nth(1).locator("button", has_text="Delete").click()
         await page.wait_for_load_state()

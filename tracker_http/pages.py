@@ -1,5 +1,5 @@
-"""Server-rendered pages on the API listener: sign-in, the activity feed, a message, a contact's
-timeline. They work without JavaScript (live updates excepted); output is escaped everywhere (a
+"""Server-rendered pages on the API listener: sign-in, the dashboard, the activity feed, a
+message, contacts and a contact's timeline, settings. They work without JavaScript (live updates excepted); output is escaped everywhere (a
 subject or a user agent is attacker-controlled); a logged HTML body is shown only inside a
 sandboxed iframe under a restrictive Content-Security-Policy; forms that change state carry a
 CSRF token bound to the session; the session cookie is HttpOnly and SameSite=Strict, Secure when
@@ -11,13 +11,16 @@ checked, in a worker thread; an unknown name costs the same hash as a known one.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 from urllib.parse import quote, urlsplit
 
 import jinja2
 from aiohttp import web
+from markupsafe import Markup, escape
 
 from storage import crm as q
 from storage import feed
@@ -39,23 +42,109 @@ LIMITER = web.AppKey("login_budgets", AttemptBudgets)
 JINJA = web.AppKey("jinja", jinja2.Environment)
 
 
-def _when(value) -> str:
+TZ_COOKIE = "tz"
+_ZONE_NAME = re.compile(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+){0,2}")
+
+
+def _zone(name: str | None) -> ZoneInfo | None:
+    if not name or len(name) > 64 or not _ZONE_NAME.fullmatch(name):
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ValueError, KeyError, OSError):
+        return None
+
+
+def zone_for(request: web.Request, user: User | None) -> tuple[ZoneInfo, bool]:
+    """The zone a page is shown in and whether the user configured it (``[[users]] time_zone``);
+    otherwise the browser's, which the pages' script sends in the ``tz`` cookie; otherwise UTC."""
+    configured = _zone(user.time_zone) if user is not None and user.time_zone else None
+    if configured is not None:
+        return configured, True
+    return _zone(request.cookies.get(TZ_COOKIE)) or ZoneInfo("UTC"), False
+
+
+def _aware(value) -> datetime | None:
     if not value:
-        return ""
+        return None
     if isinstance(value, str):
         value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return value.strftime("%Y-%m-%d %H:%M UTC")
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def exact_time(value, tz: ZoneInfo) -> str:
+    t = _aware(value)
+    if t is None:
+        return ""
+    local = t.astimezone(tz)
+    return local.strftime("%Y-%m-%d %H:%M ") + (local.tzname() or tz.key)
+
+
+def relative_time(value, now: datetime) -> str:
+    t = _aware(value)
+    if t is None:
+        return ""
+    secs = (now - t).total_seconds()
+    if secs < 45:
+        return "just now"
+    if secs < 3600:
+        return f"{max(1, round(secs / 60))} min ago"
+    if secs < 86400:
+        return f"{int(secs // 3600)} h ago"
+    days = int(secs // 86400)
+    return "yesterday" if days == 1 else f"{days} days ago"
+
+
+@jinja2.pass_context
+def _when(ctx, value) -> str:
+    """The exact time in the page's zone, labelled ("2026-12-07 16:29 EST")."""
+    return exact_time(value, ctx["tz"])
+
+
+@jinja2.pass_context
+def _ago(ctx, value) -> Markup:
+    """A relative time with the exact one on hover; the script keeps both current in the browser."""
+    t = _aware(value)
+    if t is None:
+        return Markup("")
+    iso = t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return Markup('<time datetime="{}" title="{}" data-rel>{}</time>').format(
+        iso, exact_time(t, ctx["tz"]), relative_time(t, ctx["now"]))
+
+
+@jinja2.pass_context
+def _at(ctx, value) -> Markup:
+    """The exact time as a <time> element the script shows in the browser's zone."""
+    t = _aware(value)
+    if t is None:
+        return Markup("")
+    iso = t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return Markup('<time datetime="{}" data-abs>{}</time>').format(iso, exact_time(t, ctx["tz"]))
+
+
+def _pct(rate) -> str:
+    return "—" if rate is None else f"{rate * 100:.0f} %"
 
 
 def make_env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
     env.filters["when"] = _when
+    env.filters["ago"] = _ago
+    env.filters["at"] = _at
+    env.filters["pct"] = _pct
     env.filters["urlencode"] = lambda v: quote(str(v), safe="@")
+    env.globals["reason_words"] = reason_words
+    env.globals["recipient_reason_words"] = recipient_reason_words
     return env
 
 
 def render(request: web.Request, template: str, status: int = 200, **context) -> web.Response:
+    tz, configured = zone_for(request, context.get("user"))
+    context.setdefault("tz", tz)
+    context.setdefault("tz_configured", configured)
+    context.setdefault("now", datetime.now(timezone.utc))
+    context.setdefault("nav", "")
     html = request.app[JINJA].get_template(template).render(**context)
     return web.Response(text=html, status=status, content_type="text/html", charset="utf-8",
                         headers=_page_headers())
@@ -177,18 +266,127 @@ async def logout(request: web.Request) -> web.Response:
     raise resp
 
 
+# -- words ---------------------------------------------------------------------------------------
+
+#: Why an open or click was not counted as a person reading, in words.
+_REASONS = {
+    "head_request": "machine: a HEAD request (a link checker, not a browser)",
+    "scanner_agent": "link scanner: its user agent is a known scanner or HTTP library",
+    "apple_privacy_proxy": "Apple Mail Privacy Protection: Apple's proxy fetched it, perhaps unread",
+    "click_burst": "link scanner: several links clicked within 2 s",
+    "sender_ip": "you: from your own address",
+    "signed_in_ip": "you: from an address you are signed in from",
+}
+
+
+def reason_words(event: dict, sent_at: str | None = None) -> str:
+    reason = event.get("reason")
+    if reason == "scanner_window":
+        verb = "clicked" if event.get("type") == "clicked" else "opened"
+        t, d = _aware(event.get("at")), _aware(sent_at)
+        if t is not None and d is not None:
+            return f"link scanner: {verb} within {max(0, round((t - d).total_seconds()))} s of delivery"
+        return f"link scanner: {verb} right after delivery"
+    if reason in _REASONS:
+        return _REASONS[reason]
+    if event.get("inferred"):
+        return "a click without an earlier open: the open is inferred"
+    return reason or ""
+
+
+_RECIPIENT_REASONS = {
+    "tracking_disabled": "tracking is off for everybody", "default_untracked": "not tracked by default",
+    "x_track_invalid": "X-Track header not understood", "internal": "a colleague: neither tracked nor logged",
+    "do_not_track": "the contact asked not to be tracked", "gdpr_no_basis": "no legal basis to track (GDPR)",
+    "never_log": "on a Never Log list", "log_bcc": "logged: BCC to the log address",
+    "default_unlogged": "not logged by default",
+}
+
+
+def recipient_reason_words(code: str) -> str:
+    if code.startswith("x_track:"):
+        return f"X-Track: {code.split(':', 1)[1]}"
+    if code.startswith("x_log:"):
+        return f"X-Log: {code.split(':', 1)[1]}"
+    return _RECIPIENT_REASONS.get(code, code.replace("_", " "))
+
+
+def classification_words(value: str | None) -> str:
+    return {"self": "you", None: ""}.get(value, value or "")
+
+
+def device_of(user_agent: str | None) -> str:
+    """Client and device from a user agent ("Apple Mail/iOS · iPhone"); the raw string stays on demand."""
+    if not user_agent:
+        return ""
+    from tracker_http.classify import client_of, is_scanner_agent
+    client = client_of(user_agent) or ""
+    device = ""
+    try:
+        from ua_parser import parse
+        r = parse(user_agent)
+        if r.device and r.device.family not in (None, "Other", "Spider"):
+            device = r.device.family
+    except Exception:  # noqa: BLE001 - an unparseable agent is shown raw
+        pass
+    if not client and is_scanner_agent(user_agent):
+        client = "scanner"
+    return " · ".join(x for x in (client or "unknown client", device) if x)
+
+
+def _who(request: web.Request, user: User) -> str | None:
+    """Whose mail a page shows: the user's own; an admin's team (None) or one user (``?user=``)."""
+    if not user.admin:
+        return user.name
+    wanted = request.query.get("user") or ""
+    names = {u.name for u in request.app[CTX].config.users}
+    return wanted if wanted in names else None
+
+
 # -- pages --------------------------------------------------------------------------------------
+
+def _feed_query(request: web.Request) -> dict:
+    status = request.query.get("status") or None
+    if status not in feed.FILTERS:
+        status = None
+    if request.query.get("tracked") in ("1", "true") and not status:
+        status = "tracked"
+    return {"status": status, "search": (request.query.get("q") or "").strip()[:200]}
+
+
+def _feed_url(**params) -> str:
+    from urllib.parse import urlencode
+    return "/" + ("?" + urlencode({k: v for k, v in params.items() if v}) if any(params.values()) else "")
+
 
 async def feed_page(request: web.Request) -> web.Response:
     user, csrf = signed_in(request)
-    tracked = request.query.get("tracked") in ("1", "true")
+    f = _feed_query(request)
     cursor = request.query.get("cursor", "")
     before = int(cursor) if cursor.isdigit() and len(cursor) < 19 else None
     async with request.app[CTX].sessionmaker() as s:
-        msgs = await feed.list_messages(s, None if user.admin else user.name, before, 50, tracked)
+        msgs = await feed.list_messages(s, None if user.admin else user.name, before, 50, False,
+                                        status=f["status"], search=f["search"] or None)
         items = await feed.feed_json(s, msgs)
-    return render(request, "feed.html", user=user, csrf=csrf, messages=items, tracked=tracked,
-                  next=str(msgs[-1].id) if len(msgs) == 50 else None)
+    chips = [(label, _feed_url(status=key, q=f["search"]), key == f["status"]) for key, label in (
+        (None, "All mail"), ("tracked", "Tracked"), ("opened", "Opened"), ("clicked", "Clicked"),
+        ("replied", "Replied"), ("bounced", "Bounced"), ("not_opened", "Not opened"))]
+    live = not f["status"] and not f["search"] and before is None
+    return render(request, "feed.html", user=user, csrf=csrf, messages=items, chips=chips, search=f["search"],
+                  filter=f["status"] or "", live=live, nav="feed",
+                  next=_feed_url(status=f["status"], q=f["search"], cursor=str(msgs[-1].id))
+                  if len(msgs) == 50 else None)
+
+
+async def message_card(request: web.Request) -> web.Response:
+    """One message's card of the feed, for the script to put a new message on top."""
+    user, csrf = signed_in(request)
+    async with request.app[CTX].sessionmaker() as s:
+        msg = await feed.get_message(s, int(request.match_info["id"]), None if user.admin else user.name)
+        items = await feed.feed_json(s, [msg]) if msg else []
+    if not items:
+        raise web.HTTPNotFound(text="no such message")
+    return render(request, "card.html", user=user, csrf=csrf, m=items[0])
 
 
 async def message_page(request: web.Request) -> web.Response:
@@ -200,10 +398,55 @@ async def message_page(request: web.Request) -> web.Response:
         item = await feed.message_with_events(s, int(raw), None if user.admin else user.name)
     if item is None:
         raise web.HTTPNotFound(text="no such message")
-    return render(request, "message.html", user=user, csrf=csrf, m=item, events=item["events"])
+    sent = {r["address"]: r.get("sent_at") for r in item["recipients"]}
+    links: dict[tuple[str, str], dict] = {}
+    for e in item["events"]:
+        e["why"] = reason_words(e, sent.get(e["recipient"])) if e["classification"] != "human" else (
+            reason_words(e) if e["inferred"] else "")
+        e["who"] = classification_words(e["classification"])
+        e["device"] = device_of(e["user_agent"])
+        if e["type"] == "clicked" and e["url"]:
+            row = links.setdefault((e["recipient"] or "", e["url"]), {"recipient": e["recipient"], "url": e["url"],
+                                                                      "human": 0, "machine": 0, "you": 0})
+            row[{"human": "human", "self": "you"}.get(e["classification"], "machine")] += 1
+    return render(request, "message.html", user=user, csrf=csrf, m=item, events=item["events"],
+                  links=sorted(links.values(), key=lambda r: (r["recipient"] or "", r["url"])), nav="feed")
+
+
+async def dashboard_page(request: web.Request) -> web.Response:
+    from storage import dashboard
+    from tracker_http import charts
+    user, csrf = signed_in(request)
+    who = _who(request, user)
+    tz, _ = zone_for(request, user)
+    now = datetime.now(timezone.utc)
+    async with request.app[CTX].sessionmaker() as s:
+        periods = await dashboard.summary(s, who, now, tz)
+        act = await dashboard.activity(s, who, now, tz)
+        follow = await dashboard.follow_ups(s, who, now)
+    return render(request, "dashboard.html", user=user, csrf=csrf, periods=periods, follow=follow,
+                  daily=charts.daily_bars(act["days"]), week=charts.week_heatmap(act["week"]),
+                  days=act["days"], who=who, nav="dashboard",
+                  users=[u.name for u in request.app[CTX].config.users] if user.admin else [])
+
+
+CONTACT_SORTS = ("name", "email", "company", "owner", "last", "basis")
+
+
+async def contacts_page(request: web.Request) -> web.Response:
+    from storage import dashboard
+    user, csrf = signed_in(request)
+    search = (request.query.get("q") or "").strip()[:200]
+    sort = request.query.get("sort") if request.query.get("sort") in CONTACT_SORTS else "last"
+    desc = request.query.get("dir", "desc" if sort == "last" else "asc") == "desc"
+    async with request.app[CTX].sessionmaker() as s:
+        rows = await dashboard.contacts(s, search or None, sort, desc, limit=500)
+    return render(request, "contacts.html", user=user, csrf=csrf, contacts=rows, search=search, sort=sort,
+                  desc=desc, nav="contacts")
 
 
 async def contact_page(request: web.Request) -> web.Response:
+    from storage import dashboard
     user, csrf = signed_in(request)
     email = request.match_info["email"].strip().lower()
     thread_key = request.query.get("thread")
@@ -220,8 +463,68 @@ async def contact_page(request: web.Request) -> web.Response:
             d = logged_json(full, atts.get(e.id, []), bodies=True)
             d["has_html"] = bool(full.html)
             items.append(d)
-    return render(request, "contact.html", user=user, csrf=csrf, contact=cj, emails=items,
-                  thread=thread_key, back=request.rel_url.path_qs)
+        activities = [] if thread_key else await dashboard.contact_activity(
+            s, email, None if user.admin else user.name)
+    cj["name"] = feed.names_in(*(h for e in items for h in (e["from"], e["to"], e["cc"]))).get(email)
+    pinned = [e for e in items if e["pinned"]]
+    timeline = sorted([("email", _aware(e["date"]), e) for e in items if not e["pinned"]] +
+                      [("activity", _aware(a["at"]), a) for a in activities],
+                      key=lambda x: x[1] or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
+    # machine activity collapsed: consecutive machine rows go into one fold
+    grouped: list[tuple[str, object]] = []
+    for kind, _, obj in timeline:
+        if kind == "activity" and obj["classification"] in ("machine", "self"):
+            if grouped and grouped[-1][0] == "machine":
+                grouped[-1][1].append(obj)
+            else:
+                grouped.append(("machine", [obj]))
+        else:
+            grouped.append((kind, obj))
+    return render(request, "contact.html", user=user, csrf=csrf, contact=cj, emails=items, pinned=pinned,
+                  timeline=grouped, thread=thread_key, back=request.rel_url.path_qs, nav="contacts")
+
+
+def _config_never_log(ctx, scope: str, user: User) -> tuple[str, ...]:
+    from trackrelay.neverlog import normalise_entry
+    return tuple(normalise_entry(e) for e in (ctx.config.never_log.team if scope == "team" else user.never_log))
+
+
+async def _never_log_view(s, ctx, scope: str, user: User) -> list[dict]:
+    cfg = _config_never_log(ctx, scope, user)
+    db = await q.never_log_db_entries(s, scope, "" if scope == "team" else user.name)
+    return [{"entry": e, "config": True} for e in cfg] + [{"entry": e, "config": False} for e in db if e not in cfg]
+
+
+async def settings_page(request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
+    user, csrf = signed_in(request)
+    ctx = request.app[CTX]
+    async with ctx.sessionmaker() as s:
+        mine = await _never_log_view(s, ctx, "user", user)
+        team = await _never_log_view(s, ctx, "team", user)
+        others = [(u, await _never_log_view(s, ctx, "user", u)) for u in ctx.config.users
+                  if user.admin and u.name != user.name]
+    return render(request, "settings.html", status=status, user=user, csrf=csrf, mine=mine, team=team,
+                  others=others, error=error, nav="settings")
+
+
+async def never_log_action(request: web.Request) -> web.Response:
+    user, form = await _checked_form(request)
+    ctx = request.app[CTX]
+    action = request.match_info["action"]
+    scope = form.get("scope", "user")
+    if action not in ("add", "remove") or scope not in ("user", "team"):
+        raise web.HTTPNotFound(text="no such action")
+    if scope == "team" and not user.admin:
+        raise web.HTTPForbidden(text="the team Never Log list is changed by admins")
+    entries = [e for e in re.split(r"[\s,;]+", str(form.get("entries", ""))) if e]
+    try:
+        async with ctx.sessionmaker() as s:
+            async with s.begin():
+                await q.never_log_change(s, action=action, scope=scope, user="" if scope == "team" else user.name,
+                                         raw_entries=entries, config_entries=_config_never_log(ctx, scope, user))
+    except q.NeverLogRefused as e:
+        return await settings_page(request, error=str(e), status=400)
+    raise web.HTTPSeeOther("/settings")
 
 
 async def logged_body(request: web.Request) -> web.Response:
@@ -273,8 +576,13 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/login", login)
     r.add_post("/logout", logout)
     r.add_get("/", feed_page)
-    r.add_get("/messages/{id:\\d+}", message_page)
+    r.add_get("/dashboard", dashboard_page)
+    r.add_get("/messages/{id:\\d{1,18}}", message_page)
+    r.add_get("/messages/{id:\\d{1,18}}/card", message_card)
+    r.add_get("/contacts", contacts_page)
     r.add_get("/contacts/{email}", contact_page)
+    r.add_get("/settings", settings_page)
+    r.add_post("/settings/never-log/{action}", never_log_action)
     r.add_get("/logged-emails/{id:\\d+}/body", logged_body)
     r.add_post("/logged-emails/{id:\\d+}/{action}", logged_action)
     r.add_get("/attachments/{id:\\d+}", attachment_download)
