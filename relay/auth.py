@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -36,6 +37,10 @@ def budgets_for_relay(config: Config) -> AttemptBudgets:
                           r.auth_backoff_max_seconds)
 
 
+#: How long an attempt waits for a slot held by checks still running before it is refused.
+SLOT_WAIT = 10.0
+
+
 class Authenticator:
     """AUTH PLAIN/LOGIN against the configured users, within the attempt budgets."""
 
@@ -48,8 +53,17 @@ class Authenticator:
 
     async def authenticate(self, server: SMTP, session: Session, mechanism: str,
                            auth_data: object) -> AuthResult:
-        """The check, awaited: the password is verified in a worker thread."""
+        """The check, awaited: the password is verified in a worker thread. An attempt that finds
+        every slot held by checks still running waits for one (up to ``SLOT_WAIT`` seconds)
+        rather than being refused: simultaneous connections of one mail client are no attack,
+        and the budget still counts each failure before the next check."""
         begun = self._begin(session, auth_data)
+        deadline = time.monotonic() + SLOT_WAIT
+        while isinstance(begun, AuthResult) and begun.message and isinstance(auth_data, LoginPassword) \
+                and time.monotonic() < deadline \
+                and self.budgets.only_in_flight(auth_data.login.decode("utf-8", "replace"), _ip(session)):
+            await asyncio.sleep(0.02)
+            begun = self._begin(session, auth_data)
         if isinstance(begun, AuthResult):
             return begun
         attempt, name, password = begun

@@ -19,7 +19,7 @@ import aiohttp
 import argon2
 import pytest
 
-from helpers import PASSWORD, PASSWORD_HASH, make_config, to_toml
+from helpers import PASSWORD, PASSWORD_HASH, client, make_config, to_toml
 from test_config_cli import run_cli
 from trackrelay.attempts import MAX_ENTRIES, AttemptBudgets, network_of
 from trackrelay.passwords import CHECKER, hash_scrypt, verify_password
@@ -408,3 +408,15 @@ async def test_the_trackers_pixel_p99_stays_within_twice_idle_while_8_clients_gu
     print(f"pixel p99 idle {idle * 1e3:.2f} ms, while guessing {busy * 1e3:.2f} ms ({guesses[0]} guesses)")
     assert guesses[0] >= 8  # each client guessed (about 30 ms a hash, on a machine with others)
     assert busy < 2 * idle, (idle, busy)
+
+
+async def test_a_mail_clients_simultaneous_connections_all_sign_in(relay, sink):
+    """Slots held by checks still running make the next attempt wait, not fail: twenty
+    connections of one user at once (as Outlook opens several) all authenticate."""
+    await relay.start()
+
+    async def one():
+        c = await client(relay.port)
+        await c.quit()
+
+    await asyncio.gather(*(one() for _ in range(20)))

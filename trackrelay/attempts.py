@@ -160,6 +160,17 @@ class AttemptBudgets:
             e.pending += 1
         return Attempt(self, wanted)
 
+    def only_in_flight(self, name: str, ip: str) -> bool:
+        """Is a refusal of ``begin`` only because every slot is held by checks still running (no
+        budget locked, its failures under the limit)? Then the attempt may wait for a slot: a mail
+        client opening several connections at once is no guesser."""
+        now = self.clock()
+        for table, key in ((self.users, name.lower()[:MAX_NAME]), (self.networks, network_of(ip))):
+            e = table.entries.get(key)
+            if table.limit > 0 and e is not None and (e.locked_until > now or e.failures >= table.limit):
+                return False
+        return True
+
     def __len__(self) -> int:
         return len(self.users) + len(self.networks)
 
