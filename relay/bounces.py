@@ -15,7 +15,8 @@ Recognised, in this order:
   be delivered" texts: the failed addresses are read from the notice (never from the returned
   copy of the original), each with the status code and diagnostic text that follow it.
 
-The heuristics are our own (learnt from what those servers document and send; GNU Mailman's
+Our per-copy references (``X-Trackrelay-Ref``) found in the returned original are reported too,
+unverified (``Bounce.refs``). The heuristics are our own (learnt from what those servers document and send; GNU Mailman's
 flufl.bounce is the reference the tests compare with). Matching a bounce to one of our messages
 and recipients is the inbound listener's job: this module only reports what the bounce says.
 """
@@ -68,6 +69,9 @@ class Bounce:
     failures: tuple[Failure, ...]
     #: Message-IDs of the original message the bounce is about, without angle brackets.
     message_ids: tuple[str, ...]
+    #: What looks like our per-copy reference (``relay.reference``, unverified) in the returned
+    #: original: its headers as a part or as quoted text, or the notice.
+    refs: tuple[str, ...] = ()
 
 
 # -- addresses ---------------------------------------------------------------------------------
@@ -533,20 +537,34 @@ def parse(raw: bytes, mail_from: str | None = None) -> Bounce | None:
         return None
 
 
+def _original_refs(w: _Walk) -> tuple[str, ...]:
+    """Our per-copy references where a bounce returns the original: its header as a part
+    (message/rfc822, text/rfc822-headers) or quoted in the notice's text."""
+    from relay.reference import candidates
+    texts = [_header(o, "X-Trackrelay-Ref") for o in w.originals] + w.header_texts + w.notices
+    found: list[str] = []
+    for text in texts:
+        for c in candidates(text):
+            if c.decode("ascii") not in found:
+                found.append(c.decode("ascii"))
+    return tuple(found[:20])
+
+
 def _parse(raw: bytes, null_sender: bool) -> Bounce | None:
     top = email.message_from_bytes(raw, policy=email_policy.compat32)
     w = _walk(top)
     ids = tuple(_original_ids(w))
+    refs = _original_refs(w)
     if w.reports:
         failures, any_block = _dsn_failures(w.reports)
         if any_block:
-            return Bounce("dsn", tuple(_merge(failures)), ids)
+            return Bounce("dsn", tuple(_merge(failures)), ids, refs)
     text = _text_bounce(w, null_sender, ids)
     if text is not None and (text[1] or text[2] or w.reports):
         # (a null sender alone, with no failed address read, is more likely an auto-reply)
-        return Bounce(text[0] if text[1] or not w.reports else "dsn", tuple(_merge(text[1])), ids)
+        return Bounce(text[0] if text[1] or not w.reports else "dsn", tuple(_merge(text[1])), ids, refs)
     if w.reports:
-        return Bounce("dsn", (), ids)
+        return Bounce("dsn", (), ids, refs)
     return None
 
 

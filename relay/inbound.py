@@ -2,38 +2,55 @@
 
 It accepts mail only for ``log+<log_key>@<relay.hostname>`` (no AUTH; any other recipient gets
 ``550 5.7.1``; nothing is ever relayed; lines up to ``INBOUND_LINE_LIMIT``, since some providers'
-bounces exceed RFC 5321's 1,000 octets). Before the 250, in one transaction:
+bounces exceed RFC 5321's 1,000 octets). Log keys are guessable only by trying them, so unknown
+recipients are budgeted: ``UNKNOWN_PER_CONNECTION`` (3) per connection and
+``UNKNOWN_PER_CLIENT`` (5) per client address (IPv6: its /64) in ``UNKNOWN_WINDOW_SECONDS`` (60);
+past either, ``421 4.7.0`` and the connection is closed, and a client over its budget gets ``421``
+for every recipient — a right key included — until its window has room again.
 
-- a bounce (``relay.bounces``: DSNs and the non-standard notices) about one of our messages records
-  ``bounced`` (permanent) or ``deferred`` (temporary) for each failed recipient, with the format,
-  status code and diagnostic as the event's reason; it is never logged as incoming mail;
+Whoever knows a log key can send anything to it, so mail changes state only for messages of the
+user whose log address received it (several addressed: theirs), and only with proof that it
+refers to our mail. Before the 250, in one transaction:
+
+- a bounce (``relay.bounces``: DSNs and the non-standard notices) records ``bounced`` (permanent)
+  or ``deferred`` (temporary) for each failed recipient it proves to be about one of that user's
+  copies: by our signed per-copy reference (``X-Trackrelay-Ref``, ``relay.reference``) in the
+  returned original, or by the original Message-ID of one of that user's messages to that address.
+  Format, status code, diagnostic and the proof are the event's reason. A bounce that proves
+  nothing records nothing; a bounce is never logged as incoming mail;
 - other mail is logged to its sender's contact — created unless the sender is ``MAILER-DAEMON``,
-  ``postmaster`` or the null sender ``<>``;
-- a reply to one of our messages records ``replied`` (and an inferred open when no human open came
-  first) unless it is automatic (``relay.autoreply``).
+  ``postmaster`` or the null sender ``<>`` — with what proved it (``storage.inbound_proof``:
+  ``reply``, ``thread``, ``ref`` or ``none``);
+- a reply records ``replied`` (and an inferred open when no human open came first) only when its
+  In-Reply-To/References name one of that user's messages and its sender was a recipient of it,
+  and never when it is automatic (``relay.autoreply``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
+import time
 import weakref
-from datetime import timedelta
+from collections import OrderedDict, deque
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from relay import autoreply, bounces
 from relay import message as m
-from relay import replies
+from relay import reference, replies
 from relay.crm import ParsedEmail, addresses, parse_email, write_logged_email
 from relay.smtp import CALL_LIMITS, RelaySMTP, SessionTracking
 from storage import crm as q
 from storage import events as ev
+from storage import inbound_proof
 from storage.models import Message, Recipient, utcnow
 from trackrelay import mailaddr
 from trackrelay.config import Config, User, parse_hostport
+from trackrelay.links import Keyring, key_file_path
 from trackrelay.neverlog import matches, normalise_entry
 
 log = logging.getLogger("trackrelay.inbound")
@@ -41,9 +58,16 @@ log = logging.getLogger("trackrelay.inbound")
 #: Longest line accepted (with its CRLF): bounces from some providers carry whole HTML pages or
 #: header blocks on one line.
 INBOUND_LINE_LIMIT = 1 << 20
-#: A bounce that names no Message-ID of the original is matched to the addressed user's latest
-#: message to that recipient within this time.
-BOUNCE_WITHOUT_ID_WINDOW = timedelta(days=7)
+#: Unknown recipients (wrong log keys, other addresses) answered 550 on one connection; the next
+#: gets 421 and the connection is closed.
+UNKNOWN_PER_CONNECTION = 3
+#: Unknown recipients per client address (IPv6: per /64) in UNKNOWN_WINDOW_SECONDS; past them,
+#: every recipient from that client gets 421 until the window has room.
+UNKNOWN_PER_CLIENT = 5
+UNKNOWN_WINDOW_SECONDS = 60.0
+#: Clients whose unknown recipients are remembered (least recently seen forgotten first).
+UNKNOWN_CLIENTS_TRACKED = 4096
+TOO_MANY_UNKNOWN = "421 4.7.0 Too many unknown recipients, try again later"
 
 
 def automatic_reason(p: ParsedEmail) -> str | None:
@@ -61,23 +85,109 @@ def _id_forms(ids) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def client_key(peer) -> str:
+    """The client a budget is kept for: its IPv4 address, or its IPv6 /64."""
+    host = peer[0] if isinstance(peer, tuple) and peer else str(peer)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class UnknownBudget:
+    """Unknown recipients per client in a sliding window, LRU-bounded (distinct clients cannot grow
+    memory past ``UNKNOWN_CLIENTS_TRACKED`` entries of at most ``limit`` times each)."""
+
+    def __init__(self, limit: int = UNKNOWN_PER_CLIENT, window: float = UNKNOWN_WINDOW_SECONDS,
+                 size: int = UNKNOWN_CLIENTS_TRACKED, clock=time.monotonic):
+        self.limit, self.window, self.size, self.clock = limit, window, size, clock
+        self._seen: OrderedDict[str, deque] = OrderedDict()
+
+    def _times(self, client: str) -> deque | None:
+        times = self._seen.get(client)
+        if times is None:
+            return None
+        cutoff = self.clock() - self.window
+        while times and times[0] <= cutoff:
+            times.popleft()
+        if not times:
+            del self._seen[client]
+            return None
+        return times
+
+    def spent(self, client: str) -> bool:
+        times = self._times(client)
+        return times is not None and len(times) >= self.limit
+
+    def charge(self, client: str) -> None:
+        times = self._times(client)
+        if times is None:
+            times = self._seen[client] = deque(maxlen=self.limit)
+        times.append(self.clock())
+        self._seen.move_to_end(client)
+        while len(self._seen) > self.size:
+            self._seen.popitem(last=False)
+
+
+def _key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def inbound_keyring(config: Config) -> Keyring | None:
+    """The keyring that signed our copies' references: ``tracker.secret_keys``, else the key a
+    single ``serve`` generated beside its database; None when neither exists (then only the
+    Message-ID can prove a bounce)."""
+    if config.tracker.secret_keys:
+        return Keyring.from_strings(config.tracker.secret_keys)
+    try:
+        key = key_file_path(config.storage.url).read_text().strip()
+    except OSError:
+        return None
+    return Keyring.from_strings([key]) if key else None
+
+
 class InboundHandler(SessionTracking):
-    def __init__(self, config: Config, sessionmaker: async_sessionmaker, on_events=None):
-        self.config = config
-        self.on_events = on_events or (lambda: None)
+    def __init__(self, config: Config, sessionmaker: async_sessionmaker, on_events=None,
+                 keyring: Keyring | None = None):
         self.sessionmaker = sessionmaker
-        self.users = {u.log_key: u for u in config.users if u.log_key}
-        self.team_cfg = tuple(normalise_entry(e) for e in config.never_log.team)
+        self.on_events = on_events or (lambda: None)
         self.sessions: weakref.WeakSet = weakref.WeakSet()
+        self.budget = UnknownBudget()
+        self._unknown: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> count
+        self._keyring = keyring
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """SIGHUP: new users and log keys take effect for the next RCPT."""
+        self.config = config
+        #: By the key's SHA-256: a look-up costs the same whatever the guess shares with a key.
+        self.users = {_key_digest(u.log_key): u for u in config.users if u.log_key}
+        self.team_cfg = tuple(normalise_entry(e) for e in config.never_log.team)
+        self.keyring = self._keyring or inbound_keyring(config)
 
     def _user_for(self, address: str) -> User | None:
         local, _, domain = address.rpartition("@")
         if domain.lower() != self.config.relay.hostname.lower() or not local.lower().startswith("log+"):
             return None
-        return self.users.get(local[4:])
+        return self.users.get(_key_digest(local[4:]))
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        client = client_key(session.peer)
+        if self.budget.spent(client):
+            log.warning("inbound: client over its unknown-recipient budget, answered 421")
+            return TOO_MANY_UNKNOWN
         if self._user_for(address) is None:
+            count = self._unknown.get(session, 0) + 1
+            self._unknown[session] = count
+            if count > UNKNOWN_PER_CONNECTION:
+                log.warning("inbound: %d unknown recipients on one connection, answered 421", count)
+                return TOO_MANY_UNKNOWN
+            self.budget.charge(client)
             return replies.INBOUND_ONLY
         envelope.rcpt_tos.append(address)
         return replies.OK_RECIPIENT
@@ -85,6 +195,8 @@ class InboundHandler(SessionTracking):
     async def handle_DATA(self, server, session, envelope):
         raw = m.normalize_crlf(envelope.original_content or b"")
         users = list({u.name: u for u in (self._user_for(r) for r in envelope.rcpt_tos) if u}.values())
+        if not users:  # the key was removed (SIGHUP) between RCPT and DATA
+            return replies.NO_RECIPIENTS
         try:
             async with self.sessionmaker() as s:
                 async with s.begin():
@@ -117,6 +229,10 @@ class InboundHandler(SessionTracking):
         internal = sender in self.config.user_addresses or \
             sender.rpartition("@")[2] in self.config.internal_domains
         team_addresses = {a.lower() for a in self.config.crm.team_addresses}
+        cited = await self._our_recipients(s, self._cited_ids(parsed), None, users)
+        sender_forms = mailaddr.variants(sender)
+        replied_to = [(r, u) for r, u in cited if r.address.lower() in sender_forms]
+        by_ref = await self._copies(s, reference.verified(self.keyring, [raw]) if self.keyring else set(), users)
         never = False
         for user in users:
             lists = await q.never_log_lists(s, user.name, self.team_cfg,
@@ -125,39 +241,46 @@ class InboundHandler(SessionTracking):
                 matches(sender, lists.team) or matches(sender, lists.personal))
             never = never or user_never
             if not internal and not user_never:
-                await write_logged_email(s, self.config, parsed, direction="incoming", user=user.name,
-                                         message_pk=None, contact_emails=[sender], owner=user.name,
-                                         create_contacts=create)
+                logged = await write_logged_email(s, self.config, parsed, direction="incoming", user=user.name,
+                                                  message_pk=None, contact_emails=[sender], owner=user.name,
+                                                  create_contacts=create)
+                if logged is not None:
+                    proof, message_pk = _proof_for(user.name, replied_to, cited, by_ref)
+                    await inbound_proof.record(s, logged.id, proof, message_pk)
         why = automatic_reason(parsed)
         if why is None and not mailaddr.is_system(sender):
-            await self._replied(s, parsed, sender, never)
+            await self._replied(s, parsed, sender, never, replied_to)
         elif why is not None:
             log.info("inbound automatic reply, no replied event: %s", why)
 
-    async def _our_recipients(self, s: AsyncSession, ids: list[str], address: str | None):
-        if not ids:
+    @staticmethod
+    def _cited_ids(parsed: ParsedEmail) -> list[str]:
+        return ([parsed.in_reply_to] if parsed.in_reply_to else []) + parsed.references
+
+    async def _our_recipients(self, s: AsyncSession, ids: list[str], address: str | None, users: list[User]):
+        """Copies of these users' messages with one of these Message-IDs (to ``address`` only,
+        when given)."""
+        if not ids or not users:
             return []
         q_ = (select(Recipient, Message.user).join(Message, Message.id == Recipient.message_pk)
-              .where(Message.message_id.in_(_id_forms(ids)), Message.kind == "mail"))
+              .where(Message.message_id.in_(_id_forms(ids[:100])), Message.kind == "mail",
+                     Message.user.in_([u.name for u in users])))
         if address is not None:
             q_ = q_.where(func.lower(Recipient.address).in_(sorted(mailaddr.variants(address))))
         return (await s.execute(q_)).all()
 
-    async def _latest_to(self, s: AsyncSession, addresses_: set[str], users: list[User]):
-        """The addressed users' latest message to one of these addresses, within the window."""
-        if not users:
+    async def _copies(self, s: AsyncSession, copy_ids: set[int], users: list[User]):
+        """These copies (verified references), those of these users' messages only."""
+        if not copy_ids or not users:
             return []
-        row = (await s.execute(
+        return (await s.execute(
             select(Recipient, Message.user).join(Message, Message.id == Recipient.message_pk)
-            .where(func.lower(Recipient.address).in_(sorted(addresses_)), Message.kind == "mail",
-                   Message.user.in_([u.name for u in users]),
-                   Message.accepted_at >= utcnow() - BOUNCE_WITHOUT_ID_WINDOW)
-            .order_by(Message.accepted_at.desc(), Recipient.id.desc()).limit(1))).first()
-        return [row] if row else []
+            .where(Recipient.id.in_(sorted(copy_ids)), Message.kind == "mail",
+                   Message.user.in_([u.name for u in users])))).all()
 
-    async def _replied(self, s: AsyncSession, parsed: ParsedEmail, sender: str, never: bool) -> None:
-        refs = ([parsed.in_reply_to] if parsed.in_reply_to else []) + parsed.references
-        rows = await self._our_recipients(s, refs, sender)
+    async def _replied(self, s: AsyncSession, parsed: ParsedEmail, sender: str, never: bool, rows) -> None:
+        """``replied`` for the copies the reply proved to answer (its In-Reply-To/References name
+        the message, its sender was the copy's recipient, the message is the addressed user's)."""
         if not rows:
             return
         now = utcnow()
@@ -177,25 +300,33 @@ class InboundHandler(SessionTracking):
             await q.touch_contacts(s, {sender: {"last_engagement_at": now}})
 
     async def _bounced(self, s: AsyncSession, bounce: bounces.Bounce, users: list[User], raw: bytes) -> None:
-        """``bounced`` (permanent) or ``deferred`` (temporary) for each of our recipients the bounce
-        names: by the original's Message-ID, or — when the bounce names none — the addressed user's
-        latest message to that address."""
+        """``bounced`` (permanent) or ``deferred`` (temporary) for each of the addressed users'
+        copies the bounce proves: our signed reference in the returned original names the copy, or
+        the original's Message-ID names one of their messages and the failure its recipient. One
+        failure whose address is not the copy's (an alias the copy was forwarded to) with exactly
+        one proven copy is that copy's. Nothing else is matched: no proof, no event."""
+        if not bounce.failures:
+            log.info("inbound bounce (%s) names no failed recipient: nothing recorded", bounce.format)
+            return
+        ref_ids = reference.verified(self.keyring, bounce.refs) if self.keyring and bounce.refs else set()
+        by_ref = await self._copies(s, ref_ids, users)
+        by_id = await self._our_recipients(s, list(bounce.message_ids), None, users)
         now = utcnow()
-        events = []
         notice = hashlib.sha256(raw).hexdigest()[:24]
+        events = []
         seen: set[int] = set()
-        ours = await self._our_recipients(s, list(bounce.message_ids), None) if bounce.failures else []
         for f in bounce.failures:
             forms = set().union(*(mailaddr.variants(a) for a in f.addresses))
-            if bounce.message_ids:
-                rows = [(r, u) for r, u in ours if r.address.lower() in forms]
-            else:
-                rows = await self._latest_to(s, forms, users)
-            reason = f"{bounce.format}; status {f.status or 'unknown'}; {f.diagnostic or 'no diagnostic'}"[:1000]
-            for r, user in rows:
+            rows = [(r, u, "reference") for r, u in by_ref if r.address.lower() in forms] + \
+                   [(r, u, "message-id") for r, u in by_id if r.address.lower() in forms]
+            if not rows and len(bounce.failures) == 1 and len(by_ref) == 1:
+                rows = [(by_ref[0][0], by_ref[0][1], "reference")]
+            diagnostic = f.diagnostic or "no diagnostic"
+            for r, user, proof in rows:
                 if r.id in seen:
                     continue
                 seen.add(r.id)
+                reason = f"{bounce.format}; status {f.status or 'unknown'}; proof {proof}; {diagnostic}"[:1000]
                 kind = "bounced" if f.permanent else "deferred"
                 events.append(dict(type=kind, at=now, message_pk=r.message_pk, recipient_pk=r.id, user=user,
                                    classification=None, reason=reason, first=False, inferred=False,
@@ -204,8 +335,18 @@ class InboundHandler(SessionTracking):
                     await s.execute(update(Recipient).where(Recipient.id == r.id).values(status="bounced")
                                     .execution_options(synchronize_session=False))
         await ev.insert_idempotent(s, events)
-        log.info("inbound bounce (%s): %d failures read, %d recipients of ours", bounce.format,
-                 len(bounce.failures), len(events))
+        log.info("inbound bounce (%s): %d failures read, %d copies proven (%d by reference), %s",
+                 bounce.format, len(bounce.failures), len(events), len(by_ref),
+                 "recorded" if events else "no proof: nothing recorded")
+
+
+def _proof_for(user: str, replied_to, cited, by_ref) -> tuple[str, int | None]:
+    """What ties an incoming email to this user's mail (``storage.inbound_proof``)."""
+    for kind, rows in (("reply", replied_to), ("thread", cited), ("ref", by_ref)):
+        for r, owner in rows:
+            if owner == user:
+                return kind, r.message_pk
+    return "none", None
 
 
 async def start_inbound(config: Config, handler: InboundHandler) -> asyncio.base_events.Server:

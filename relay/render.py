@@ -1,4 +1,5 @@
-"""Render one recipient's copy from the spooled message: instrument (per its plan), then DKIM-sign.
+"""Render one recipient's copy from the spooled message: instrument (per its plan), add the copy's
+signed reference (``X-Trackrelay-Ref``, ``relay.reference``), then DKIM-sign.
 
 Each message is parsed once (an LRU cache keyed by message id); every copy is spliced from that
 parse, so the hundredth copy costs a small fraction of the first.
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import dkim
 
-from relay import instrument
+from relay import instrument, reference
 from relay import message as m
 from storage.queue import Claimed, Spooled
 from trackrelay.config import Config
@@ -89,6 +90,21 @@ class CopyRenderer:
             elif data is not raw:
                 # A body change breaks every signature that came with the message.
                 data = m.remove(data, {"dkim-signature"})
+        if message.kind == "mail":
+            data = with_reference(data, reference.header_line(self.keyring, copy.id))
         if self.dkim:
             data = self.dkim.sign(data)
         return data, note
+
+
+def with_reference(data: bytes, line: bytes) -> bytes:
+    """The copy with our ``X-Trackrelay-Ref`` (``relay.reference``) right below the spooled form's
+    first field, our own ``Received:`` (near the top, so a bounce that returns only the first part
+    of the headers still has it); a reference that came with the message is removed. It is left
+    out of our DKIM signature on purpose: its own MAC is its proof, and a gateway that strips
+    X- headers must not break the signature."""
+    if b"x-trackrelay-ref" in data[:m.header_end(data)].lower():
+        data = m.remove(data, {"x-trackrelay-ref"})
+    fs = m.fields(data)
+    at = fs[0].end if fs and fs[0].name == "received" else 0
+    return data[:at] + line + b"\r\n" + data[at:]
