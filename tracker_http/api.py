@@ -99,9 +99,15 @@ async def list_messages(request: web.Request) -> web.Response:
     tracked = request.query.get("tracked", "").lower()
     if tracked not in ("", "true", "false", "1", "0"):
         raise web.HTTPBadRequest(text="tracked must be true or false")
+    status = request.query.get("status") or None
+    if status is not None and status not in feed.FILTERS:
+        raise web.HTTPBadRequest(text="status must be one of " + ", ".join(feed.FILTERS))
+    search = request.query.get("q") or None
+    if search is not None and len(search) > 200:
+        raise web.HTTPBadRequest(text="q is at most 200 characters")
     async with request.app[CTX].sessionmaker() as session:
         msgs = await feed.list_messages(session, None if user.admin else user.name, before, limit,
-                                        tracked in ("true", "1"))
+                                        tracked in ("true", "1"), status=status, search=search)
         items = await feed.feed_json(session, msgs)
     nxt = str(msgs[-1].id) if len(msgs) == limit else None
     return web.json_response({"messages": items, "next": nxt}, dumps=lambda o: json.dumps(o, ensure_ascii=False))
