@@ -180,3 +180,306 @@ async def test_chromium_sign_in_live_open_pin_delete_download_and_screenshots(re
         await page.wait_for_load_state()
         assert await page.locator("article.logged").count() == 1
     assert [s for (s,) in await relay.rows("SELECT subject FROM logged_emails ORDER BY id")] == ["Offer"]
+
+
+# -- the pages a salesperson opens every morning (issue 23) -----------------------------------------
+
+IPHONE_UA = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+             "Mobile/15E148")
+CARL_MSG = HTML_MSG.replace(b"Subject: Offer", b"Subject: Carl note").replace(b"To: carol@ext.test",
+                                                                                b"To: Erin Evans <erin@ext.test>")
+NAMED_MSG = HTML_MSG.replace(b"To: carol@ext.test", b"To: Carol Closer <carol@ext.test>, Dave Decider <dave@ext.test>")
+
+
+async def hit(url: str, ip: str = "127.0.0.5", ua: str = IPHONE_UA, method: str = "GET") -> int:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ip, 0)),
+                                     headers={"User-Agent": ua}) as b:
+        async with b.request(method, url, allow_redirects=False) as r:
+            return r.status
+
+
+async def seed(relay, sink):
+    """alice's Offer to Carol and Dave (Carol opens, clicks; a HEAD on Dave's pixel; alice opens her
+    own copy from her address) and carl's note to Erin. Returns (alice's message id, carl's)."""
+    await send(relay, ["carol@ext.test", "dave@ext.test"], NAMED_MSG)
+    await send(relay, ["erin@ext.test"], CARL_MSG, user="carl")
+    got = await sink.wait_for(3)
+    await relay.wait_status({"sent"}, 3)
+    await wait_logged(relay, 2)
+    copy = {r.rcpt_tos[0]: r.data for r in got}
+    pixel = {k: re.search(rb'src="(http://[^"]+/o/[^"]+\.gif)"', v).group(1).decode() for k, v in copy.items()}
+    click = re.findall(rb'href="(http://[^"]+/c/[^"]+)"', copy["carol@ext.test"])[0].decode()
+    assert await hit(pixel["carol@ext.test"]) == 200
+    await asyncio.sleep(2.5)  # not a click burst
+    assert await hit(click) == 302
+    assert await hit(pixel["dave@ext.test"], method="HEAD") == 200
+    assert await hit(pixel["carol@ext.test"], ip="127.0.0.2") == 200  # alice, from her own address
+    await relay.events_written()
+    ids = dict(await relay.rows("SELECT user, id FROM messages WHERE kind = 'mail'"))
+    return ids["alice"], ids["carl"]
+
+
+def figure(page: str, period: str, fig: str, col: str = "cur") -> str:
+    section = page.split(f'data-period="{period}"', 1)[1].split("data-period=", 1)[0]
+    row = section.split(f'data-fig="{fig}"', 1)[1].split("</tr>", 1)[0]
+    return re.search(rf'class="{col}"[^>]*>([^<]*)<', row).group(1).strip()
+
+
+def pct(n: int, base: int) -> str:
+    return f"{n / base * 100:.0f} %" if base else "—"
+
+
+async def test_dashboard_figures_equal_the_api_and_each_user_sees_only_their_own_mail(relay, sink):
+    from helpers import API_TOKENS
+    await start(relay)
+    alice_mid, carl_mid = await seed(relay, sink)
+    api = base(relay) + "/api/v1/messages"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_TOKENS['alice']}"}) as s:
+        async with s.get(api) as r:
+            mine = (await r.json())["messages"]
+    assert [m["id"] for m in mine] == [alice_mid]
+    copies = [r for m in mine for r in m["recipients"]]
+    delivered = [r for r in copies if r["status"] not in ("queued", "deferred", "bounced")]
+    t_open = [r for r in delivered if r["tracked_opens"]]
+    t_click = [r for r in delivered if r["tracked_clicks"]]
+    expected = {"sent": str(len(mine)),
+                "open_rate": pct(sum(1 for r in t_open if r["opens"]), len(t_open)),
+                "click_rate": pct(sum(1 for r in t_click if r["clicks"]), len(t_click)),
+                "reply_rate": pct(sum(1 for r in delivered if r["status"] == "replied"), len(delivered)),
+                "bounced": str(sum(1 for r in copies if r["status"] == "bounced"))}
+    assert expected == {"sent": "1", "open_rate": "50 %", "click_rate": "50 %", "reply_rate": "0 %", "bounced": "0"}
+    async with local_session() as s:
+        await sign_in(s, relay, "alice")
+        async with s.get(base(relay) + "/dashboard?user=carl") as r:  # not an admin: ?user= is ignored
+            page = await r.text()
+        for period in ("Today", "7 days", "30 days"):
+            assert {f: figure(page, period, f) for f in expected} == expected, period
+            assert figure(page, period, "sent", "prev") == "0"
+        assert "<svg" in page and "Human opens (1) and clicks (1) per day" in page
+        assert "Carl note" not in page and "erin@ext.test" not in page
+        assert "clicked 1 time" in page  # Carol is to follow up
+        async with s.get(base(relay) + "/") as r:
+            feed = await r.text()
+        assert "Offer" in feed and "Carl note" not in feed and "erin@ext.test" not in feed
+        assert 'href="/contacts/carol@ext.test"' in feed and "Carol Closer" in feed
+        for path in (f"/messages/{carl_mid}", f"/messages/{carl_mid}/card"):
+            async with s.get(base(relay) + path) as r:
+                assert r.status == 404, path
+        async with s.get(base(relay) + "/contacts/erin@ext.test") as r:
+            erin = await r.text()
+        assert 'data-type="sent"' not in erin  # carl's mail to her is not alice's to see
+        async with s.get(base(relay) + "/?q=erin") as r:
+            assert "Carl note" not in await r.text()
+    async with local_session() as s:
+        await sign_in(s, relay, "bob")  # an admin: the team, and one user
+        async with s.get(base(relay) + "/dashboard") as r:
+            team = await r.text()
+        assert figure(team, "Today", "sent") == "2"
+        async with s.get(base(relay) + "/dashboard?user=carl") as r:
+            carl = await r.text()
+        assert figure(carl, "Today", "sent") == "1" and figure(carl, "Today", "open_rate") == "0 %"
+        async with s.get(base(relay) + "/?q=erin") as r:
+            found = await r.text()
+        assert "Carl note" in found and "Offer" not in found
+        async with s.get(base(relay) + "/contacts/erin@ext.test") as r:
+            erin = await r.text()
+        assert 'data-type="sent"' in erin and "Erin Evans" in erin
+
+
+async def test_feed_filters_and_search_over_http(relay, sink):
+    await start(relay)
+    await seed(relay, sink)
+    async with local_session() as s:
+        await sign_in(s, relay, "bob")
+
+        async def subjects(query: str) -> set[str]:
+            async with s.get(base(relay) + "/" + query) as r:
+                assert r.status == 200
+                return set(re.findall(r'class="subject" href="/messages/\d+">([^<]+)<', await r.text()))
+
+        assert await subjects("") == {"Offer", "Carl note"}
+        assert await subjects("?status=opened") == {"Offer"}
+        assert await subjects("?status=clicked") == {"Offer"}
+        assert await subjects("?status=not_opened") == {"Offer", "Carl note"}  # Dave, Erin
+        assert await subjects("?status=replied") == set()
+        assert await subjects("?status=bounced") == set()
+        assert await subjects("?status=tracked") == {"Offer", "Carl note"}
+        assert await subjects("?q=carl+NOTE") == {"Carl note"}
+        assert await subjects("?q=dave%40ext") == {"Offer"}
+        assert await subjects("?q=ext.test&status=clicked") == {"Offer"}
+        assert await subjects("?q=100%25") == set()  # LIKE wildcards are literal
+        async with s.get(base(relay) + "/contacts?q=decider") as r:
+            page = await r.text()
+        assert "Dave Decider" in page and "carol@ext.test" not in page
+        async with s.get(base(relay) + "/contacts?sort=name&dir=asc") as r:
+            names = re.findall(r'data-contact="([^"]+)"', await r.text())
+        assert names[:3] == ["carol@ext.test", "dave@ext.test", "erin@ext.test"]
+
+
+@pytest.mark.browser
+async def test_chromium_new_york_time_new_message_live_filters_and_search(relay, sink, shots):
+    from zoneinfo import ZoneInfo
+
+    from browser import chromium_page
+    await start(relay)
+    alice_mid, _ = await seed(relay, sink)
+    (at,) = (await relay.rows("SELECT at FROM events WHERE type = 'clicked'"))[0]
+    at = at if not isinstance(at, str) else __import__("datetime").datetime.fromisoformat(at)
+    at = at.replace(tzinfo=__import__("datetime").timezone.utc) if at.tzinfo is None else at
+    ny = at.astimezone(ZoneInfo("America/New_York"))
+    expected = ny.strftime("%Y-%m-%d %H:%M ") + ny.tzname()
+    async with chromium_page(timezone_id="America/New_York") as page:
+        await page.goto(base(relay) + "/login")
+        await page.fill("input[name=username]", "alice")
+        await page.fill("input[name=password]", PASSWORD)
+        await page.click("button[type=submit]")
+        await page.wait_for_url(base(relay) + "/")
+        await page.goto(base(relay) + f"/messages/{alice_mid}")
+        cell = page.locator("tr.c-human", has_text="clicked").locator("time[data-abs]")
+        assert await cell.inner_text() == expected
+        assert await page.locator("#zone").inner_text() == "America/New_York"
+        # The browser's zone went to the server: the next page is rendered in it.
+        jar = "; ".join(f'{c["name"]}={c["value"]}' for c in await page.context.cookies())
+        async with aiohttp.ClientSession(headers={"Cookie": jar}) as s:
+            async with s.get(base(relay) + f"/messages/{alice_mid}") as r:
+                html = await r.text()
+        assert expected in html and "Times in <span id=\"zone\">America/New_York" in html, (jar, html[-1500:])
+
+        await page.goto(base(relay) + "/")
+        assert "ago" in await page.locator("article[data-subject=Offer] time[data-rel]").first.inner_text() or \
+            await page.locator("article[data-subject=Offer] time[data-rel]").first.inner_text() == "just now"
+        assert (await page.locator("article[data-subject=Offer] time[data-rel]").first.get_attribute("title")
+                ).endswith(("EST", "EDT"))
+        await page.wait_for_function("document.documentElement.dataset.live === '1'")
+        await asyncio.sleep(0.5)  # the stream is connected
+        loop = asyncio.get_running_loop()
+        await send(relay, ["frank@ext.test"], HTML_MSG.replace(b"Subject: Offer", b"Subject: Live one"))
+        sent = loop.time()
+        await page.locator("article[data-subject='Live one']").wait_for(timeout=1000)
+        took = loop.time() - sent
+        print(f"new message on the open feed {took * 1000:.0f} ms after the relay's 250")
+        assert took < 1.0
+        assert await page.locator("article[data-message]").first.get_attribute("data-subject") == "Live one"
+
+        async def shown() -> list[str]:
+            return [await a.get_attribute("data-subject") for a in await page.locator("article[data-message]").all()]
+
+        await page.click("a.chip:text-is('Opened')")
+        await page.wait_for_load_state()
+        assert await shown() == ["Offer"]
+        await page.click("a.chip:text-is('Not opened')")
+        await page.wait_for_load_state()
+        assert set(await shown()) == {"Offer", "Live one"}
+        await page.fill("#q", "frank")
+        await page.press("#q", "Enter")
+        await page.wait_for_load_state()
+        assert await shown() == ["Live one"] and "status=not_opened" in page.url
+        await page.click("a.chip:text-is('Clicked')")
+        await page.wait_for_load_state()
+        assert await shown() == [] and "No mail matches" in await page.locator("main").inner_text()
+        await page.click("a.chip:text-is('All mail')")
+        await page.wait_for_load_state()
+        assert await shown() == ["Live one"]
+
+
+PAGES = ("/dashboard", "/", "/messages/{mid}", "/contacts", "/contacts/carol@ext.test", "/settings")
+
+
+@pytest.mark.browser
+async def test_chromium_contact_timeline_message_page_settings_every_page_accessible_without_js(relay, sink, shots):
+    from browser import axe_source, axe_violations, chromium_browser
+    users = relay.config_dict()["users"]
+    users[0]["never_log"] = ["*@secret.test"]
+    await start(relay, users=users)
+    alice_mid, _ = await seed(relay, sink)
+    axe = axe_source()
+    async with chromium_browser() as browser:
+        context = await browser.new_context(user_agent=IPHONE_UA)
+        page = await context.new_page()
+        await page.goto(base(relay) + "/login")
+        await page.fill("input[name=username]", "alice")
+        await page.fill("input[name=password]", PASSWORD)
+        await page.click("button[type=submit]")
+        await page.wait_for_url(base(relay) + "/")
+
+        await page.goto(base(relay) + "/contacts/carol@ext.test")
+        assert await page.locator("h1").inner_text() == "Carol Closer"
+        clicked = page.locator("li.activity[data-type=clicked]")
+        assert await clicked.count() == 1
+        assert await clicked.locator(".link-clicked").inner_text() == "https://example.com/offer?a=1&b=2"
+        assert "Offer" in await clicked.inner_text()
+        assert await page.locator("li.activity[data-type=sent]").count() == 1
+        assert await page.locator("li.activity.c-human[data-type=opened]").count() == 1
+        fold = page.locator("details.machine-fold")  # alice's own open, folded away
+        assert await fold.count() == 1 and not await fold.locator("li").first.is_visible()
+        await fold.locator("summary").click()
+        assert "you: from your own address" in await fold.inner_text()
+
+        await page.goto(base(relay) + f"/messages/{alice_mid}")
+        link = page.locator("tr[data-link='https://example.com/offer?a=1&b=2']")
+        assert [await link.locator(c).inner_text() for c in (".n-human", ".n-machine", ".n-you")] == ["1", "0", "0"]
+        own = page.locator("tr.c-self")
+        assert "you (you: from your own address)" in await own.locator(".who").inner_text()
+        head = page.locator("tr.c-machine")
+        assert "a HEAD request" in await head.locator(".who").inner_text()
+        ua = page.locator("tr.c-human details.ua").first
+        assert "iOS" in await ua.locator("summary").inner_text()
+        assert not await ua.locator("code").is_visible()
+        await ua.locator("summary").click()
+        assert await ua.locator("code").inner_text() == IPHONE_UA
+
+        # Settings: the config entry is read-only; one added in the page takes effect, then goes.
+        await page.goto(base(relay) + "/settings")
+        config_entry = page.locator("ul[data-scope=user] li[data-entry='*@secret.test']")
+        assert await config_entry.locator(".tag").inner_text() == "config"
+        assert await config_entry.locator("button").count() == 0
+        assert await page.locator("#add-team").count() == 0  # not an admin
+        await page.fill("#add-user", "Grace@Ext.Test")
+        await page.click("form.add button")
+        await page.wait_for_load_state()
+        assert await page.locator("ul[data-scope=user] li[data-entry='grace@ext.test']").count() == 1
+        await asyncio.sleep(2.2)  # the relay reads the lists at most every 2 s
+        await send(relay, ["grace@ext.test", "henry@ext.test"])
+        await relay.wait_status({"sent"}, 5)
+        flags = dict(await relay.rows("SELECT address, never_log FROM recipients WHERE address IN "
+                                      "('grace@ext.test', 'henry@ext.test')"))
+        assert bool(flags["grace@ext.test"]) and not bool(flags["henry@ext.test"])
+        await page.fill("#add-user", "bad entry@@")
+        await page.click("form.add button")
+        assert await page.locator("p.error[role=alert]").count() == 1
+        await page.goto(base(relay) + "/settings")
+        await page.locator("li[data-entry='grace@ext.test'] button").click()
+        await page.wait_for_load_state()
+        assert await page.locator("li[data-entry='grace@ext.test']").count() == 0
+        assert await page.locator("li[data-entry='*@secret.test']").count() == 1
+
+        # Every page: no WCAG 2 A/AA violation, no sideways scrolling on a phone, screenshots.
+        for path in PAGES + ("/login",):
+            url = base(relay) + path.format(mid=alice_mid)
+            name = {"/": "feed", "/login": "login"}.get(path, path.strip("/").split("/")[0])
+            if path == "/contacts/carol@ext.test":
+                name = "contact"
+            target = page
+            if path == "/login":
+                target = await (await browser.new_context()).new_page()
+            for width, suffix in ((1280, ""), (390, "-phone")):
+                await target.set_viewport_size({"width": width, "height": 800 if width > 400 else 844})
+                await target.goto(url)
+                assert await target.evaluate("document.documentElement.scrollWidth") <= width, (path, width)
+                await target.screenshot(path=str(shots / f"{name}{suffix}.png"), full_page=True)
+            violations = await axe_violations(target, axe)
+            assert violations == [], (path, violations)
+
+        # Without JavaScript every page still shows its content (times in UTC, labelled).
+        nojs = await browser.new_context(java_script_enabled=False, user_agent=IPHONE_UA)
+        await nojs.add_cookies([c for c in await context.cookies() if c["name"] != "tz"])
+        p2 = await nojs.new_page()
+        for path in PAGES:
+            await p2.goto(base(relay) + path.format(mid=alice_mid))
+            text = await p2.locator("main").inner_text()
+            assert "Offer" in text or path in ("/contacts", "/settings"), path
+            assert await p2.locator("#zone").inner_text() == "UTC"
+        await p2.goto(base(relay) + "/dashboard")
+        assert await p2.locator("svg.chart").count() == 2
+        await p2.goto(base(relay) + "/contacts")
+        assert await p2.locator("tr[data-contact='carol@ext.test']").count() == 1

@@ -16,7 +16,7 @@ import secrets
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import jinja2
 from aiohttp import web
@@ -61,7 +61,7 @@ def zone_for(request: web.Request, user: User | None) -> tuple[ZoneInfo, bool]:
     configured = _zone(user.time_zone) if user is not None and user.time_zone else None
     if configured is not None:
         return configured, True
-    return _zone(request.cookies.get(TZ_COOKIE)) or ZoneInfo("UTC"), False
+    return _zone(unquote(request.cookies.get(TZ_COOKIE) or "")) or ZoneInfo("UTC"), False
 
 
 def _aware(value) -> datetime | None:
