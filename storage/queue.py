@@ -122,7 +122,7 @@ class Beat:
 
 
 def _freeing() -> dict:
-    """What freeing a claim sets: back in the queue, due now, one more possible duplicate."""
+    """What freeing a claim sets: back in the queue (due when it was), one more possible duplicate."""
     return dict(status="queued", lease_owner=None, lease_until=None, reclaims=Recipient.reclaims + 1)
 
 
@@ -148,8 +148,8 @@ async def heartbeats(session: AsyncSession) -> list[Beat]:
 
 
 async def free_claims_of(session: AsyncSession, owners: list[str]) -> int:
-    """The claims of dead workers are free: their copies go back to the queue (each a reclaim)
-    and their heartbeat rows go."""
+    """These workers' claims are free (they are dead, or it is this one's clean stop): their
+    copies go back to the queue, each a reclaim, and their heartbeat rows go."""
     if not owners:
         return 0
     result = await session.execute(update(Recipient)
