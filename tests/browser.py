@@ -52,10 +52,11 @@ async def axe_violations(page, source: str) -> list[dict]:
     await page.add_script_tag(content=source)
     result = await page.evaluate("""async () => {
         const r = await axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']}});
-        return r.violations.map(v => ({id: v.id, impact: v.impact, help: v.help,
-                                       targets: v.nodes.map(n => n.target.join(' ')).slice(0, 5)}));
+        return {passes: r.passes.length, violations: r.violations.map(v => ({id: v.id, impact: v.impact,
+                help: v.help, targets: v.nodes.map(n => n.target.join(' ')).slice(0, 5)}))};
     }""")
-    return result
+    assert result["passes"] > 0, "axe-core checked nothing"
+    return result["violations"]
 
 
 @contextlib.asynccontextmanager

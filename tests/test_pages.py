@@ -394,7 +394,7 @@ async def test_chromium_contact_timeline_message_page_settings_every_page_access
     alice_mid, _ = await seed(relay, sink)
     axe = axe_source()
     async with chromium_browser() as browser:
-        context = await browser.new_context(user_agent=IPHONE_UA)
+        context = await browser.new_context(user_agent=IPHONE_UA, bypass_csp=True)  # to inject axe-core
         page = await context.new_page()
         await page.goto(base(relay) + "/login")
         await page.fill("input[name=username]", "alice")
@@ -461,7 +461,7 @@ async def test_chromium_contact_timeline_message_page_settings_every_page_access
                 name = "contact"
             target = page
             if path == "/login":
-                target = await (await browser.new_context()).new_page()
+                target = await (await browser.new_context(bypass_csp=True)).new_page()
             for width, suffix in ((1280, ""), (390, "-phone")):
                 await target.set_viewport_size({"width": width, "height": 800 if width > 400 else 844})
                 await target.goto(url)
