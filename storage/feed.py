@@ -114,7 +114,7 @@ async def feed_json(session: AsyncSession, messages: list[Message]) -> list[dict
         machine = sum(v[0] for k, v in agg.items() if k[0] == r.id and k[1] == "opened" and k[2] != "human")
         machine_clicks = sum(v[0] for k, v in agg.items() if k[0] == r.id and k[1] == "clicked" and k[2] != "human")
         by_msg.setdefault(r.message_pk, []).append({
-            "address": r.address, "status": status, "tracked_opens": bool(r.track_opens),
+            "id": r.id, "address": r.address, "status": status, "tracked_opens": bool(r.track_opens),
             "tracked_clicks": bool(r.track_clicks), "reasons": list(r.reasons or []),
             "opens": human_open[0] if human_open else 0, "machine_opens": machine,
             "first_opened_at": _iso(_aware(human_open[1])) if human_open else None,

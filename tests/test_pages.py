@@ -262,7 +262,9 @@ async def test_dashboard_figures_equal_the_api_and_each_user_sees_only_their_own
             feed = await r.text()
         assert "Offer" in feed and "Carl note" not in feed and "erin@ext.test" not in feed
         assert 'href="/contacts/carol@ext.test"' in feed and "Carol Closer" in feed
-        for path in (f"/messages/{carl_mid}", f"/messages/{carl_mid}/card"):
+        (erin_copy,) = (await relay.rows("SELECT id FROM recipients WHERE address = 'erin@ext.test'"))[0]
+        for path in (f"/messages/{carl_mid}", f"/messages/{carl_mid}/card", f"/messages/{carl_mid}/copies/{erin_copy}",
+                     f"/messages/{carl_mid}/copies/{erin_copy}/body", f"/messages/{alice_mid}/copies/{erin_copy}"):
             async with s.get(base(relay) + path) as r:
                 assert r.status == 404, path
         async with s.get(base(relay) + "/contacts/erin@ext.test") as r:
@@ -483,3 +485,38 @@ async def test_chromium_contact_timeline_message_page_settings_every_page_access
         assert await p2.locator("svg.chart").count() == 2
         await p2.goto(base(relay) + "/contacts")
         assert await p2.locator("tr[data-contact='carol@ext.test']").count() == 1
+
+
+@pytest.mark.browser
+async def test_chromium_view_the_copy_a_recipient_got_sandboxed_and_recording_nothing(relay, sink):
+    from browser import chromium_page
+    await start(relay)
+    await send(relay, ["carol@ext.test"])
+    (got,) = await sink.wait_for(1)
+    await relay.wait_status({"sent"}, 1)
+    (mid,) = (await relay.rows("SELECT id FROM messages"))[0]
+    (token,) = (await relay.rows("SELECT token FROM recipients"))[0]
+    async with chromium_page() as page:
+        await page.goto(base(relay) + "/login")
+        await page.fill("input[name=username]", "alice")
+        await page.fill("input[name=password]", PASSWORD)
+        await page.click("button[type=submit]")
+        await page.wait_for_url(base(relay) + "/")
+        await page.goto(base(relay) + f"/messages/{mid}")
+        await page.click("text=View the copy sent to carol@ext.test")
+        await page.wait_for_load_state()
+        frame_el = page.locator("iframe.copy")
+        assert await frame_el.get_attribute("sandbox") == ""
+        frame = page.frame_locator("iframe.copy")
+        src = await frame.locator("img").first.get_attribute("src")
+        assert src.endswith(f"/o/{token}.gif") and src in got.data.decode()
+        hrefs = [await a.get_attribute("href") for a in await frame.locator("a").all()]
+        assert hrefs and all("/c/" in h and h in got.data.decode() for h in hrefs)
+        async with aiohttp.ClientSession(headers={"Cookie": "; ".join(
+                f'{c["name"]}={c["value"]}' for c in await page.context.cookies())}) as s:
+            async with s.get(base(relay) + f"/messages/{mid}/copies/{(await relay.rows('SELECT id FROM recipients'))[0][0]}/body") as r:
+                assert r.headers["Content-Security-Policy"].startswith("sandbox;")
+                assert "img-src data:" in r.headers["Content-Security-Policy"]
+    await asyncio.sleep(0.3)
+    await relay.events_written()
+    assert await relay.rows("SELECT id FROM events WHERE type = 'opened'") == []  # viewing is no open

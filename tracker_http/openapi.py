@@ -51,6 +51,7 @@ SCHEMAS = {
                   "classification": {"type": "string", "nullable": True, "enum": ["human", "machine", "self", None]},
                   "reason": NULLABLE_STR, "first": {"type": "boolean"}, "inferred": {"type": "boolean"}}},
     "Recipient": {"type": "object", "properties": {
+        "id": {"type": "integer", "description": "the copy's id (the pages' /messages/{id}/copies/{copy})"},
         "address": {"type": "string"},
         "status": {"type": "string", "enum": ["queued", "sent", "deferred", "bounced", "opened", "clicked",
                                               "replied"]},

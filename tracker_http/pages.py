@@ -413,6 +413,72 @@ async def message_page(request: web.Request) -> web.Response:
                   links=sorted(links.values(), key=lambda r: (r["recipient"] or "", r["url"])), nav="feed")
 
 
+async def _recipient_copy(request: web.Request) -> tuple[User, str, bytes | None, str]:
+    """The copy a recipient got, made again from the spooled bytes with the copy's own token
+    (what the delivery worker made, without the DKIM signature and reference header): the user,
+    the address, the copy (None once the spool is purged) and a note."""
+    from sqlalchemy import select
+
+    from relay import instrument
+    from storage.models import Message, Recipient
+    user, _ = signed_in(request)
+    ctx = request.app[CTX]
+    async with ctx.sessionmaker() as s:
+        msg = await feed.get_message(s, int(request.match_info["id"]), None if user.admin else user.name)
+        rcpt = None
+        if msg is not None:
+            rcpt = (await s.scalars(select(Recipient).where(Recipient.message_pk == msg.id,
+                                                            Recipient.id == int(request.match_info["rid"])))).first()
+        if rcpt is None:
+            raise web.HTTPNotFound(text="no such copy")
+        raw = (await s.execute(select(Message.raw).where(Message.id == msg.id))).scalar()
+    if raw is None:
+        return user, rcpt.address, None, "The spooled message is no longer kept (queue.keep_delivered_days)."
+    if not (rcpt.token and (rcpt.track_opens or rcpt.track_clicks)):
+        return user, rcpt.address, raw, "Not instrumented: the copy went out as it was."
+    t = ctx.config.tracking
+    result = await asyncio.to_thread(lambda: instrument.render(
+        instrument.parse(raw, ctx.config.tracker.public_url),
+        instrument.Plan(token=rcpt.token, opens=rcpt.track_opens, clicks=rcpt.track_clicks,
+                        public_url=ctx.config.tracker.public_url, keyring=ctx.keyring,
+                        pixel_position=t.pixel_position, skip_url_text_links=t.skip_url_text_links)))
+    note = "With its open pixel and tracked links." if result.pixel or result.links else (
+        result.note or "Nothing was instrumented in this copy.")
+    return user, rcpt.address, result.data, note
+
+
+def _html_of(data: bytes) -> tuple[str | None, str | None]:
+    import email
+    from email import policy
+    msg = email.message_from_bytes(data, policy=policy.default)
+    html = msg.get_body(("html",))
+    text = msg.get_body(("plain",))
+    try:
+        return (html.get_content() if html else None), (text.get_content() if text else None)
+    except (LookupError, ValueError):
+        return None, None
+
+
+async def copy_page(request: web.Request) -> web.Response:
+    user, csrf = signed_in(request)
+    _, address, data, note = await _recipient_copy(request)
+    html, text = _html_of(data) if data is not None else (None, None)
+    return render(request, "copy.html", user=user, csrf=csrf, mid=int(request.match_info["id"]),
+                  rid=int(request.match_info["rid"]), address=address, note=note, has_html=bool(html), text=text,
+                  nav="feed")
+
+
+async def copy_body(request: web.Request) -> web.Response:
+    """The copy's HTML under the same sandbox as a logged body: its pixel and links do not load."""
+    _, _, data, _ = await _recipient_copy(request)
+    html = _html_of(data)[0] if data is not None else None
+    if html is None:
+        raise web.HTTPNotFound(text="no HTML in this copy")
+    return web.Response(text=html, content_type="text/html", charset="utf-8", headers={
+        "Content-Security-Policy": BODY_CSP, "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})
+
+
 async def dashboard_page(request: web.Request) -> web.Response:
     from storage import dashboard
     from tracker_http import charts
@@ -579,6 +645,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/dashboard", dashboard_page)
     r.add_get("/messages/{id:\\d{1,18}}", message_page)
     r.add_get("/messages/{id:\\d{1,18}}/card", message_card)
+    r.add_get("/messages/{id:\\d{1,18}}/copies/{rid:\\d{1,18}}", copy_page)
+    r.add_get("/messages/{id:\\d{1,18}}/copies/{rid:\\d{1,18}}/body", copy_body)
     r.add_get("/contacts", contacts_page)
     r.add_get("/contacts/{email}", contact_page)
     r.add_get("/settings", settings_page)
