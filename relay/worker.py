@@ -27,29 +27,26 @@ import asyncio
 import dataclasses
 import logging
 import os
-import re
 import socket
-import sqlite3
 import uuid
 from datetime import datetime, timedelta
 from typing import Callable, Protocol
 
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from relay import dsn
+from relay import dsn, maillog
 from relay.upstream import Result
 from storage import queue as q
 from trackrelay.aio import cancel, finish
 from storage.engine import engine_of
 from storage.events import erase_raw_before
 from storage.models import utcnow
-from storage.spool import Batcher, SpoolEntry, SpoolRecipient, add_entries
+from storage.spool import Batcher, SpoolEntry, SpoolRecipient, add_entries, transient
 from trackrelay.config import Config
 
 log = logging.getLogger("trackrelay.worker")
 #: The mail log: one line per delivery attempt and DSN, greppable by queue id.
-mail_log = logging.getLogger("trackrelay.mail")
+mail_log = maillog.log
 
 CLAIM_BATCH = 32
 HANDOFF_MAX = 2000  # copies waiting in memory; beyond that new mail is claimed from the database
@@ -100,7 +97,7 @@ class DeliveryWorker:
         self.on_recorded = on_recorded or (lambda: None)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.heartbeat_seconds = min(HEARTBEAT_SECONDS, config.queue.lease_seconds / 3)
-        self._recipients_shown = _recipients_mode(config)
+        self._recipients_shown = maillog.recipients_mode(config)
         self._wake = asyncio.Event()
         #: Whether the database may hold due copies this worker has not claimed: set at start, by
         #: wake() (mail spooled without a hand-over, a retry, a DSN, freed claims) and by a full
@@ -166,7 +163,7 @@ class DeliveryWorker:
         try:
             await self._retire()
         except Exception as exc:  # freed when a worker starts next (or sees this one dead)
-            log.warning("could not give back the copies in hand: %s", _err(exc))
+            log.warning("could not give back the copies in hand: %s", maillog.error(exc))
         await self.upstream.close()
 
     # -- hand-over from the relay in this process ------------------------------------------------
@@ -228,7 +225,7 @@ class DeliveryWorker:
                     renewed = loop.time()
                     self._side(self._renew(), "lease-renewal")
             except Exception as exc:
-                log.error("worker heartbeat: %s", _err(exc))
+                log.error("worker heartbeat: %s", maillog.error(exc))
 
     def _side(self, coro, name: str) -> None:
         """Work that must not hold up the heartbeat (it may wait for row locks), one of a kind at a time."""
@@ -259,7 +256,7 @@ class DeliveryWorker:
                             freed = await q.free_claims_of(session, gone)
                 break
             except Exception as exc:
-                log.warning("worker heartbeat: could not enlist: %s", _err(exc))
+                log.warning("worker heartbeat: could not enlist: %s", maillog.error(exc))
                 await asyncio.sleep(self.heartbeat_seconds)
         self._beat_ok = started
         if freed:
@@ -280,7 +277,7 @@ class DeliveryWorker:
                         await self._register(session)
                     peers = [] if self._sole else await q.heartbeats(session)
         except Exception as exc:
-            log.warning("worker heartbeat failed: %s", _err(exc))
+            log.warning("worker heartbeat failed: %s", maillog.error(exc))
             return None
         if not alive:
             log.error("this worker's heartbeat row was gone (another worker judged it dead and freed "
@@ -298,8 +295,8 @@ class DeliveryWorker:
         mode = self._shown(c)
         delay = (utcnow() - msg.accepted_at).total_seconds() if msg is not None else 0.0
         mail_log.info("queue_id=%d copy=%d.%d to=%s status=%s reply=%s delay=%.2f attempt=%d%s",
-                      c.message_pk, c.message_pk, c.number, _shown(c.address, mode), outcome.status,
-                      _quoted(_masked(outcome.reply, mode)), delay, outcome.attempts,
+                      c.message_pk, c.message_pk, c.number, maillog.shown(c.address, mode), outcome.status,
+                      maillog.quoted(maillog.masked(outcome.reply, mode)), delay, outcome.attempts,
                       f" next_attempt={outcome.next_attempt_at:%Y-%m-%dT%H:%M:%SZ}"
                       if outcome.next_attempt_at is not None else "")
 
@@ -357,7 +354,7 @@ class DeliveryWorker:
                     if orphans:
                         freed += await q.free_orphans(session, utcnow())
         except Exception as exc:
-            log.warning("could not free the claims of dead workers: %s", _err(exc))
+            log.warning("could not free the claims of dead workers: %s", maillog.error(exc))
             return
         for owner in dead:
             self._seen.pop(owner, None)
@@ -382,7 +379,7 @@ class DeliveryWorker:
                     for i in range(0, len(ids), 1000):
                         await q.renew(session, self.owner, ids[i:i + 1000], until)
         except Exception as exc:
-            log.warning("lease renewal failed: %s", _err(exc))
+            log.warning("lease renewal failed: %s", maillog.error(exc))
 
     # -- the lanes ---------------------------------------------------------------------------
 
@@ -391,7 +388,7 @@ class DeliveryWorker:
             try:
                 await self._lane_step()
             except Exception as exc:  # e.g. the database gone while claiming: the lane lives on
-                log.error("delivery lane %d: %s", index, _err(exc))
+                log.error("delivery lane %d: %s", index, maillog.error(exc))
                 await asyncio.sleep(IDLE_POLL_SECONDS)
 
     async def _lane_step(self) -> None:
@@ -473,7 +470,7 @@ class DeliveryWorker:
                         claimed = [dataclasses.replace(c, number=numbers.get(c.id, 0)) for c in claimed]
                 return messages, claimed
             except Exception as exc:
-                log.error("loading %d claimed copies failed, retrying: %s", len(claimed), _err(exc))
+                log.error("loading %d claimed copies failed, retrying: %s", len(claimed), maillog.error(exc))
                 if self._stopping:
                     return None
                 await asyncio.sleep(IDLE_POLL_SECONDS)
@@ -486,7 +483,7 @@ class DeliveryWorker:
             if not fut.cancelled() and fut.exception() is not None:
                 # Not written (the database refused it, or the worker stopped first): the copy
                 # stays claimed by this worker until it stops or dies, then it is freed.
-                log.error("recording a delivery outcome failed: %s", _err(fut.exception()))
+                log.error("recording a delivery outcome failed: %s", maillog.error(fut.exception()))
         return done
 
     async def _deliver_one(self, c: q.Claimed, msg: q.Spooled | None) -> q.Outcome:
@@ -508,12 +505,12 @@ class DeliveryWorker:
         except Exception as exc:  # fail open: deliver as it came
             data, note = msg.raw, f"render failed: {type(exc).__name__}"
             log.error("queue_id=%d copy=%d.%d: rendering failed, delivered as it came: %s", c.message_pk,
-                      c.message_pk, c.number, _err(exc, self._shown(c)))
+                      c.message_pk, c.number, maillog.error(exc, self._shown(c)))
         try:
             result = await self.upstream.send(msg.mail_from, c.address, data)
         except Exception as exc:  # a fault of ours: the copy waits for a retry, the lane goes on
             log.error("queue_id=%d copy=%d.%d: delivery attempt failed: %s", c.message_pk, c.message_pk,
-                      c.number, _err(exc, self._shown(c)))
+                      c.number, maillog.error(exc, self._shown(c)))
             # The stored reply names the class only: it may go into a DSN.
             result = Result("deferred", f"451 4.3.0 Internal error ({type(exc).__name__})")
         if result.status == "sent":
@@ -539,10 +536,10 @@ class DeliveryWorker:
                 await q.record_committed(self._engine, outcomes, utcnow())
                 break
             except Exception as exc:
-                if not _transient(exc):
+                if not transient(exc):
                     raise
                 log.warning("writing %d delivery outcomes failed, retrying in %.1f s: %s", len(outcomes),
-                            delay, _err(exc))
+                            delay, maillog.error(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECORD_RETRY_MAX_SECONDS)
         self.on_recorded()
@@ -567,7 +564,7 @@ class DeliveryWorker:
                     await self.erase_old_event_data()
                     last_purge = loop.time()
             except Exception as exc:
-                log.error("maintenance failed: %s", _err(exc))
+                log.error("maintenance failed: %s", maillog.error(exc))
             try:
                 await asyncio.wait_for(self._dsn_wake.wait(), MAINTENANCE_SECONDS)
             except asyncio.TimeoutError:
@@ -600,7 +597,7 @@ class DeliveryWorker:
                     logged.append((pk, dsn_pk, orig.mail_from, len(copies)))
         for pk, dsn_pk, to, n in logged:  # once committed
             mail_log.info("queue_id=%d status=dsn dsn_queue_id=%d to=%s copies=%d", pk, dsn_pk,
-                          _shown(to, self._recipients_shown), n)
+                          maillog.shown(to, self._recipients_shown), n)
         return written
 
     async def erase_old_event_data(self) -> int:
@@ -619,50 +616,6 @@ class DeliveryWorker:
 
 
 # -- the mail log ---------------------------------------------------------------------------------
-
-_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:@]+@(\[[^\]\s]*\]|[^\s<>()\[\]\"',;:@]+)")
-
-
-def _recipients_mode(config: Config) -> str:
-    """``log.recipients``: "full", "domain" (the default) or "none"."""
-    mode = getattr(getattr(config, "log", None), "recipients", "domain")
-    return mode if mode in ("full", "domain", "none") else "domain"
-
-
-def _shown(address: str, mode: str) -> str:
-    """An address as the mail log may show it."""
-    if mode == "full":
-        return f"<{address}>"
-    if mode == "domain" and "@" in address:
-        return f"<*@{address.rpartition('@')[2]}>"
-    return "<*>"
-
-
-def _masked(text: str, mode: str) -> str:
-    """Text (an upstream reply, an exception's message) with every address in it shown as ``mode``."""
-    if mode == "full" or "@" not in text:
-        return text
-    return _ADDRESS.sub(lambda m: _shown(m.group(0), mode)[1:-1], text)
-
-
-def _quoted(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", " ").replace("\n", " ") + '"'
-
-
-def _err(exc: BaseException, mode: str = "domain") -> str:
-    """An exception for a log line: its class and its message (addresses in it masked), short."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {_masked(text, mode)[:300]}" if text else type(exc).__name__
-
-
-def _transient(exc: BaseException) -> bool:
-    """May writing the same rows succeed later (the database down, locked or busy)?"""
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, (OSError, TimeoutError, ConnectionError, sa_exc.OperationalError,
-                            sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.ResourceClosedError,
-                            sqlite3.OperationalError, sqlite3.InterfaceError))
-
 
 def _this_machine() -> tuple[str, str]:
     """(boot id and PID namespace, this process's start time): what tells whether a pid on this

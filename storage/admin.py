@@ -38,7 +38,7 @@ ACTS_ON = {
 }
 BOUNCE_REPLY = "554 5.0.0 Bounced by the operator"
 #: Copies that keep a message from being done (its bytes from being purged).
-_NOT_DONE = (*q.ACTIVE, "held")
+_NOT_DONE = q.UNFINISHED
 
 
 class SelectionError(Exception):

@@ -24,6 +24,8 @@ from storage.engine import connection_of
 from storage.models import Message, Recipient, WorkerHeartbeat, utcnow
 
 ACTIVE = ("queued", "deferred", "sending")
+#: A message is done (its bytes may be purged) when none of its copies is in one of these.
+UNFINISHED = (*ACTIVE, "held")
 #: What a claim takes: never ``sending``, which is some live worker's until its claims are freed.
 CLAIMABLE = ("queued", "deferred")
 FINAL = ("sent", "bounced")
@@ -207,7 +209,7 @@ _SETTLE: dict[tuple[str, ...], object] = {}
 _MARK_DONE = (update(Message)
               .where(Message.id.in_(bindparam("touched", expanding=True)), Message.done_at.is_(None),
                      ~select(Recipient.id).where(Recipient.message_pk == Message.id,
-                                                 Recipient.status.in_(ACTIVE)).exists())
+                                                 Recipient.status.in_(UNFINISHED)).exists())
               .values(done_at=bindparam("now", type_=Message.done_at.type))
               .execution_options(synchronize_session=False))
 
@@ -281,7 +283,7 @@ def _outcome_event(o: Outcome, at) -> tuple:
 
 
 _TIME_COLUMNS = frozenset({"lease_until", "sent_at", "next_attempt_at"})
-_ACTIVE_SQL = ", ".join(f"'{s}'" for s in ACTIVE)
+_UNFINISHED_SQL = ", ".join(f"'{s}'" for s in UNFINISHED)
 
 
 def _record_sqlite(db: direct.Db, outcomes: list[Outcome], by_columns: dict[tuple[str, ...], list[dict]],
@@ -304,7 +306,7 @@ def _record_sqlite(db: direct.Db, outcomes: list[Outcome], by_columns: dict[tupl
     if touched:
         cur.execute(f"UPDATE messages SET done_at = ? WHERE id IN ({direct.in_list(len(touched))}) "
                     "AND done_at IS NULL AND NOT EXISTS (SELECT 1 FROM recipients WHERE "
-                    f"recipients.message_pk = messages.id AND recipients.status IN ({_ACTIVE_SQL}))",
+                    f"recipients.message_pk = messages.id AND recipients.status IN ({_UNFINISHED_SQL}))",
                     (now, *touched))
     cur.close()
 
