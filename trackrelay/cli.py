@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(dbs, "history", "list the migrations, marking the database's revision",
         "trackrelay db history -c /etc/trackrelay/trackrelay.toml")
 
-    cmd(sub, "hash-password", "read a password from stdin (or prompt), print its hash for [[users]] password_hash",
+    cmd(sub, "hash-password", "print the Argon2id hash of a password for [[users]] password_hash: on a terminal "
+        "it asks twice without echo; from a pipe it reads one line",
         "echo 'their password' | trackrelay hash-password")
     cmd(sub, "new-token", "print a fresh API token and its api_token_hash", "trackrelay new-token")
     cmd(sub, "new-log-key", "print a fresh inbound log key (160 random bits) for [[users]] log_key",
@@ -292,7 +293,7 @@ def _dispatch(args) -> int:
 def _hash_password() -> int:
     from trackrelay.passwords import hash_password
     if sys.stdin.isatty():
-        pw = getpass.getpass("Password: ")
+        pw = getpass.getpass("Password (not echoed): ")
         if getpass.getpass("Again: ") != pw:
             raise Failure("passwords differ")
     else:
