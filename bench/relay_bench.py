@@ -33,6 +33,7 @@ from helpers import free_port  # noqa: E402  (tests/ is on sys.path: its helpers
 from proc_cpu import cpu_seconds  # noqa: E402  (bench/ is on sys.path as the script's directory)
 
 PASSWORD = "bench-password"
+PROFILE_DIR: str | None = None
 
 
 def html_message(i: int, size: int = 10_000) -> bytes:
@@ -131,6 +132,10 @@ async def wait_port(port: int, timeout: float = 30) -> None:
 
 async def measure(name: str, argv: list[str], port: int, sink: CountingSink, n: int, clients: int,
                   auth: bool, env: dict | None = None) -> dict:
+    if PROFILE_DIR:  # py-spy samples the server (collapsed stacks: one line per stack and its count)
+        out = Path(PROFILE_DIR) / (name.split(",")[-1].strip().replace(" ", "_").replace("/", "-") + ".txt")
+        argv = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--rate", "250",
+                "--nonblocking", "-o", str(out), "--"] + argv
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                             preexec_fn=lambda: os.sched_setaffinity(0, {0}))
     try:
@@ -152,8 +157,12 @@ async def measure(name: str, argv: list[str], port: int, sink: CountingSink, n: 
         t_delivered = time.perf_counter() - t0
         cpu = cpu_seconds(proc.pid) - cpu0
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if PROFILE_DIR:  # the server (py-spy's child) ends; py-spy then writes its stacks
+            for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                os.kill(int(child), 15)
+        else:
+            proc.terminate()
+        proc.wait(60)
     lat.sort()
     return {
         "name": name, "messages": n,
@@ -213,9 +222,13 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=1, help="alternated rounds; medians are reported")
     ap.add_argument("--rows", default="bare,untracked,tracked,logged",
                     help="which rows to measure (comma-separated; the ratios need bare)")
+    ap.add_argument("--profile", metavar="DIR", help="run each server under py-spy, stacks to DIR (not for figures)")
     args = ap.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
     rows = set(args.rows.split(","))
     if os.cpu_count() and os.cpu_count() >= 2:
         os.sched_setaffinity(0, {1})
@@ -225,30 +238,43 @@ async def main() -> None:
     sink_server = await loop.create_server(lambda: SMTP(sink, hostname="sink.test", decode_data=False),
                                            "127.0.0.1", 0)
     sink_port = sink_server.sockets[0].getsockname()[1]
-    results = []
-
-    if "bare" in rows:
-        port = free_port()
-        results.append(await measure("bare aiosmtpd → aiosmtplib pass-through",
-                                     [sys.executable, __file__, "--bare", str(port), str(sink_port)],
-                                     port, sink, args.messages, args.clients, auth=False))
-
-    for row, track, log in (("untracked", False, False), ("tracked", True, False), ("logged", True, True)):
-        if row in rows:
-            results.append(await measure_trackrelay(track, sink, sink_port, args.messages, args.clients, log))
+    order = [r for r in ("bare", "untracked", "tracked", "logged") if r in rows]
+    spec = {"untracked": (False, False), "tracked": (True, False), "logged": (True, True)}
+    runs: dict[str, list[dict]] = {r: [] for r in order}
+    for rnd in range(args.rounds):
+        # Rows alternate, the order reversed every other round: a drift of the shared machine's
+        # speed falls on every row alike.
+        for row in (order if rnd % 2 == 0 else order[::-1]):
+            if row == "bare":
+                port = free_port()
+                r = await measure("bare aiosmtpd → aiosmtplib pass-through",
+                                  [sys.executable, __file__, "--bare", str(port), str(sink_port)],
+                                  port, sink, args.messages, args.clients, auth=False)
+            else:
+                r = await measure_trackrelay(*spec[row][:1], sink, sink_port, args.messages, args.clients,
+                                             spec[row][1])
+            runs[row].append(r)
+            print(f"round {rnd + 1} {row}: {r['accepted_per_s']:.0f} accepted/s, "
+                  f"{r['delivered_per_s']:.0f} delivered/s, p99 {r['p99_ms']:.1f} ms, "
+                  f"{r['cpu_ms']:.2f} ms CPU/msg", flush=True)
     sink_server.close()
 
-    print(f"{args.messages} messages of ~10 KB HTML, {args.clients} concurrent clients; "
-          f"server on CPU 0, load and sink on CPU 1\n")
-    print("| server | accepted msg/s | delivered msg/s | p50 to 250 (ms) | p99 to 250 (ms) | server CPU ms/msg |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['name']} | {r['accepted_per_s']:.0f} | {r['delivered_per_s']:.0f} | "
-              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['cpu_ms']:.2f} |")
-    base = results[0]
-    for ours in results[1:] if "bare" in rows else []:
-        print(f"\nratio {ours['name']} / bare (delivered msg/s): "
-              f"{ours['delivered_per_s'] / base['delivered_per_s']:.2f}")
+    def med(row, key):
+        return statistics.median(r[key] for r in runs[row])
+
+    print(f"\n{args.messages} messages of ~10 KB HTML, {args.clients} concurrent clients; "
+          f"server on CPU 0, load and sink on CPU 1; medians of {args.rounds} alternated rounds\n")
+    print("| server | accepted msg/s | delivered msg/s | p50 to 250 (ms) | p99 to 250 (ms) | server CPU ms/msg "
+          "| accepted / bare | delivered / bare | p99 / bare |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in order:
+        ratios = " | – | – | –"
+        if "bare" in runs and row != "bare":
+            ratios = (f" | {med(row, 'accepted_per_s') / med('bare', 'accepted_per_s'):.2f}"
+                      f" | {med(row, 'delivered_per_s') / med('bare', 'delivered_per_s'):.2f}"
+                      f" | {med(row, 'p99_ms') / med('bare', 'p99_ms'):.2f}")
+        print(f"| {runs[row][0]['name']} | {med(row, 'accepted_per_s'):.0f} | {med(row, 'delivered_per_s'):.0f} | "
+              f"{med(row, 'p50_ms'):.1f} | {med(row, 'p99_ms'):.1f} | {med(row, 'cpu_ms'):.2f}{ratios} |")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,9 @@ class HtmlPart:
     top: int  # pixel offsets
     bottom: int
     untouched_links: list[str] = field(default_factory=list)  # why http links were left untouched
+    #: Copies' templates by (clicks, skip_url_text_links, pixel here, pixel position): built by the
+    #: first copy of that kind, so every further copy only signs its URLs and joins bytes.
+    templates: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def _prepare(text: str, public_url: str, charset: str = "utf-8") -> tuple[
@@ -233,15 +236,15 @@ def _decode_body(body: bytes, cte: str) -> bytes:
     raise Untouched(f"unknown transfer encoding {cte}")
 
 
-def _encode_body(data: bytes, cte: str, original: bytes) -> tuple[bytes, str]:
-    """Encode a changed body like the original; 7bit/8bit with lines over 998 octets → QP."""
-    tail = b"\r\n" if original.endswith(b"\r\n") else b""
+def _encode_body(data: bytes, cte: str, tail: bytes) -> tuple[bytes, str]:
+    """Encode a changed body like the original (``tail``: the CRLF it ended with, if it did);
+    7bit/8bit with lines over 998 octets → QP."""
     if cte == "base64":
         enc = base64.encodebytes(data).replace(b"\n", b"\r\n")
         return (enc if tail else enc.rstrip(b"\r\n")), cte
     if cte == "quoted-printable":
         return _qp(data, tail), cte
-    if any(len(line) > 998 for line in data.split(b"\r\n")):
+    if len(data) > 998 and max(map(len, data.split(b"\r\n"))) > 998:
         return _qp(data, tail), "quoted-printable"
     return data, cte
 
@@ -261,44 +264,198 @@ def _pixel_tag(src: str) -> str:
             f'style="display:block;width:1px;height:1px;border:0;margin:0;padding:0" />')
 
 
+#: Codecs that encode a string piece by piece to the same bytes as whole (no state, no BOM): a
+#: copy's part is then joined from bytes encoded once per message.
+_STATELESS = re.compile(r"(utf-8|ascii|latin-1|iso8859-\d+|cp\d+|koi8-[a-z]+|mac-[a-z]+|gb2312|gbk|gb18030|"
+                        r"big5|big5hkscs|shift_jis|euc_jp|euc_kr|tis-620)$")
+_LINK, _PIXEL = 0, 1
+
+
+@dataclass
+class _Template:
+    """One part's copy as bytes between the per-recipient slots (a signed link, the pixel)."""
+
+    segments: list[bytes]  # len(slots) + 1 pieces of the encoded part text
+    slots: list[tuple]  # (_LINK, local index, target_b64) or (_PIXEL,)
+    links: list[tuple[int, str]]  # (local index, target)
+    skipped: list[str]
+    cte: str  # the part's transfer encoding as it came
+    charset: str
+    #: For 7bit/8bit parts: the longest line without a slot, and each line with slots as (its
+    #: length without them, the slots on it): a copy's longest line is then a sum, not a split.
+    static_max: int = 0
+    slot_lines: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+    slot_worst: list[tuple[int, int]] = field(default_factory=list)  # (slots on a line, its longest length)
+    #: Per first link index of the part: each slot's signed tail (``index.target_b64``), None for the pixel.
+    tails: dict[int, list[bytes | None]] = field(default_factory=dict)
+
+
+def _edits(part: HtmlPart, clicks: bool, skip_url_text: bool, pixel_at: int | None):
+    """The part's edits in the order the copy applies them; a slot stands where a value is per copy."""
+    edits: list[tuple[int, int, object]] = [(a, b, "") for a, b in part.old_pixels]
+    skipped: list[str] = []
+    links: list[tuple[int, str]] = []
+    if clicks:
+        edits += [(a, b, "") for a, b in part.opt_out_removals]
+        skipped += ["opt_out"] * part.opt_out_links
+        skipped += part.untouched_links
+        for c in part.candidates:
+            if skip_url_text and c.url_text:
+                skipped.append("url_text")
+                continue
+            edits.append((c.start, c.end, (_LINK, len(links), c.target_b64, c.target_b64.encode("ascii"))))
+            links.append((len(links), c.target))
+    if pixel_at is not None:
+        edits.append((pixel_at, pixel_at, (_PIXEL,)))
+    return edits, links, skipped
+
+
+_PROBE = ("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_./:?=&%#" +
+          _pixel_tag("https://x/o/.gif"))
+_compatible: dict[str, bool] = {}
+
+
+def _ascii_compatible(charset: str, part: HtmlPart) -> bool:
+    """Whether what a copy inserts (ASCII URLs, the pixel tag) encodes in ``charset`` to its ASCII
+    bytes and the codec has no state (so the text may be encoded in pieces)."""
+    ok = _compatible.get(charset)
+    if ok is None:
+        try:
+            ok = (_STATELESS.match(codecs.lookup(charset).name) is not None
+                  and _PROBE.encode(charset) == _PROBE.encode("ascii"))
+        except (LookupError, UnicodeError):
+            ok = False
+        _compatible[charset] = ok
+    return ok
+
+
+def _measure_lines(t: _Template) -> None:
+    if t.cte not in ("7bit", "8bit", "binary", ""):
+        return
+    length, on_line = 0, []
+    for k, segment in enumerate(t.segments):
+        lines = segment.split(b"\r\n")
+        length += len(lines[0])
+        if len(lines) > 1:
+            if on_line:
+                t.slot_lines.append((length, tuple(on_line)))
+            else:
+                t.static_max = max(t.static_max, length)
+            t.static_max = max([t.static_max, *map(len, lines[1:-1])])
+            length, on_line = len(lines[-1]), []
+        if k < len(t.slots):
+            on_line.append(k)
+    if on_line:
+        t.slot_lines.append((length, tuple(on_line)))
+    else:
+        t.static_max = max(t.static_max, length)
+    worst: dict[int, int] = {}
+    for length, on_line in t.slot_lines:
+        worst[len(on_line)] = max(worst.get(len(on_line), 0), length)
+    t.slot_worst = sorted(worst.items())
+
+
+def _template(part: HtmlPart, clicks: bool, skip_url_text: bool, pixel_at: int | None) -> _Template | None:
+    key = (clicks, skip_url_text, pixel_at)
+    if key in part.templates:
+        return part.templates[key]
+    template = None
+    charset = "utf-8" if part.charset == "utf-8-as-ascii" else part.charset
+    if _ascii_compatible(charset, part):
+        edits, links, skipped = _edits(part, clicks, skip_url_text, pixel_at)
+        segments: list[bytes] = []
+        slots: list[tuple] = []
+        text, pos, pending = part.text, 0, []
+        try:
+            for a, b, new in sorted(edits, key=lambda e: (e[0], e[1])):
+                if a < pos:  # overlapping edit (cannot happen with a sane scan): keep the first
+                    continue
+                pending.append(text[pos:a])
+                if isinstance(new, tuple):
+                    segments.append("".join(pending).encode(charset))
+                    slots.append(new)
+                    pending = []
+                pos = b
+            pending.append(text[pos:])
+            segments.append("".join(pending).encode(charset))
+            template = _Template(segments, slots, links, skipped, part.cte, charset)
+            _measure_lines(template)
+        except UnicodeError:
+            template = None
+    part.templates[key] = template
+    return template
+
+
 def render(parsed: Parsed, plan: Plan) -> Result:
-    """One recipient's copy. Without a token, or when the message is untouched: the original."""
+    """One recipient's copy. Without a token, or when the message is untouched: the original.
+
+    The first copy of a kind builds each part's template (its text encoded once, in pieces between
+    the per-recipient values); every copy then signs its own URLs and joins bytes."""
     if parsed.untouched is not None:
         return Result(parsed.raw, note=parsed.untouched)
     if not plan.token or not (plan.opens or plan.clicks) or plan.keyring is None:
         return Result(parsed.raw, note="not tracked")
     result = Result(parsed.raw)
-    pieces: list[bytes] = []
+    raw = memoryview(parsed.raw)
+    pieces: list = []
     pos = 0
     pixel_done = False
     link_index = 0
     public = plan.public_url.rstrip("/")
+    pixel_tag = signer = None
     for part in parsed.parts:
-        edits: list[tuple[int, int, str]] = [(a, b, "") for a, b in part.old_pixels]
-        if plan.clicks:
-            edits += [(a, b, "") for a, b in part.opt_out_removals]
-            result.skipped += ["opt_out"] * part.opt_out_links
-            result.skipped += part.untouched_links
-            for c in part.candidates:
-                if plan.skip_url_text_links and c.url_text:
-                    result.skipped.append("url_text")
-                    continue
-                edits.append((c.start, c.end, signed_click(public, plan.keyring, plan.token, link_index,
-                                                           c.target_b64)))
-                result.links.append((link_index, c.target))
-                link_index += 1
+        pixel_at = None
         if plan.opens and not pixel_done and part.visible:
-            at = part.bottom if plan.pixel_position == "bottom" else part.top
-            edits.append((at, at, _pixel_tag(pixel_url(public, plan.token))))
+            pixel_at = part.bottom if plan.pixel_position == "bottom" else part.top
             pixel_done = True
-        if not edits:
-            continue
-        text = _apply(part.text, edits)
-        charset = "utf-8" if part.charset == "utf-8-as-ascii" else part.charset
-        data = text.encode(charset)
-        original_body = parsed.raw[part.body_start:part.body_end]
-        body, cte = _encode_body(data, part.cte, original_body)
-        pieces.append(parsed.raw[pos:part.headers_start])
+        template = _template(part, plan.clicks, plan.skip_url_text_links, pixel_at)
+        if template is None:  # a stateful charset: the part's text edited and encoded whole
+            edits, links, skipped = _edits(part, plan.clicks, plan.skip_url_text_links, pixel_at)
+            if not edits:
+                result.skipped += skipped
+                continue
+            values = []
+            for a, b, new in edits:
+                if isinstance(new, tuple):
+                    new = _slot_value(new, plan, public, link_index)
+                values.append((a, b, new))
+            charset = "utf-8" if part.charset == "utf-8-as-ascii" else part.charset
+            data = _apply(part.text, values).encode(charset)
+        else:
+            links, skipped = template.links, template.skipped
+            if len(template.segments) == 1 and not (part.old_pixels or plan.clicks and part.opt_out_removals):
+                result.skipped += skipped
+                continue  # nothing to change in this part
+            if pixel_at is not None and pixel_tag is None:
+                pixel_tag = _pixel_tag(pixel_url(public, plan.token)).encode(template.charset)
+            if signer is None and plan.clicks:
+                signer = _Signer(plan, public)
+            values = signer.fill(template, link_index, pixel_tag) if signer is not None else \
+                [pixel_tag] * len(template.slots)
+            out = [b""] * (2 * len(values) + 1)
+            out[::2] = template.segments
+            out[1::2] = values
+            data = b"".join(out)
+            if template.cte in ("7bit", "8bit", "binary", ""):
+                widest = max(map(len, values), default=0)
+                long = template.static_max > 998 or any(  # a bound first, the exact sum only if it fails
+                    length + n * widest > 998 for n, length in template.slot_worst) and any(
+                    length + sum(len(values[k]) for k in on_line) > 998 for length, on_line in template.slot_lines)
+                result.skipped += skipped
+                result.links += [(link_index + i, target) for i, target in links]
+                link_index += len(links)
+                body, cte = (_qp(data, _tail(parsed.raw, part)), "quoted-printable") if long else (data, part.cte)
+                pieces.append(raw[pos:part.headers_start])
+                head = parsed.raw[part.headers_start:part.body_start]
+                pieces.append(_set_cte(head, cte) if cte != part.cte else head)
+                pieces.append(body)
+                pos = part.body_end
+                continue
+        result.skipped += skipped
+        result.links += [(link_index + i, target) for i, target in links]
+        link_index += len(links)
+        body, cte = _encode_body(data, part.cte, _tail(parsed.raw, part))
+        pieces.append(raw[pos:part.headers_start])
         head = parsed.raw[part.headers_start:part.body_start]
         pieces.append(_set_cte(head, cte) if cte != part.cte else head)
         pieces.append(body)
@@ -309,9 +466,64 @@ def render(parsed: Parsed, plan: Plan) -> Result:
     if not pieces:
         result.note = "nothing to change"
         return result
-    pieces.append(parsed.raw[pos:])
+    pieces.append(raw[pos:])
     result.data = b"".join(pieces)
     return result
+
+
+def _tail(raw: bytes, part: HtmlPart) -> bytes:
+    return b"\r\n" if raw.endswith(b"\r\n", part.body_start, part.body_end) else b""
+
+
+class _Signer:
+    """``links.signed_click`` for one copy, as bytes: the HMAC's inner state after the key id and
+    the token is computed once per copy, so each link hashes only its index and target."""
+
+    def __init__(self, plan: Plan, public: str):
+        kid = plan.keyring.signing_id
+        self.inner, self.outer = plan.keyring.pads[kid]
+        self.head = f"{kid}.{plan.token}.".encode("ascii")
+        self.prefix = f"{public}/c/".encode("ascii") + self.head
+        self.inner = self.inner.copy()
+        self.inner.update(self.head)
+
+    def fill(self, template: _Template, base: int, pixel_tag: bytes | None) -> list[bytes]:
+        """The values of a part's slots: each link signed (its index is ``base`` + its own), the pixel."""
+        tails = template.tails.get(base)
+        if tails is None:
+            tails = template.tails[base] = [b"%d.%s" % (base + slot[1], slot[3]) if slot[0] == _LINK else None
+                                            for slot in template.slots]
+        inner, outer, prefix, b64 = self.inner, self.outer, self.prefix, binascii.b2a_base64
+        sigs = []
+        for rest in tails:
+            if rest is not None:
+                h = inner.copy()
+                h.update(rest)
+                o = outer.copy()
+                o.update(h.digest())
+                sigs.append(o.digest()[:16] + b"\0\0")
+        # One base64 pass for all of them: each MAC's 16 octets and two zero octets are 24
+        # characters (a multiple of 3 octets, so the MACs do not run into each other), of which
+        # the first 22 are the MAC's own unpadded base64 (the zeros fill its last character's
+        # low bits as padding would).
+        encoded = b64(b"".join(sigs), newline=False).translate(_TO_URLSAFE) if sigs else b""
+        out, k = [], 0
+        for rest in tails:
+            if rest is None:
+                out.append(pixel_tag)
+            else:
+                out.append(b"%b%b.%b" % (prefix, rest, encoded[k:k + 22]))
+                k += 24
+        return out
+
+
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _slot_value(slot: tuple, plan: Plan, public: str, link_index: int) -> str:
+    if slot[0] == _LINK:
+        return signed_click(public, plan.keyring, plan.token, link_index + slot[1], slot[2])
+    return _pixel_tag(pixel_url(public, plan.token))
 
 
 def _apply(text: str, edits: list[tuple[int, int, str]]) -> str:
