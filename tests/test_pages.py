@@ -437,7 +437,7 @@ async def test_chromium_contact_timeline_message_page_settings_every_page_access
         assert await config_entry.locator("button").count() == 0
         assert await page.locator("#add-team").count() == 0  # not an admin
         await page.fill("#add-user", "Grace@Ext.Test")
-        await page.click("form.add button")
+        await page.click("form.add:has(#add-user) button")
         await page.wait_for_load_state()
         assert await page.locator("ul[data-scope=user] li[data-entry='grace@ext.test']").count() == 1
         await asyncio.sleep(2.2)  # the relay reads the lists at most every 2 s
@@ -447,13 +447,40 @@ async def test_chromium_contact_timeline_message_page_settings_every_page_access
                                       "('grace@ext.test', 'henry@ext.test')"))
         assert bool(flags["grace@ext.test"]) and not bool(flags["henry@ext.test"])
         await page.fill("#add-user", "bad entry@@")
-        await page.click("form.add button")
+        await page.click("form.add:has(#add-user) button")
         assert await page.locator("p.error[role=alert]").count() == 1
         await page.goto(base(relay) + "/settings")
         await page.locator("li[data-entry='grace@ext.test'] button").click()
         await page.wait_for_load_state()
         assert await page.locator("li[data-entry='grace@ext.test']").count() == 0
         assert await page.locator("li[data-entry='*@secret.test']").count() == 1
+
+        # An API token made in the page authenticates; revoked there, it no longer does.
+        await page.goto(base(relay) + "/settings")
+        assert await page.locator("li[data-token=config] .tag").inner_text() == "config"
+        await page.fill("#token-name", "CRM sync")
+        await page.click("form.add:has(#token-name) button")
+        await page.wait_for_load_state()
+        token = await page.locator("#new-token").inner_text()
+        assert token.startswith("trk_") and len(token) > 40
+
+        async def api_status() -> int:
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
+                async with s.get(base(relay) + "/api/v1/messages") as r:
+                    return r.status if r.status != 200 else (r.status, [m["id"] for m in (await r.json())["messages"]])
+
+        alices = [i for (i,) in await relay.rows("SELECT id FROM messages WHERE kind = 'mail' AND \"user\" = 'alice' "
+                                                 "ORDER BY id DESC")]
+        assert alice_mid in alices and len(alices) == 2
+        assert await api_status() == (200, alices)  # alice's mail only, as her own token
+        (stored,) = (await relay.rows("SELECT token_hash FROM api_tokens"))[0]
+        assert token not in stored and stored.startswith("sha256:")
+        await page.goto(base(relay) + "/settings")
+        assert "trk_" not in await page.content()  # shown once
+        await page.locator("li[data-token]:has-text('CRM sync') button").click()
+        await page.wait_for_load_state()
+        assert await page.locator("li[data-token]:has-text('CRM sync')").count() == 0
+        assert await api_status() == 401
 
         # Every page: no WCAG 2 A/AA violation, no sideways scrolling on a phone, screenshots.
         for path in PAGES + ("/login",):

@@ -43,6 +43,26 @@ async def json_errors(request: web.Request, handler):
         return error(500, "internal", "internal error")
 
 
+DB_TOKEN_USER = web.RequestKey("db_token_user", str)
+
+
+@web.middleware
+async def db_tokens(request: web.Request, handler):
+    """A bearer token that is not one of the config's is looked up among the tokens made in the
+    settings page (``storage.api_tokens``, by its hash), so that ``authenticate`` can stay sync."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if request.path.startswith("/api/") and scheme.lower() == "bearer" and token.strip():
+        digest = token_hash(token.strip())
+        ctx = request.app[CTX]
+        if not any(u.api_token_hash and hmac.compare_digest(u.api_token_hash, digest) for u in ctx.config.users):
+            from storage import api_tokens
+            async with ctx.sessionmaker() as session:
+                name = await api_tokens.user_of(session, digest)
+            if name is not None:
+                request[DB_TOKEN_USER] = name
+    return await handler(request)
+
+
 def authenticate(request: web.Request, cookie_ok: bool = False) -> User:
     """The user of a bearer token (or, where ``cookie_ok``, of the pages' session cookie)."""
     ctx = request.app[CTX]
@@ -55,8 +75,9 @@ def authenticate(request: web.Request, cookie_ok: bool = False) -> User:
     if scheme.lower() != "bearer" or not token.strip():
         raise web.HTTPUnauthorized(text="missing bearer token", headers={"WWW-Authenticate": "Bearer"})
     digest = token_hash(token.strip())
+    made = request.get(DB_TOKEN_USER)  # a token made in the settings page, of a user still configured
     for user in ctx.config.users:
-        if user.api_token_hash and hmac.compare_digest(user.api_token_hash, digest):
+        if (user.api_token_hash and hmac.compare_digest(user.api_token_hash, digest)) or user.name == made:
             peer = request.transport.get_extra_info("peername") if request.transport else None
             if peer:
                 ctx.signed_in.saw(peer[0])
@@ -127,6 +148,11 @@ async def get_message(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
+    service_metrics = getattr(ctx, "service_metrics", None)
+    if service_metrics is not None:  # the Service's registry (trackrelay.metrics): every role of this process
+        from trackrelay.metrics import metrics_response
+        return await metrics_response(service_metrics)
+    # A Tracker on its own (no Service): what the tracker counts, written out here.
     st = ctx.recorder.stats
     lines = [
         "# HELP trackrelay_tracker_requests_total Requests to the public tracker, by route.",
@@ -178,7 +204,7 @@ async def _end_streams(app: web.Application) -> None:
 
 
 def create_api_app(ctx) -> web.Application:
-    app = web.Application(middlewares=[json_errors], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[json_errors, db_tokens], client_max_size=1024 * 1024)
     app[CTX] = ctx
     app.on_shutdown.append(_end_streams)
     app.router.add_get("/api/v1/events", list_events)

@@ -561,16 +561,45 @@ async def _never_log_view(s, ctx, scope: str, user: User) -> list[dict]:
     return [{"entry": e, "config": True} for e in cfg] + [{"entry": e, "config": False} for e in db if e not in cfg]
 
 
-async def settings_page(request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
+async def settings_page(request: web.Request, error: str | None = None, status: int = 200,
+                        new_token: tuple[str, str] | None = None) -> web.Response:
+    from storage import api_tokens
     user, csrf = signed_in(request)
     ctx = request.app[CTX]
     async with ctx.sessionmaker() as s:
         mine = await _never_log_view(s, ctx, "user", user)
         team = await _never_log_view(s, ctx, "team", user)
-        others = [(u, await _never_log_view(s, ctx, "user", u)) for u in ctx.config.users
-                  if user.admin and u.name != user.name]
+        tokens = await api_tokens.of_user(s, user.name)
+        others = [(u, await _never_log_view(s, ctx, "user", u), len(await api_tokens.of_user(s, u.name)))
+                  for u in ctx.config.users if user.admin and u.name != user.name]
     return render(request, "settings.html", status=status, user=user, csrf=csrf, mine=mine, team=team,
-                  others=others, error=error, nav="settings")
+                  others=others, error=error, tokens=tokens, new_token=new_token, nav="settings")
+
+
+async def token_create(request: web.Request) -> web.Response:
+    """A new API token, shown once on the page that answers (never logged); only its hash is kept."""
+    from storage import api_tokens
+    from trackrelay.passwords import token_hash
+    user, form = await _checked_form(request)
+    name = " ".join(str(form.get("name", "")).split())[:100] or "API token"
+    token = "trk_" + secrets.token_urlsafe(32)
+    try:
+        async with request.app[CTX].sessionmaker() as s:
+            async with s.begin():
+                await api_tokens.add(s, user.name, name, token_hash(token))
+    except api_tokens.TooMany as e:
+        return await settings_page(request, error=str(e), status=409)
+    return await settings_page(request, status=201, new_token=(name, token))
+
+
+async def token_revoke(request: web.Request) -> web.Response:
+    from storage import api_tokens
+    user, _ = await _checked_form(request)
+    async with request.app[CTX].sessionmaker() as s:
+        async with s.begin():
+            if not await api_tokens.revoke(s, user.name, int(request.match_info["id"])):
+                raise web.HTTPNotFound(text="no such token")
+    raise web.HTTPSeeOther("/settings")
 
 
 async def never_log_action(request: web.Request) -> web.Response:
@@ -651,6 +680,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/contacts/{email}", contact_page)
     r.add_get("/settings", settings_page)
     r.add_post("/settings/never-log/{action}", never_log_action)
+    r.add_post("/settings/tokens", token_create)
+    r.add_post("/settings/tokens/{id:\\d{1,18}}/revoke", token_revoke)
     r.add_get("/logged-emails/{id:\\d+}/body", logged_body)
     r.add_post("/logged-emails/{id:\\d+}/{action}", logged_action)
     r.add_get("/attachments/{id:\\d+}", attachment_download)
