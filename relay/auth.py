@@ -48,6 +48,8 @@ class Authenticator:
         self._config = config
         self._checker = checker
         self.budgets = budgets_for_relay(config)
+        #: Metrics: wrong names or passwords, budgets spent, attempts refused while locked.
+        self.failures = self.lockouts = self.refused = 0
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         hash_for(config, "")  # any dummy hash made now, not during a client's attempt
 
@@ -91,6 +93,7 @@ class Authenticator:
         password = auth_data.password.decode("utf-8", "surrogateescape")
         begun = self.budgets.begin(name, _ip(session))
         if not isinstance(begun, Attempt):
+            self.refused += 1
             return AuthResult(success=False, handled=False, message=LOCKED.format(seconds=begun))
         return begun, name, password
 
@@ -115,8 +118,10 @@ class Authenticator:
             attempt.succeeded()
             self._remember(name, password, stored)
             return AuthResult(success=True, auth_data=user.name)
+        self.failures += 1
         locked = attempt.failed()
         if locked is not None:
+            self.lockouts += 1
             log.warning("AUTH budget spent (a user name, or the network of %s): locked for %d s",
                         _ip(session), locked)
             return AuthResult(success=False, handled=False, message=LOCKED.format(seconds=locked))

@@ -60,10 +60,19 @@ class RelaySMTP(AsyncAuth, SMTP):
         # The configuration check has already decided whether AUTH without TLS is allowed here
         # (loopback, or relay.allow_plaintext_auth); aiosmtpd would warn on every connection.
         self._auth_require_tls = not plaintext_auth
+        self._in_data = False
 
     async def push(self, status):  # type: ignore[override]
         if isinstance(status, str):
             status = replies.rewrite(status)
+            counts = getattr(self.event_handler, "replies", None)
+            if counts is not None:  # metrics: replies by code (a dict increment)
+                code = status[:3]
+                counts[code] = counts.get(code, 0) + 1
+                if self._in_data and code != "354":
+                    self._in_data = False
+                    data = self.event_handler.data_replies
+                    data[code] = data.get(code, 0) + 1
         await super().push(status)
         if isinstance(status, str) and status.startswith("421") and self.transport is not None:
             self.transport.close()
@@ -78,6 +87,7 @@ class RelaySMTP(AsyncAuth, SMTP):
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None
+        self._in_data = True  # the next reply but 354 is DATA's (counted by push)
         if not self.envelope.rcpt_tos:
             await self.push("503 Error: need RCPT command")
             return
@@ -306,6 +316,9 @@ class SubmissionHandler(SessionTracking):
         #: (logged to the CRM?, copies handed to this process's worker?) after each commit
         self.on_accepted = on_accepted or (lambda logged, handed: None)
         self.accepted = 0
+        #: Metrics: every reply by code, and the final replies to DATA by code.
+        self.replies: dict[str, int] = {}
+        self.data_replies: dict[str, int] = {}
         self.sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
         self.tls: ssl.SSLContext | None = None
 

@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 import uuid
 from datetime import datetime, timedelta
 from typing import Callable, Protocol
@@ -95,6 +96,8 @@ class DeliveryWorker:
         self.upstream = upstream
         self.render = render
         self.on_recorded = on_recorded or (lambda: None)
+        #: Called after each attempt with (copy, message, outcome, seconds): the metrics' hook.
+        self.on_attempt: Callable[[q.Claimed, q.Spooled | None, q.Outcome, float], None] | None = None
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.heartbeat_seconds = min(HEARTBEAT_SECONDS, config.queue.lease_seconds / 3)
         self._recipients_shown = maillog.recipients_mode(config)
@@ -451,8 +454,11 @@ class DeliveryWorker:
                     self._handed.put_nowait((None, claimed[i:]))
                     return
             msg = messages.get(c.message_pk)
+            began = time.monotonic()
             outcome = await self._deliver_one(c, msg)
             self._log_attempt(c, msg, outcome)
+            if self.on_attempt is not None:  # metrics: outcome counts and latency histograms
+                self.on_attempt(c, msg, outcome, time.monotonic() - began)
             # Not awaited: the lane goes on delivering while the outcome-writer commits. The copy
             # stays held (claimed, its lease renewed) until its outcome is written.
             self._recorder.submit_nowait(outcome).add_done_callback(self._recorded(c.id))

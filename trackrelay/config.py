@@ -137,6 +137,13 @@ class NeverLogSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    #: HOST:PORT of this process's /metrics, /readyz and /healthz; "" = none (serve --metrics-listen
+    #: overrides it: each `serve --only` process on one host needs a port of its own).
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = "info"
     format: str = "text"
@@ -185,6 +192,7 @@ class Config:
     privacy: PrivacySection = PrivacySection()
     never_log: NeverLogSection = NeverLogSection()
     log: LogSection = LogSection()
+    metrics: MetricsSection = MetricsSection()
     users: tuple[User, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
     dkim: tuple[DkimKey, ...] = ()
@@ -234,6 +242,7 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacySection,
     "never_log": NeverLogSection,
     "log": LogSection,
+    "metrics": MetricsSection,
 }
 TABLE_ARRAYS: dict[str, type] = {"users": User, "webhooks": Webhook, "dkim": DkimKey}
 SECRET_KEYS = {"upstream.password", "tracker.secret_keys", "webhooks.secret"}
@@ -393,13 +402,17 @@ def _validate(c: Config, src: str) -> None:
         raise ConfigError(src, key, problem)
 
     for key, value in (("relay.listen", c.relay.listen), ("tracker.listen", c.tracker.listen),
-                       ("api.listen", c.api.listen), ("relay.inbound_listen", c.relay.inbound_listen)):
+                       ("api.listen", c.api.listen), ("relay.inbound_listen", c.relay.inbound_listen),
+                       ("metrics.listen", c.metrics.listen or None)):
         if value is None:
             continue
         try:
             parse_hostport(value)
         except ValueError as e:
             bad(key, f"{e}, got {value!r}")
+    if c.metrics.listen and parse_hostport(c.metrics.listen) in {
+            parse_hostport(v) for v in (c.relay.listen, c.tracker.listen, c.api.listen, c.relay.inbound_listen) if v}:
+        bad("metrics.listen", f"{c.metrics.listen!r} is already another listener's address")
     if bool(c.relay.tls_cert_file) != bool(c.relay.tls_key_file):
         bad("relay.tls_key_file" if c.relay.tls_cert_file else "relay.tls_cert_file",
             "tls_cert_file and tls_key_file go together")

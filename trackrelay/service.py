@@ -27,6 +27,7 @@ from trackrelay.aio import cancel
 from trackrelay.bus import EventBus
 from trackrelay.config import Config, ConfigError
 from trackrelay.links import keyring_for
+from trackrelay.metrics import Metrics, MetricsServer
 
 log = logging.getLogger("trackrelay")
 
@@ -42,6 +43,7 @@ _RESTART_KEYS = {
     "tracker.secret_keys": lambda c: c.tracker.secret_keys,
     "tracker.writer_process": lambda c: c.tracker.writer_process,
     "upstream": lambda c: c.upstream,
+    "metrics.listen": lambda c: c.metrics.listen,
 }
 
 ROLES = ("relay", "worker", "tracker")
@@ -63,6 +65,10 @@ class Service:
     crm: CrmLogger | None = None
     webhooks: WebhookSender | None = None
     bus: EventBus = field(default_factory=EventBus)
+    #: ``serve --metrics-listen``: overrides ``metrics.listen`` ("" or None: the config's).
+    metrics_listen: str | None = None
+    metrics: Metrics | None = None
+    _metrics_server: MetricsServer | None = None
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
     _inbound_handlers: list = field(default_factory=list)
     _spool = None
@@ -77,6 +83,7 @@ class Service:
         self.sessionmaker = make_sessionmaker(self.engine)
         self.read_engine = make_read_engine(c.storage.url, self.engine)
         self.read_sessionmaker = make_sessionmaker(self.read_engine)
+        self.metrics = Metrics(self)  # this service's own registry, never the global one
         keyring = None
         if "worker" in self.roles or "tracker" in self.roles:
             try:
@@ -88,12 +95,14 @@ class Service:
                 log.info("tracker.secret_keys not set: signing with the generated key in %s", generated)
         if "tracker" in self.roles:
             self.tracker = Tracker(c, self.sessionmaker, keyring, self.bus)
+            self.tracker.ctx.service_metrics = self.metrics  # the API listener's /metrics shows it
             await self.tracker.start()
         if "worker" in self.roles:
             upstream = make_upstream(c.upstream, c.relay.hostname)
             self.render = CopyRenderer(c, keyring)
             self.worker = DeliveryWorker(c, self.sessionmaker, upstream, render=self.render,
                                          on_recorded=self.bus.notify)
+            self.worker.on_attempt = self.metrics.on_attempt
             self.worker.start()
             self.crm = CrmLogger(c, self.sessionmaker)
             self.crm.start()
@@ -119,6 +128,11 @@ class Service:
                 log.info("inbound listener on %s", c.relay.inbound_listen)
         if "relay" in self.roles or "worker" in self.roles:
             self._probe = asyncio.create_task(self._probe_upstream_size())
+        listen = self.metrics_listen or c.metrics.listen
+        if listen:
+            self._metrics_server = MetricsServer(self.metrics, listen)
+            await self._metrics_server.start()
+            log.info("metrics, readiness and liveness on %s (/metrics, /readyz, /healthz)", listen)
 
     def _accepted(self, logged: bool, handed: bool) -> None:
         self.bus.notify()
@@ -171,6 +185,8 @@ class Service:
             server.close()
         for server in self._servers:
             await server.wait_closed()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
         await cancel(self._probe)
         # A session that already read DATA is waiting on the spool writer: give it time to commit.
         await asyncio.sleep(0)
