@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
             "trackrelay serve --only worker -c /etc/trackrelay/trackrelay.toml",
             note="SIGTERM stops it cleanly. --only needs PostgreSQL.")
     s.add_argument("--only", choices=("relay", "worker", "tracker"), help="run one role (needs PostgreSQL)")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve /metrics, /readyz and /healthz here (overrides metrics.listen; each "
+                        "--only process on one host needs its own port)")
     cmd(sub, "check-config", "validate a config file and print every warning",
         "trackrelay check-config -c /etc/trackrelay/trackrelay.toml",
         note="Prints the path it checked; every error names the file and the key (exit 1).")
@@ -264,7 +267,7 @@ def _dispatch(args) -> int:
         if path is None:
             print(f"trackrelay: no config file found (looked for {_looked_for()}): "
                   "running on the built-in defaults", file=sys.stderr)
-        return _serve(config_mod.load(path), args.only)
+        return _serve(config_mod.load(path), args.only, args.metrics_listen)
     cfg = _load(args)
     if args.command == "check-config":
         for w in config_mod.warnings_for(cfg):
@@ -750,7 +753,7 @@ async def _refresh_apple(cfg: Config, url: str | None, file: str | None) -> int:
 
 # -- serve -----------------------------------------------------------------------------------------
 
-def _serve(cfg: Config, only: str | None) -> int:
+def _serve(cfg: Config, only: str | None, metrics_listen: str | None = None) -> int:
     from trackrelay import logs
     logs.setup(cfg.log)
     log = logging.getLogger("trackrelay")
@@ -759,13 +762,18 @@ def _serve(cfg: Config, only: str | None) -> int:
                       "several processes cannot share one SQLite file safely")
     for w in config_mod.warnings_for(cfg):
         log.warning("%s: %s", cfg.source, w)
-    return asyncio.run(_run(cfg, only))
+    if metrics_listen:
+        try:
+            config_mod.parse_hostport(metrics_listen)
+        except ValueError as e:
+            raise Failure(f"--metrics-listen: {e}, got {metrics_listen!r}") from None
+    return asyncio.run(_run(cfg, only, metrics_listen))
 
 
-async def _run(cfg: Config, only: str | None) -> int:
+async def _run(cfg: Config, only: str | None, metrics_listen: str | None = None) -> int:
     from trackrelay.service import ROLES, Service
     log = logging.getLogger("trackrelay")
-    service = Service(cfg, roles=(only,) if only else ROLES)
+    service = Service(cfg, roles=(only,) if only else ROLES, metrics_listen=metrics_listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
