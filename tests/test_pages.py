@@ -215,7 +215,7 @@ async def seed(relay, sink):
     assert await hit(pixel["dave@ext.test"], method="HEAD") == 200
     assert await hit(pixel["carol@ext.test"], ip="127.0.0.2") == 200  # alice, from her own address
     await relay.events_written()
-    ids = dict(await relay.rows("SELECT user, id FROM messages WHERE kind = 'mail'"))
+    ids = dict(await relay.rows("SELECT \"user\", id FROM messages WHERE kind = 'mail'"))
     return ids["alice"], ids["carl"]
 
 
