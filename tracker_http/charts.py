@@ -26,7 +26,7 @@ def daily_bars(days: list[tuple[date, int, int]]) -> Markup:
     label = f"Human opens ({total_o}) and clicks ({total_c}) per day, last {len(days)} days"
     parts = [f'<svg class="chart" viewBox="0 0 {w} {h}" role="img" aria-label="{escape(label)}" '
              f'xmlns="http://www.w3.org/2000/svg">']
-    for frac in (0, 0.5, 1):
+    for frac in ((0, 0.5, 1) if top >= 2 and top % 2 == 0 else (0, 1)):
         y = pad_t + inner * (1 - frac)
         parts.append(f'<line x1="{pad_l}" x2="{w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e4e7ec"/>'
                      f'<text x="{pad_l - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="#4b5563">'

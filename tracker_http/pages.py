@@ -372,10 +372,73 @@ async def feed_page(request: web.Request) -> web.Response:
         (None, "All mail"), ("tracked", "Tracked"), ("opened", "Opened"), ("clicked", "Clicked"),
         ("replied", "Replied"), ("bounced", "Bounced"), ("not_opened", "Not opened"))]
     live = not f["status"] and not f["search"] and before is None
+    export = "/export/feed.csv" + _feed_url(status=f["status"], q=f["search"])[1:]
     return render(request, "feed.html", user=user, csrf=csrf, messages=items, chips=chips, search=f["search"],
-                  filter=f["status"] or "", live=live, nav="feed",
+                  filter=f["status"] or "", live=live, nav="feed", export=export,
                   next=_feed_url(status=f["status"], q=f["search"], cursor=str(msgs[-1].id))
                   if len(msgs) == 50 else None)
+
+
+def _cell(value) -> str:
+    """A CSV cell a spreadsheet will not run: text starting with = + - @ (or tab, CR) gets a quote."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _csv(rows: list[list], filename: str) -> web.Response:
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    for row in rows:
+        w.writerow([_cell(v) for v in row])
+    headers = _page_headers()
+    headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return web.Response(text=buf.getvalue(), content_type="text/csv", charset="utf-8", headers=headers)
+
+
+EXPORT_MAX = 10000
+
+
+async def feed_csv(request: web.Request) -> web.Response:
+    """The feed as CSV, one row per recipient, with the page's filters and search (times in UTC)."""
+    user, _ = signed_in(request)
+    f = _feed_query(request)
+    rows = [["message", "accepted_at", "subject", "recipient", "name", "status", "opens", "machine_opens",
+             "first_opened_at", "last_opened_at", "clicks", "links"]]
+    before = None
+    async with request.app[CTX].sessionmaker() as s:
+        while len(rows) <= EXPORT_MAX:
+            msgs = await feed.list_messages(s, None if user.admin else user.name, before, 500, False,
+                                            status=f["status"], search=f["search"] or None)
+            for m in await feed.feed_json(s, msgs):
+                for r in m["recipients"]:
+                    rows.append([m["id"], m["accepted_at"], m["subject"], r["address"], r["name"], r["status"],
+                                 r["opens"], r["machine_opens"], r["first_opened_at"], r["last_opened_at"],
+                                 sum(c["count"] for c in r["clicks"]), " ".join(c["url"] for c in r["clicks"])])
+            if len(msgs) < 500:
+                break
+            before = msgs[-1].id
+    return _csv(rows, "trackrelay-feed.csv")
+
+
+async def contact_csv(request: web.Request) -> web.Response:
+    """A contact's activity (the user's mail to them; admins: everybody's) as CSV, times in UTC."""
+    from storage import dashboard
+    user, _ = signed_in(request)
+    email = request.match_info["email"].strip().lower()
+    async with request.app[CTX].sessionmaker() as s:
+        if await q.get_contact(s, email) is None:
+            raise web.HTTPNotFound(text="no such contact")
+        acts = await dashboard.contact_activity(s, email, None if user.admin else user.name, limit=EXPORT_MAX)
+    rows = [["at", "activity", "message", "subject", "link", "who", "client"]]
+    for a in sorted(acts, key=lambda a: _aware(a["at"]), reverse=True):
+        who = classification_words(a["classification"])
+        if a["classification"] in ("machine", "self"):
+            who = reason_words(a, a.get("sent_at"))
+        rows.append([_aware(a["at"]).isoformat().replace("+00:00", "Z"), a["type"], a["message"], a["subject"],
+                     a["url"], who, a["client"]])
+    return _csv(rows, "trackrelay-contact.csv")
 
 
 async def message_card(request: web.Request) -> web.Response:
@@ -676,6 +739,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/messages/{id:\\d{1,18}}/card", message_card)
     r.add_get("/messages/{id:\\d{1,18}}/copies/{rid:\\d{1,18}}", copy_page)
     r.add_get("/messages/{id:\\d{1,18}}/copies/{rid:\\d{1,18}}/body", copy_body)
+    r.add_get("/export/feed.csv", feed_csv)
+    r.add_get("/contacts/{email}/activity.csv", contact_csv)
     r.add_get("/contacts", contacts_page)
     r.add_get("/contacts/{email}", contact_page)
     r.add_get("/settings", settings_page)
