@@ -317,3 +317,25 @@ def _build_labels(samples: dict) -> dict:
         if name == "trackrelay_build_info":
             return dict(labels)
     raise AssertionError("no trackrelay_build_info")
+
+
+async def test_webhook_backlog_and_crm_jobs_are_read_from_the_database(relay, sink):
+    port, dead = free_port(), free_port()  # nothing listens on `dead`: the events wait
+    hook = f"http://127.0.0.1:{dead}/hook?token=not-for-metrics"
+    await relay.start(metrics={"listen": f"127.0.0.1:{port}"},
+                      webhooks=[{"url": hook, "secret": "s" * 32, "retry_initial_seconds": 60.0}])
+    c = await client(relay.port)
+    await c.sendmail("alice@example.com", ["carol@ext.test"], simple_message())
+    await c.quit()
+    await sink.wait_for(1)
+    await relay.wait_status({"sent"}, 1)
+    label = f"http://127.0.0.1:{dead}/hook"  # no query: it may carry a secret
+
+    async def backlog():
+        relay.service.metrics._db.at = 0  # past the 5 s cache
+        return value(await scrape(port), "trackrelay_webhook_backlog", webhook=label) >= 1
+    await eventually(backlog, 15, what="the webhook's backlog")
+    m = await scrape(port)
+    assert not any("not-for-metrics" in str(k) for k in m)
+    assert value(m, "trackrelay_webhook_given_up_total", webhook=label) == 0
+    assert sum(v for (name, _), v in m.items() if name == "trackrelay_crm_jobs") >= 1

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from sqlalchemy import text
 
@@ -88,6 +88,8 @@ class Metrics:
             buckets=DELAY_BUCKETS, registry=r)
         self.attempts: dict[str, int] = {}
         r.register(_Collector(self))
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, …
+        PlatformCollector(registry=r)  # python_info
 
     # -- worker hook: one call per attempt ---------------------------------------------------------
 
