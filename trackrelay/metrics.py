@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -380,5 +380,3 @@ class MetricsServer:
     async def _healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-
-Hook = Callable[..., None]
