@@ -43,7 +43,8 @@ async def json_errors(request: web.Request, handler):
         return error(500, "internal", "internal error")
 
 
-DB_TOKEN_USER = web.RequestKey("db_token_user", str)
+#: aiohttp >= 3.12 wants a RequestKey (a plain string key warns there); older ones take the string.
+DB_TOKEN_USER = web.RequestKey("db_token_user", str) if hasattr(web, "RequestKey") else "db_token_user"
 
 
 @web.middleware
