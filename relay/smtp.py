@@ -155,7 +155,7 @@ class RelaySMTP(AsyncAuth, SMTP):
         simple = _SIMPLE_PATH.match(arg)
         if simple is None:
             address, rest = super()._getaddr(arg)
-            if address and "@" in address:
+            if address and "@" in address and '"' in arg:
                 # the email package's addr_spec drops quotes the local part needs
                 # ("neko....nyaan"@example.org is no address without them): put them back
                 local, _, domain = address.rpartition("@")

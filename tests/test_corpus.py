@@ -73,8 +73,9 @@ def corpus_files(kind: str) -> list[Path]:
 
 
 def _strip_received(data: bytes) -> bytes:
+    """The copy less what the relay puts on top: our Received: and the signed X-Trackrelay-Ref:."""
     assert data.startswith(b"Received: from ")
-    m = re.match(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", data)
+    m = re.match(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*(?:X-Trackrelay-Ref: [^\r\n]*\r\n)?", data)
     return data[m.end():]
 
 

@@ -14,10 +14,12 @@ from test_submission import authed_raw
 
 
 def _delivered_body(data: bytes) -> bytes:
-    """What the sink got, less the Received: header the relay put on top."""
+    """What the sink got, less the Received: and X-Trackrelay-Ref: headers the relay put on top."""
     assert data.startswith(b"Received: ")
     end = data.index(b"\r\n", data.index(b"(trackrelay) with")) + 2
     end = data.index(b"\r\n", end) + 2  # the date line
+    if data.startswith(b"X-Trackrelay-Ref: ", end):  # our signed per-copy reference, below it
+        end = data.index(b"\r\n", end) + 2
     return data[end:]
 
 
