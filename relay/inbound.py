@@ -48,7 +48,7 @@ from storage import crm as q
 from storage import events as ev
 from storage import inbound_proof
 from storage.models import Message, Recipient, utcnow
-from trackrelay import mailaddr
+from trackrelay import idn, mailaddr
 from trackrelay.config import Config, User, parse_hostport
 from trackrelay.links import Keyring, key_file_path
 from trackrelay.neverlog import matches, normalise_entry
@@ -227,7 +227,7 @@ class InboundHandler(SessionTracking):
         # contact still gets the mail on its timeline.
         create = False if mailaddr.is_system(sender) or (mail_from is not None and mailaddr.is_system(mail_from)) else None
         internal = sender in self.config.user_addresses or \
-            sender.rpartition("@")[2] in self.config.internal_domains
+            idn.domain_key(sender.rpartition("@")[2]) in self.config.internal_domains
         team_addresses = {a.lower() for a in self.config.crm.team_addresses}
         cited = await self._our_recipients(s, self._cited_ids(parsed), None, users)
         sender_forms = mailaddr.variants(sender)

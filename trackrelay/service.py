@@ -85,12 +85,17 @@ class Service:
         self.read_sessionmaker = make_sessionmaker(self.read_engine)
         self.metrics = Metrics(self)  # this service's own registry, never the global one
         keyring = None
-        if "worker" in self.roles or "tracker" in self.roles:
+        if "worker" in self.roles or "tracker" in self.roles or ("relay" in self.roles and c.relay.inbound_listen):
+            # the inbound listener verifies the X-Trackrelay-Ref of our copies with it
             try:
                 keyring, generated = keyring_for(c.tracker.secret_keys, c.storage.url,
                                                  allow_generate=set(self.roles) == set(ROLES))
             except ValueError as e:
-                raise ConfigError(c.source, "tracker.secret_keys", str(e)) from None
+                if "worker" in self.roles or "tracker" in self.roles:
+                    raise ConfigError(c.source, "tracker.secret_keys", str(e)) from None
+                log.warning("tracker.secret_keys not set: the inbound listener cannot verify our "
+                            "X-Trackrelay-Ref and takes only Message-IDs as proof")
+                generated = None
             if generated:
                 log.info("tracker.secret_keys not set: signing with the generated key in %s", generated)
         if "tracker" in self.roles:
@@ -122,7 +127,7 @@ class Service:
             self._servers.append(server)
             log.info("submission listener on %s", c.relay.listen)
             if c.relay.inbound_listen:
-                inbound = InboundHandler(c, self.sessionmaker, on_events=self.bus.notify)
+                inbound = InboundHandler(c, self.sessionmaker, on_events=self.bus.notify, keyring=keyring)
                 self._inbound_handlers.append(inbound)
                 self._servers.append(await start_inbound(c, inbound))
                 log.info("inbound listener on %s", c.relay.inbound_listen)
