@@ -20,7 +20,8 @@ from datetime import datetime
 from email import policy as email_policy
 from email.utils import getaddresses, parsedate_to_datetime
 
-from sqlalchemy import select
+from sqlalchemy import inspect as sa_inspect, select
+from sqlalchemy.orm import undefer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from relay import autoreply
@@ -108,8 +109,35 @@ def _h(msg, name: str) -> str:
         return str(raw[0]) if raw else ""
 
 
+class _MemoPolicy(email_policy.EmailPolicy):
+    """``policy.default`` with its header objects memoized by (name, value): the email package
+    parses a part's Content-Type again for each of get_content_type, get_param, get_filename and
+    get_content (16 header parses for a one-part message), and most headers (MIME-Version, the
+    Content-Types, a sender's From) repeat from message to message. A header object is a pure
+    function of its name and value, so the result is the same."""
+
+    def header_fetch_parse(self, name, value):
+        if hasattr(value, "name"):
+            return value
+        key = (name, value)
+        header = _HEADERS.get(key)
+        if header is None:
+            header = super().header_fetch_parse(name, value)
+            if len(value) <= _MEMO_MAX_VALUE:
+                if len(_HEADERS) >= _MEMO_SIZE:
+                    _HEADERS.pop(next(iter(_HEADERS)))
+                _HEADERS[key] = header
+        return header
+
+
+_HEADERS: dict = {}
+_MEMO_SIZE = 4096
+_MEMO_MAX_VALUE = 2000
+_POLICY = _MemoPolicy()
+
+
 def parse_email(raw: bytes) -> ParsedEmail:
-    msg = email.message_from_bytes(raw, policy=email_policy.default)
+    msg = email.message_from_bytes(raw, policy=_POLICY)
     ids = _MSGID.findall(_h(msg, "Message-ID"))
     p = ParsedEmail(message_id=ids[0] if ids else "")
     p.subject = _h(msg, "Subject")
@@ -186,8 +214,17 @@ async def write_logged_email(session: AsyncSession, config: Config, parsed: Pars
     unless ``create_contacts`` is False). None: nobody to log to."""
     contacts = []
     create = config.crm.create_contacts and create_contacts is not False
-    for addr in dict.fromkeys(contact_emails):
-        c = await q.ensure_contact(session, addr, owner, create, free_mail=free_mail_domains(config))
+    wanted = list(dict.fromkeys(a.lower() for a in contact_emails))
+    # The existing contacts in one query; ensure_contact only for the others (it creates them).
+    existing = {c.email: c for c in await q.contacts_by_email(session, wanted)}
+    for addr in wanted:
+        c = existing.get(addr)
+        if c is not None:
+            if c.owner is None and owner:
+                c.owner = owner  # an existing owner is kept (as ensure_contact does)
+        else:
+            c = await q.ensure_contact(session, addr, owner, create, free_mail=free_mail_domains(config),
+                                       missing=True)
         if c is not None:
             contacts.append(c)
     if not contacts:
@@ -211,8 +248,10 @@ async def write_logged_email(session: AsyncSession, config: Config, parsed: Pars
             await q.associate(session, logged.id, kind, {i for k, i in chosen if (k, i) in existing and k == kind})
     else:
         deals: set[tuple[str, int]] = set()
+        with_deals = await q.contacts_with_deals(session, [c.id for c in contacts])  # most have none
         for c in contacts:
-            deals |= {(d.kind, d.id) for d in await q.recent_open_deals(session, c.id)}
+            if c.id in with_deals:
+                deals |= {(d.kind, d.id) for d in await q.recent_open_deals(session, c.id)}
         for kind in ("deal", "ticket"):
             await q.associate(session, logged.id, kind, {i for k, i in deals if k == kind})
     omitted = []
@@ -233,10 +272,12 @@ async def write_logged_email(session: AsyncSession, config: Config, parsed: Pars
 
 
 async def log_outgoing(session: AsyncSession, config: Config, message_pk: int) -> LoggedEmail | None:
-    msg = (await session.scalars(select(Message).where(Message.id == message_pk))).first()
+    msg = (await session.scalars(select(Message).where(Message.id == message_pk)
+                                 .options(undefer(Message.raw)))).first()
     if msg is None:
         return None
-    await session.refresh(msg, ["raw"])
+    if "raw" in sa_inspect(msg).unloaded:  # already in the session without it
+        await session.refresh(msg, ["raw"])
     if msg.raw is None:
         return None
     rcpts = (await session.scalars(select(Recipient).where(Recipient.message_pk == message_pk,

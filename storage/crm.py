@@ -73,11 +73,12 @@ async def company_for(session: AsyncSession, domain: str,
 
 
 async def ensure_contact(session: AsyncSession, email: str, owner: str | None, create: bool,
-                         free_mail: frozenset[str] = frozenset()) -> Contact | None:
+                         free_mail: frozenset[str] = frozenset(), missing: bool = False) -> Contact | None:
     """The contact for ``email``; created (owner, marketing false, company by registrable domain)
-    when allowed — never for a bounce sender (``MAILER-DAEMON@…``, ``postmaster@…``) or no address."""
+    when allowed — never for a bounce sender (``MAILER-DAEMON@…``, ``postmaster@…``) or no address.
+    ``missing``: the caller has just looked and found none (``contacts_by_email``)."""
     email = email.lower()
-    contact = await get_contact(session, email)
+    contact = None if missing else await get_contact(session, email)
     if contact is not None:
         if contact.owner is None and owner:
             contact.owner = owner  # an existing owner is kept
@@ -89,6 +90,22 @@ async def ensure_contact(session: AsyncSession, email: str, owner: str | None, c
         "email": email, "owner": owner, "marketing": False, "do_not_track": False,
         "company_pk": company.id if company else None, "created_at": utcnow()})
     return await get_contact(session, email)
+
+
+async def contacts_by_email(session: AsyncSession, emails: list[str]) -> list[Contact]:
+    """The existing contacts among these (lower-case) addresses, in one query."""
+    if not emails:
+        return []
+    return list((await session.scalars(select(Contact).where(Contact.email.in_(emails)))).all())
+
+
+async def contacts_with_deals(session: AsyncSession, contact_pks: list[int]) -> set[int]:
+    """Which of these contacts are linked to any deal or ticket (one query; the others need no
+    look-up of their open deals)."""
+    if not contact_pks:
+        return set()
+    return set((await session.scalars(select(DealContact.contact_pk).distinct()
+                                      .where(DealContact.contact_pk.in_(contact_pks)))).all())
 
 
 async def company_domain(session: AsyncSession, company_pk: int | None) -> str | None:
