@@ -159,6 +159,7 @@ def _mutations(seed: int, count: int) -> list[bytes]:
     return out
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # parsing, not storage: one database
 async def test_fuzzed_mime_never_gets_a_451(relay, sink):
     """No message gets a 4xx while the database is up; each one answered 250 is delivered."""
     await relay.start()
