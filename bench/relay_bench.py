@@ -34,6 +34,7 @@ from proc_cpu import cpu_seconds  # noqa: E402  (bench/ is on sys.path as the sc
 
 PASSWORD = "bench-password"
 PROFILE_DIR: str | None = None
+STDERR_DIR = os.environ.get("RELAY_BENCH_STDERR")  # keep each server's stderr there
 
 
 def html_message(i: int, size: int = 10_000) -> bytes:
@@ -50,12 +51,14 @@ def html_message(i: int, size: int = 10_000) -> bytes:
 class CountingSink:
     def __init__(self):
         self.count = 0
+        self.copies = 0
         self.done = asyncio.Event()
         self.want = 0
 
     async def handle_DATA(self, server, session, envelope):
         self.count += 1
-        if self.count >= self.want:
+        self.copies += len(envelope.rcpt_tos)
+        if self.copies >= self.want:
             self.done.set()
         return "250 2.0.0 OK"
 
@@ -97,6 +100,9 @@ def run_bare(listen_port: int, upstream_port: int) -> None:
 
 # -- load ----------------------------------------------------------------------------------------
 
+RECIPIENTS = 1
+
+
 async def load(port: int, n: int, clients: int, auth: bool) -> list[float]:
     latencies: list[float] = []
     counter = iter(range(n))
@@ -110,7 +116,8 @@ async def load(port: int, n: int, clients: int, auth: bool) -> list[float]:
         for i in counter:
             msg = html_message(i)
             t0 = time.perf_counter()
-            await c.sendmail("alice@example.com", [f"carol{i}@ext.test"], msg)
+            rcpts = [f"carol{i}@ext.test"] + [f"carol{i}-{k}@ext.test" for k in range(1, RECIPIENTS)]
+            await c.sendmail("alice@example.com", rcpts, msg)
             latencies.append(time.perf_counter() - t0)
         await c.quit()
 
@@ -136,18 +143,22 @@ async def measure(name: str, argv: list[str], port: int, sink: CountingSink, n: 
         out = Path(PROFILE_DIR) / (name.split(",")[-1].strip().replace(" ", "_").replace("/", "-") + ".txt")
         argv = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--rate", "250",
                 "--nonblocking", "-o", str(out), "--"] + argv
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    # The server's stderr to a file: a pipe nobody reads would stall a server that logs much.
+    errfile = tempfile.TemporaryFile() if not STDERR_DIR else open(Path(STDERR_DIR) / f"{free_port()}.err", "w+b")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errfile, env=env,
                             preexec_fn=lambda: os.sched_setaffinity(0, {0}))
     try:
         try:
             await wait_port(port)
         except RuntimeError:
             proc.terminate()
-            _, err = proc.communicate(timeout=30)
+            proc.wait(30)
+            errfile.seek(0)
+            err = errfile.read()
             raise RuntimeError(f"{name}: nothing listens on {port}; its stderr:\n{err.decode(errors='replace')}")
         await load(port, 50, 4, auth)  # warm up
-        await asyncio.wait_for(_until(sink, 50), 60)
-        sink.count, sink.want = 0, n
+        await asyncio.wait_for(_until(sink, 50 * RECIPIENTS), 120)
+        sink.count, sink.copies, sink.want = 0, 0, n * RECIPIENTS
         sink.done.clear()
         cpu0 = cpu_seconds(proc.pid)
         t0 = time.perf_counter()
@@ -175,7 +186,7 @@ async def measure(name: str, argv: list[str], port: int, sink: CountingSink, n: 
 
 
 async def _until(sink: CountingSink, n: int) -> None:
-    while sink.count < n:
+    while sink.copies < n:
         await asyncio.sleep(0.01)
 
 
@@ -225,10 +236,12 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="alternated rounds; medians are reported")
     ap.add_argument("--rows", default="bare,untracked,tracked,logged",
                     help="which rows to measure (comma-separated; the ratios need bare)")
+    ap.add_argument("--recipients", type=int, default=1, help="recipients per message (one copy each)")
     ap.add_argument("--profile", metavar="DIR", help="run each server under py-spy, stacks to DIR (not for figures)")
     args = ap.parse_args()
-    global PROFILE_DIR
+    global PROFILE_DIR, RECIPIENTS
     PROFILE_DIR = args.profile
+    RECIPIENTS = args.recipients
     rows = set(args.rows.split(","))
     if os.cpu_count() and os.cpu_count() >= 2:
         os.sched_setaffinity(0, {1})
@@ -262,7 +275,7 @@ async def main() -> None:
     def med(row, key):
         return statistics.median(r[key] for r in runs[row])
 
-    print(f"\n{args.messages} messages of ~10 KB HTML, {args.clients} concurrent clients; "
+    print(f"\n{args.messages} messages of ~10 KB HTML to {RECIPIENTS} recipient(s) each, {args.clients} concurrent clients; "
           f"server on CPU 0, load and sink on CPU 1; medians of {args.rounds} alternated rounds\n")
     print("| server | accepted msg/s | delivered msg/s | p50 to 250 (ms) | p99 to 250 (ms) | server CPU ms/msg "
           "| accepted / bare | delivered / bare | p99 / bare |")
