@@ -339,3 +339,23 @@ async def test_webhook_backlog_and_crm_jobs_are_read_from_the_database(relay, si
     assert not any("not-for-metrics" in str(k) for k in m)
     assert value(m, "trackrelay_webhook_given_up_total", webhook=label) == 0
     assert sum(v for (name, _), v in m.items() if name == "trackrelay_crm_jobs") >= 1
+
+
+async def test_auth_lockouts_and_refusals_are_counted(tmp_path, sink):
+    from trackrelay.service import Service
+    port, relay_port = free_port(), free_port()
+    cfg = base_config(db_url=f"sqlite+aiosqlite:///{tmp_path}/t.db", relay_port=relay_port, upstream_url=sink.url,
+                      tmp=tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
+    cfg["relay"]["auth_max_failures"] = 2
+    service = Service(make_config(cfg))
+    await service.start()
+    try:
+        for _ in range(3):
+            with pytest.raises(Exception):
+                await client(relay_port, password="wrong-password")
+        m = await scrape(port)
+        assert value(m, "trackrelay_auth_lockouts_total") >= 1
+        assert value(m, "trackrelay_auth_refused_locked_total") >= 1  # 454 without a check
+        assert value(m, "trackrelay_smtp_replies_total", code="454") >= 1
+    finally:
+        await service.stop()
