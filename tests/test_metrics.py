@@ -123,6 +123,7 @@ async def test_metrics_of_one_process_move_as_mail_is_sent_and_delivered(relay, 
 
     assert await status_of(port, "/readyz") == (200, {"status": "ready"})
     assert await status_of(port, "/healthz") == (200, {"status": "ok"})
+    assert await status_of(api_port, "/readyz") == (200, {"status": "ready"})  # the API listener's too
 
 
 async def test_two_services_in_one_process_keep_their_own_registries(tmp_path, sink):

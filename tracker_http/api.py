@@ -188,6 +188,15 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"X-Content-Type-Options": "nosniff"})
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """503 with what is unreachable (the database; the upstream where the worker runs too)."""
+    service_metrics = getattr(request.app[CTX], "service_metrics", None)
+    problems = await service_metrics.ready() if service_metrics is not None else {}
+    if problems:
+        return web.json_response({"status": "unready", "unreachable": problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -220,5 +229,6 @@ def create_api_app(ctx) -> web.Application:
     pages.add_routes(app)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_route("*", "/api/{tail:.*}", not_found)
     return app
