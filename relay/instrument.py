@@ -70,8 +70,8 @@ class HtmlPart:
     top: int  # pixel offsets
     bottom: int
     untouched_links: list[str] = field(default_factory=list)  # why http links were left untouched
-    #: Copies' templates by (clicks, skip_url_text_links, pixel here, pixel position): built by the
-    #: first copy of that kind, so every further copy only signs its URLs and joins bytes.
+    #: Copies' templates by (clicks, skip_url_text_links, where the pixel goes): built by the second
+    #: copy of that kind, so every further copy only signs its URLs and joins bytes.
     templates: dict = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -355,10 +355,17 @@ def _measure_lines(t: _Template) -> None:
     t.slot_worst = sorted(worst.items())
 
 
+_UNSEEN, _SEEN = object(), object()
+
+
 def _template(part: HtmlPart, clicks: bool, skip_url_text: bool, pixel_at: int | None) -> _Template | None:
     key = (clicks, skip_url_text, pixel_at)
-    if key in part.templates:
-        return part.templates[key]
+    template = part.templates.get(key, _UNSEEN)
+    if template is _UNSEEN:  # the first copy of its kind: most messages have only one
+        part.templates[key] = _SEEN
+        return None
+    if template is not _SEEN:
+        return template
     template = None
     charset = "utf-8" if part.charset == "utf-8-as-ascii" else part.charset
     if _ascii_compatible(charset, part):
@@ -389,8 +396,9 @@ def _template(part: HtmlPart, clicks: bool, skip_url_text: bool, pixel_at: int |
 def render(parsed: Parsed, plan: Plan) -> Result:
     """One recipient's copy. Without a token, or when the message is untouched: the original.
 
-    The first copy of a kind builds each part's template (its text encoded once, in pieces between
-    the per-recipient values); every copy then signs its own URLs and joins bytes."""
+    The second copy of a kind builds each part's template (its text encoded once, in pieces between
+    the per-recipient values; the first is made the plain way, as most messages have one copy);
+    every further copy then signs its own URLs and joins bytes."""
     if parsed.untouched is not None:
         return Result(parsed.raw, note=parsed.untouched)
     if not plan.token or not (plan.opens or plan.clicks) or plan.keyring is None:
@@ -409,7 +417,7 @@ def render(parsed: Parsed, plan: Plan) -> Result:
             pixel_at = part.bottom if plan.pixel_position == "bottom" else part.top
             pixel_done = True
         template = _template(part, plan.clicks, plan.skip_url_text_links, pixel_at)
-        if template is None:  # a stateful charset: the part's text edited and encoded whole
+        if template is None:  # the first copy, or a stateful charset: the text edited and encoded whole
             edits, links, skipped = _edits(part, plan.clicks, plan.skip_url_text_links, pixel_at)
             if not edits:
                 result.skipped += skipped
