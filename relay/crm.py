@@ -24,7 +24,7 @@ from sqlalchemy import inspect as sa_inspect, select
 from sqlalchemy.orm import undefer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from relay import autoreply
+from relay import autoreply, maillog
 from relay.policy import ContactFacts
 from storage import crm as q
 from storage.models import CrmJob, Deal, LoggedAttachment, LoggedEmail, Message, Recipient, utcnow
@@ -326,7 +326,7 @@ class CrmLogger:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.error("CRM logging failed: %s", type(exc).__name__)
+                log.error("CRM logging failed: %s", maillog.error(exc))
             try:
                 await asyncio.wait_for(self._wake.wait(), 1.0)
                 if not self._stopping:
@@ -346,16 +346,22 @@ class CrmLogger:
                     if job is None:
                         return False
                     job_id, message_pk = job.id, job.message_pk
-                    if await log_outgoing(session, self.config, message_pk) is not None:
+                    logged = await log_outgoing(session, self.config, message_pk)
+                    logged_id = None
+                    if logged is not None:
                         self.logged += 1
+                        await session.flush()
+                        logged_id = logged.id
                     job.state = "done"
+                if logged_id is not None:
+                    maillog.log.info("queue_id=%d status=crm_logged logged_email=%d", message_pk, logged_id)
                 return True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if job_id is None:
                     raise
-                log.error("CRM job %s failed: %s", job_id, type(exc).__name__)
+                log.error("CRM job %s (queue_id=%s) failed: %s", job_id, message_pk, maillog.error(exc))
         async with self.sessionmaker() as session:
             async with session.begin():
                 job = await session.get(CrmJob, job_id)

@@ -399,3 +399,16 @@ def test_decoded_headers_agree_with_the_email_packages_policy_default():
 
     agree()
     storable()
+
+
+async def test_the_mail_log_has_a_line_when_a_message_is_logged_to_the_crm(relay, sink, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="trackrelay.mail")
+    await relay.start()
+    c = await client(relay.port)
+    _, reply = await c.sendmail("alice@example.com", ["carol@ext.test"], simple_message(extra="X-Log: yes\r\n"))
+    await c.quit()
+    queue_id = reply.rsplit(" ", 1)[1]
+    from helpers import wait_until
+    await wait_until(lambda: any(f"queue_id={queue_id} status=crm_logged" in r.getMessage()
+                                 for r in caplog.records), 15, "the crm_logged line")
