@@ -12,13 +12,12 @@ import logging
 import re
 import secrets
 import ssl
-import time
 import weakref
 from email.utils import formatdate
 from datetime import datetime
 from typing import Awaitable, Callable, Protocol
 
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 
 from relay import maillog
 from relay import message as m

@@ -67,6 +67,16 @@ async def db_url(request, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+async def pg_url() -> str:
+    """The PostgreSQL test database, reset, for tests that need PostgreSQL itself (several processes)."""
+    why = await _pg_available()
+    if why:
+        pytest.skip(why)
+    await reset_pg()
+    return pg_test_url()
+
+
+@pytest.fixture
 async def sink():
     s = await Sink().start()
     yield s

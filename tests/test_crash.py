@@ -250,14 +250,6 @@ async def test_database_locked_longer_than_the_lease_while_a_lane_sends_delivers
     assert "Traceback" not in (tmp_path / "relay.log").read_text()
 
 
-@pytest.fixture
-async def pg_url():
-    from conftest import _pg_available, pg_test_url, reset_pg
-    why = await _pg_available()
-    if why:
-        pytest.skip(why)
-    await reset_pg()
-    return pg_test_url()
 
 
 @pytest.mark.postgres

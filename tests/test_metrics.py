@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import _pg_available, _pg_dsn, pg_test_url, reset_pg
+from conftest import _pg_dsn, pg_test_url
 from helpers import base_config, client, free_port, make_config, simple_message, to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,13 +176,6 @@ def test_check_config_validates_the_metrics_section(tmp_path):
 
 # -- several processes: serve --only ROLE --metrics-listen ------------------------------------------
 
-@pytest.fixture
-async def pg_url():
-    why = await _pg_available()
-    if why:
-        pytest.skip(why)
-    await reset_pg()
-    return pg_test_url()
 
 
 class Role:

@@ -9,19 +9,11 @@ from collections import Counter
 
 import pytest
 
-from conftest import _pg_available, pg_test_url, reset_pg
 from topology import Topology, hit_trackers, send_many
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
-@pytest.fixture
-async def pg_url():
-    why = await _pg_available()
-    if why:
-        pytest.skip(why)
-    await reset_pg()
-    return pg_test_url()
 
 
 async def count(db_url: str, sql: str) -> int:

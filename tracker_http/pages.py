@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 from urllib.parse import quote, unquote, urlsplit
 
 import jinja2
 from aiohttp import web
-from markupsafe import Markup, escape
+from markupsafe import Markup
 
 from storage import crm as q
 from storage import feed

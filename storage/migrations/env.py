@@ -3,7 +3,9 @@
 from alembic import context
 
 from storage.models import Base
-import storage.sessions  # noqa: F401  (its table is on Base.metadata too)
+import storage.api_tokens  # noqa: F401  (these tables are on Base.metadata too)
+import storage.inbound_proof  # noqa: F401
+import storage.sessions  # noqa: F401
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only through storage.migrate
