@@ -420,3 +420,28 @@ async def test_a_mail_clients_simultaneous_connections_all_sign_in(relay, sink):
         await c.quit()
 
     await asyncio.gather(*(one() for _ in range(20)))
+
+
+async def test_api_listen_with_its_own_certificate_serves_https_and_a_secure_cookie(relay, sink, tmp_path):
+    import shutil
+    import subprocess
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "api.crt", tmp_path / "api.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    await relay.start(api={"tls_cert_file": str(cert), "tls_key_file": str(key)})
+    https = f"https://{relay.config.api.listen}"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                     connector=aiohttp.TCPConnector(ssl=False)) as s:
+        async with s.get(https + "/login") as r:
+            nonce = re.search(r'name="csrf" value="([^"]+)"', await r.text()).group(1)
+        async with s.post(https + "/login", allow_redirects=False, cookies={"trackrelay_login": nonce},
+                          data={"username": "alice", "password": PASSWORD, "csrf": nonce, "next": "/"}) as r:
+            assert r.status == 303 and "Secure" in r.headers["Set-Cookie"]
+        async with s.get(https + "/healthz") as r:
+            assert r.status == 200
+    async with aiohttp.ClientSession() as s:  # plain http on that port is no longer answered
+        with pytest.raises(aiohttp.ClientError):
+            async with s.get(f"http://{relay.config.api.listen}/healthz") as r:
+                await r.read()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -25,6 +26,15 @@ log = logging.getLogger("trackrelay.tracker")
 SHUTDOWN_SECONDS = 5.0
 
 
+def api_tls_context(config: Config) -> ssl.SSLContext | None:
+    """``api.tls_cert_file``/``tls_key_file``: the API and pages over https on api.listen itself."""
+    if not config.api.tls_cert_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(config.api.tls_cert_file, config.api.tls_key_file)
+    return ctx
+
+
 class Tracker:
     def __init__(self, config: Config, sessionmaker: async_sessionmaker, keyring: Keyring,
                  bus: EventBus | None = None):
@@ -44,13 +54,14 @@ class Tracker:
             classify.warm_up()  # the writer process builds its own
         self.recorder.start()
         c = self.ctx.config
-        for app, listen in ((create_public_app(self.ctx), c.tracker.listen),
-                            (create_api_app(self.ctx), c.api.listen)):
+        self.api_tls = api_tls_context(c)
+        for app, listen, tls in ((create_public_app(self.ctx), c.tracker.listen, None),
+                                 (create_api_app(self.ctx), c.api.listen, self.api_tls)):
             runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                    shutdown_timeout=SHUTDOWN_SECONDS)
             await runner.setup()
             host, port = parse_hostport(listen)
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls).start()
             self._runners.append(runner)
         log.info("tracker on %s, API on %s", c.tracker.listen, c.api.listen)
 
@@ -58,6 +69,8 @@ class Tracker:
         """A reload (SIGHUP): users, tokens and trusted proxies from ``config``; the sessions of
         users it removed or gave another password end; the Apple ranges are read again."""
         from tracker_http.sessions import end_for_config
+        if getattr(self, "api_tls", None) is not None and config.api.tls_cert_file:
+            self.api_tls.load_cert_chain(config.api.tls_cert_file, config.api.tls_key_file)
         self.ctx.config = config
         self.ctx.trusted_proxies = networks(config.tracker.trusted_proxies)
         if isinstance(self.recorder, Recorder):

@@ -95,6 +95,8 @@ class ApiSection:
     login_backoff_max_seconds: float = 3600.0
     session_idle_seconds: float = 14400.0
     session_max_seconds: float = 43200.0
+    tls_cert_file: str | None = None  # with tls_key_file: the API and pages over https
+    tls_key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -413,13 +415,15 @@ def _validate(c: Config, src: str) -> None:
     if c.metrics.listen and parse_hostport(c.metrics.listen) in {
             parse_hostport(v) for v in (c.relay.listen, c.tracker.listen, c.api.listen, c.relay.inbound_listen) if v}:
         bad("metrics.listen", f"{c.metrics.listen!r} is already another listener's address")
-    if bool(c.relay.tls_cert_file) != bool(c.relay.tls_key_file):
-        bad("relay.tls_key_file" if c.relay.tls_cert_file else "relay.tls_cert_file",
-            "tls_cert_file and tls_key_file go together")
-    for key in ("tls_cert_file", "tls_key_file"):
-        path = getattr(c.relay, key)
-        if path and not Path(path).is_file():
-            bad(f"relay.{key}", f"no such file: {path}")
+    for section in ("relay", "api"):
+        sec = getattr(c, section)
+        if bool(sec.tls_cert_file) != bool(sec.tls_key_file):
+            bad(f"{section}.tls_key_file" if sec.tls_cert_file else f"{section}.tls_cert_file",
+                "tls_cert_file and tls_key_file go together")
+        for key in ("tls_cert_file", "tls_key_file"):
+            path = getattr(sec, key)
+            if path and not Path(path).is_file():
+                bad(f"{section}.{key}", f"no such file: {path}")
     host, _ = parse_hostport(c.relay.listen)
     if not c.relay.tls_cert_file and not is_loopback(host) and not c.relay.allow_plaintext_auth:
         bad("relay.listen", "AUTH without TLS on a non-loopback address: set relay.tls_cert_file "
