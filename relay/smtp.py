@@ -256,7 +256,7 @@ def canonical(address: str) -> str:
     """An address as compared (duplicates, ownership): quoted only where the local part needs it,
     lower-cased (as every mail system treats it), the domain in IDNA 2008 ASCII."""
     local, _, domain = address.rpartition("@")
-    return f"{quote_local(unquote_local(local)).lower()}@{idn.to_ascii_or_none(domain) or domain.lower()}"
+    return idn.address_key(f"{quote_local(unquote_local(local))}@{domain}")
 
 
 def sender_problem(fs: list[m.Field], owned: set[str]) -> str | None:
