@@ -186,8 +186,7 @@ def addresses(value: str | None) -> list[str]:
     """The addr-specs of an address header, lower-cased; unparsable entries are dropped."""
     if not value:
         return []
-    text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return [addr.lower() for _, addr in getaddresses([text]) if "@" in addr]
+    return [addr.lower() for _, addr in getaddresses([text(value)]) if "@" in addr]
 
 
 _HEADERS = HeaderRegistry()
