@@ -30,7 +30,7 @@ import lxml.html
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from relay import html_scan, instrument  # noqa: E402
-from trackrelay.links import Keyring  # noqa: E402
+from core.links import Keyring  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus" / "html"

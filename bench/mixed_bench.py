@@ -52,7 +52,7 @@ def p99(values: list[float]) -> float:
 
 
 async def one_mode(writer: str, args) -> list[dict]:
-    from trackrelay.passwords import hash_password
+    from core.passwords import hash_password
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         relay_port, t_port, a_port = free_port(), free_port(), free_port()

@@ -192,7 +192,7 @@ async def _until(sink: CountingSink, n: int) -> None:
 
 async def measure_trackrelay(track: bool, sink: CountingSink, sink_port: int, n: int, clients: int,
                              log: bool = False) -> dict:
-    from trackrelay.passwords import hash_password
+    from core.passwords import hash_password
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         cfg = Path(tmp) / "trackrelay.toml"

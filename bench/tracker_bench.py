@@ -202,7 +202,7 @@ async def main() -> None:
     kinds = args.kinds.split(",")
     if (os.cpu_count() or 1) >= 2:
         os.sched_setaffinity(0, {1})
-    from trackrelay.passwords import hash_password
+    from core.passwords import hash_password
 
     with tempfile.TemporaryDirectory() as tmp:
         port, relay_port, t_port, a_port = free_port(), free_port(), free_port(), free_port()

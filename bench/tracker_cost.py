@@ -71,8 +71,8 @@ async def main(n: int, instructions: bool) -> None:
     from aiohttp.test_utils import make_mocked_request
 
     import tracker_http.public as public
-    from trackrelay import config as config_mod
-    from trackrelay.passwords import hash_password
+    from core import config as config_mod
+    from core.passwords import hash_password
     from trackrelay.service import Service
 
     tmp = tempfile.mkdtemp()

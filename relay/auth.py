@@ -1,11 +1,11 @@
 """SMTP AUTH for the submission listener: PLAIN/LOGIN against the configured users.
 
-Every attempt takes a slot in the attempt budgets (``trackrelay.attempts``: per user name across
+Every attempt takes a slot in the attempt budgets (``core.attempts``: per user name across
 all addresses, per client network) before its password is checked; a locked-out client gets
 ``454 4.7.0`` with no check at all, so the answer never tells whether the password was right.
 An unknown user name costs the same hash as a known one (it is checked against a configured
 user's hash and the result thrown away). The check runs in the password worker threads
-(``trackrelay.passwords.CHECKER``), never on the event loop, when the SMTP class has the
+(``core.passwords.CHECKER``), never on the event loop, when the SMTP class has the
 ``AsyncAuth`` mixin (aiosmtpd calls an ``authenticator`` synchronously).
 """
 
@@ -19,9 +19,9 @@ from collections import OrderedDict
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from trackrelay.attempts import Attempt, AttemptBudgets
-from trackrelay.config import Config, User
-from trackrelay.passwords import CHECKER, Busy, Checker, hash_for, verify_password
+from core.attempts import Attempt, AttemptBudgets
+from core.config import Config, User
+from core.passwords import CHECKER, Busy, Checker, hash_for, verify_password
 
 log = logging.getLogger("trackrelay.relay")
 

@@ -35,7 +35,7 @@ from email import policy as email_policy
 from email.message import Message
 from email.utils import getaddresses
 
-from trackrelay.mailaddr import is_system as is_system_address
+from core.mailaddr import is_system as is_system_address
 
 log = logging.getLogger("trackrelay.bounces")
 

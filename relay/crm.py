@@ -30,11 +30,11 @@ from storage import crm as q
 from storage.models import CrmJob, Deal, LoggedAttachment, LoggedEmail, Message, Recipient, utcnow
 from storage.engine import engine_of
 from storage.spool import Batcher
-from trackrelay.config import Config
-from trackrelay.companies import normalise_domains
-from trackrelay.mailaddr import canonical
-from trackrelay.neverlog import normalise_entry
-from trackrelay.aio import finish
+from core.config import Config
+from core.companies import normalise_domains
+from core.mailaddr import canonical
+from core.neverlog import normalise_entry
+from core.aio import finish
 
 log = logging.getLogger("trackrelay.crm")
 
@@ -182,7 +182,7 @@ def parse_email(raw: bytes) -> ParsedEmail:
 
 
 def addresses(header: str) -> list[str]:
-    """The header's addresses in canonical form (``trackrelay.mailaddr.canonical``: lower-cased, a
+    """The header's addresses in canonical form (``core.mailaddr.canonical``: lower-cased, a
     local part such as ``"neko....nyaan"`` keeps the quotes it needs)."""
     return [canonical(a) for _, a in getaddresses([header]) if "@" in a]
 

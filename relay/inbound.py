@@ -48,10 +48,10 @@ from storage import crm as q
 from storage import events as ev
 from storage import inbound_proof
 from storage.models import Message, Recipient, utcnow
-from trackrelay import idn, mailaddr
-from trackrelay.config import Config, User, parse_hostport
-from trackrelay.links import Keyring, key_file_path
-from trackrelay.neverlog import matches, normalise_entry
+from core import idn, mailaddr
+from core.config import Config, User, parse_hostport
+from core.links import Keyring, key_file_path
+from core.neverlog import matches, normalise_entry
 
 log = logging.getLogger("trackrelay.inbound")
 

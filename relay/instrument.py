@@ -20,7 +20,7 @@ from email.message import Message as _HeaderParser
 
 from relay import message as m
 from relay.html_scan import AMBIGUOUS, has_visible_content, looks_like_url, scan, visible_text
-from trackrelay.links import Keyring, encode_target, is_http_url, pixel_url, representable, signed_click
+from core.links import Keyring, encode_target, is_http_url, pixel_url, representable, signed_click
 
 MAX_DEPTH = 30
 MAX_PARTS = 500

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import re
 
-from trackrelay.config import Config
+from core.config import Config
 
 log = logging.getLogger("trackrelay.mail")
 

@@ -12,9 +12,9 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
-from trackrelay import idn
-from trackrelay.config import Config
-from trackrelay.neverlog import matches
+from core import idn
+from core.config import Config
+from core.neverlog import matches
 
 
 @dataclass(frozen=True)

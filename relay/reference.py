@@ -14,7 +14,7 @@ from __future__ import annotations
 import hmac
 import re
 
-from trackrelay.links import Keyring, _b64e, mac
+from core.links import Keyring, _b64e, mac
 
 HEADER = b"X-Trackrelay-Ref"
 _FIND = re.compile(rb"(?<![\w.])tr1\.([0-9a-f]{8})\.([0-9]{1,18})\.([A-Za-z0-9_-]{22})(?![\w-])")

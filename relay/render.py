@@ -15,8 +15,8 @@ import dkim
 from relay import instrument, reference
 from relay import message as m
 from storage.queue import Claimed, Spooled
-from trackrelay.config import Config
-from trackrelay.links import Keyring
+from core.config import Config
+from core.links import Keyring
 
 CACHE_SIZE = 32
 #: Room kept under the upstream's SIZE for our DKIM-Signature (a 4096-bit key's is about 900 octets).

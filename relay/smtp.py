@@ -23,11 +23,11 @@ from relay import maillog
 from relay import message as m
 from relay import replies
 from relay.auth import AsyncAuth, Authenticator
-from trackrelay import idn
-from trackrelay.mailaddr import quote_local, unquote_local
+from core import idn
+from core.mailaddr import quote_local, unquote_local
 from relay.policy import ContactFacts, MessageFacts, decide
 from storage.spool import Batcher, SpoolEntry, SpoolRecipient, transient
-from trackrelay.config import Config
+from core.config import Config
 
 log = logging.getLogger("trackrelay.relay")
 
@@ -505,7 +505,7 @@ def protocol_factory(config: Config, handler: SubmissionHandler, authenticator: 
 
 async def start_submission(config: Config, handler: SubmissionHandler, authenticator: Authenticator,
                            size: SizeLimit) -> asyncio.base_events.Server:
-    from trackrelay.config import parse_hostport
+    from core.config import parse_hostport
     host, port = parse_hostport(config.relay.listen)
     loop = asyncio.get_running_loop()
     return await loop.create_server(protocol_factory(config, handler, authenticator, size), host, port)

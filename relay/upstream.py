@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import aiosmtplib
 
-from trackrelay.config import UpstreamSection
+from core.config import UpstreamSection
 
 log = logging.getLogger("trackrelay.upstream")
 

@@ -30,9 +30,9 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from storage import events as ev
 from storage.models import WebhookCursor, utcnow
-from trackrelay.aio import finish
-from trackrelay.bus import EventBus
-from trackrelay.config import Config, Webhook
+from core.aio import finish
+from core.bus import EventBus
+from core.config import Config, Webhook
 
 log = logging.getLogger("trackrelay.webhooks")
 

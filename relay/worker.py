@@ -38,12 +38,12 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from relay import dsn, maillog
 from relay.upstream import Result
 from storage import queue as q
-from trackrelay.aio import cancel, finish
+from core.aio import cancel, finish
 from storage.engine import engine_of
 from storage.events import erase_raw_before
 from storage.models import utcnow
 from storage.spool import Batcher, SpoolEntry, SpoolRecipient, add_entries, transient
-from trackrelay.config import Config
+from core.config import Config
 
 log = logging.getLogger("trackrelay.worker")
 #: The mail log: one line per delivery attempt and DSN, greppable by queue id.

@@ -15,11 +15,11 @@ from storage import direct
 from storage.engine import connection_of
 from storage.models import (Attachment, Company, Contact, Deal, DealContact, Event, LoggedAssociation,
                             LoggedAttachment, LoggedEmail, NeverLog, Recipient, UTCDateTime, utcnow)
-from trackrelay import companies
-from trackrelay.idn import to_unicode
-from trackrelay.mailaddr import is_system
+from core import companies
+from core.idn import to_unicode
+from core.mailaddr import is_system
 
-#: Free-mail domains get no company (``trackrelay/data/freemail.txt``, extendable in the config).
+#: Free-mail domains get no company (``core/data/freemail.txt``, extendable in the config).
 FREE_MAIL = companies.free_mail()
 
 
@@ -340,7 +340,7 @@ async def never_log_change(session: AsyncSession, *, action: str, scope: str, us
                            raw_entries: list[str], config_entries: tuple[str, ...]) -> list[str]:
     """Add or remove entries of one list (team: user ""). Config-managed entries are read-only;
     a list holds at most 500 entries, config and database together."""
-    from trackrelay.neverlog import MAX_ENTRIES, EntryError, normalise_entry
+    from core.neverlog import MAX_ENTRIES, EntryError, normalise_entry
     if not raw_entries:
         raise NeverLogRefused("no entries given")
     try:

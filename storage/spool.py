@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 from storage import direct, events
 from storage.engine import connection_of, engine_of
 from storage.models import CrmJob, Message, Recipient, utcnow
-from trackrelay.aio import cancel
+from core.aio import cancel
 
 log = logging.getLogger("trackrelay.spool")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import aiosmtplib
 from aiosmtpd.smtp import SMTP
 
-from trackrelay import config as config_mod
-from trackrelay.passwords import hash_password, token_hash
+from core import config as config_mod
+from core.passwords import hash_password, token_hash
 
 PASSWORD = "s3cret-pw"
 PASSWORD_HASH = hash_password(PASSWORD)

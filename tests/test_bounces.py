@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from relay import autoreply, bounces
 from relay.crm import addresses, parse_email
-from trackrelay import companies, mailaddr
+from core import companies, mailaddr
 
 HERE = Path(__file__).parent
 BOUNCES = HERE / "data" / "bounces"

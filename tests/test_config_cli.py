@@ -11,9 +11,9 @@ import aiosmtplib
 import pytest
 
 from helpers import PASSWORD, client, simple_message
-from trackrelay import config as config_mod
+from core import config as config_mod
 from trackrelay.cli import main
-from trackrelay.passwords import token_hash, verify_password
+from core.passwords import token_hash, verify_password
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from helpers import Sink, client
-from trackrelay.links import to_uri, verify_click
+from core.links import to_uri, verify_click
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 pytestmark = [pytest.mark.slow,

@@ -288,7 +288,7 @@ async def _start_with_recipients_shown(relay, mode: str, **sections):
     """log.recipients when the config has the key; until then the worker's setting directly."""
     import dataclasses
 
-    from trackrelay.config import LogSection
+    from core.config import LogSection
     if "recipients" in {f.name for f in dataclasses.fields(LogSection)}:
         sections.setdefault("log", {})["recipients"] = mode
         await relay.start(**sections)

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from helpers import client
 from test_tracker import browser, public
-from trackrelay import idn, neverlog
-from trackrelay.links import Keyring, Unrepresentable, click_url, is_http_url, representable, to_uri
+from core import idn, neverlog
+from core.links import Keyring, Unrepresentable, click_url, is_http_url, representable, to_uri
 
 KEY = "test-key-0123456789abcdef"  # tests/helpers.py's base config signs with it
 
@@ -234,7 +234,7 @@ _ASCII_LABEL = st.one_of(st.text(st.sampled_from("aZ09_-x"), min_size=1, max_siz
        st.sampled_from(["", "."]), st.sampled_from(["", ":", ":0", ":80", ":65535", ":65536", ":99999", ":123456"]),
        st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=12))
 def test_the_shortcut_for_plain_ascii_links_agrees_with_the_full_parse(scheme, host, dot, port, tail):
-    from trackrelay import links
+    from core import links
     for target in (f"{scheme}{host}{dot}{port}", f"{scheme}{host}{dot}{port}/{tail}", f"{scheme}{host}{port}?{tail}"):
         if links._plain(target):
             assert links._rebuild(target) == target

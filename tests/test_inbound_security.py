@@ -29,7 +29,7 @@ from helpers import base_config, client, to_toml
 from test_tracker import HTML_MSG
 
 from relay import reference
-from trackrelay.links import Keyring
+from core.links import Keyring
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE_KEY = "k3vq7xw2m5pa9rtz4hbn6cydf8ejsgu0"
@@ -136,7 +136,7 @@ def test_new_log_key_prints_a_key_check_config_accepts(tmp_path):
 
 def test_two_users_cannot_share_a_log_key(tmp_path):
     from helpers import make_config
-    from trackrelay.config import ConfigError
+    from core.config import ConfigError
     cfg = base_config(db_url=f"sqlite+aiosqlite:///{tmp_path}/t.db", relay_port=2525,
                       upstream_url="smtp://127.0.0.1:2526", tmp=tmp_path)
     cfg["users"][0]["log_key"] = cfg["users"][1]["log_key"] = ALICE_KEY

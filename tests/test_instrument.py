@@ -17,7 +17,7 @@ import pytest
 
 from relay import instrument
 from relay import message as m
-from trackrelay.links import Keyring, verify_click
+from core.links import Keyring, verify_click
 
 DATA = Path(__file__).parent / "data"
 PUBLIC = "http://127.0.0.1:8080"
@@ -227,7 +227,7 @@ def test_key_rotation_old_key_still_verifies():
 
 def test_click_signature_is_hmac_sha256_truncated_to_128_bits():
     import hmac
-    from trackrelay.links import _b64e
+    from core.links import _b64e
     for key in ("k", "corpus-key-0123456789abcdef", "x" * 64, "y" * 200):
         ring = Keyring.from_strings([key])
         for payload in ("a.b.0.c", "0123abcd.TOKENTOKENTOKENTOKEN.12.aHR0cHM6Ly9leGFtcGxlLmNvbQ"):
@@ -236,7 +236,7 @@ def test_click_signature_is_hmac_sha256_truncated_to_128_bits():
 
 
 def test_iri_goes_into_location_in_uri_form():
-    from trackrelay.links import to_uri
+    from core.links import to_uri
     assert to_uri("https://bücher.example/straße?q=zażółć") == \
         "https://xn--bcher-kva.example/stra%C3%9Fe?q=za%C5%BC%C3%B3%C5%82%C4%87"
     assert to_uri("https://example.com/a?b=1&c=%20") == "https://example.com/a?b=1&c=%20"

@@ -16,7 +16,7 @@ from html_forms import html_text
 from relay import instrument
 from relay.html_scan import decode_attribute, scan, url_of
 from test_instrument import KEYS, PUBLIC, hrefs, other_parts, plan
-from trackrelay.links import pixel_url, verify_click
+from core.links import pixel_url, verify_click
 
 words = st.text(alphabet="abcdefghijklmnopqrstuvwxyzĄąłżź &;<>\"'", min_size=1, max_size=12).map(
     lambda t: t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))

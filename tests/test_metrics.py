@@ -163,7 +163,7 @@ async def test_worker_readyz_is_503_while_the_upstream_is_unreachable(tmp_path):
 
 
 def test_check_config_validates_the_metrics_section(tmp_path):
-    from trackrelay import config as config_mod
+    from core import config as config_mod
     base = base_config(db_url="sqlite+aiosqlite:///x.db", relay_port=2525, upstream_url="maildir://./o", tmp=tmp_path)
     for bad, words in (({"listen": "nonsense"}, "metrics.listen"), ({"listen": "127.0.0.1:2525"}, "already"),
                        ({"port": 9100}, "metrics.port")):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from relay import crm, instrument
-from trackrelay.links import Keyring, encode_target, signed_click, verify_click
+from core.links import Keyring, encode_target, signed_click, verify_click
 
 DATA = Path(__file__).parent / "data"
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"

@@ -47,7 +47,7 @@ def test_the_hash_password_command_as_written(tmp_path):
     cmd = _commands()[2]
     out = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    from trackrelay.passwords import verify_password
+    from core.passwords import verify_password
     assert verify_password("their password", out.stdout.strip())
 
 

@@ -21,8 +21,8 @@ import pytest
 
 from helpers import PASSWORD, PASSWORD_HASH, client, make_config, to_toml
 from test_config_cli import run_cli
-from trackrelay.attempts import MAX_ENTRIES, AttemptBudgets, network_of
-from trackrelay.passwords import CHECKER, hash_scrypt, verify_password
+from core.attempts import MAX_ENTRIES, AttemptBudgets, network_of
+from core.passwords import CHECKER, hash_scrypt, verify_password
 
 
 #: Timing and memory do not depend on the database: measured once, on SQLite.
@@ -265,7 +265,7 @@ async def test_argon2id_and_scrypt_hashes_both_sign_in_and_check_config_warns_on
 
 
 def test_a_malformed_argon2_hash_is_refused_naming_the_key():
-    from trackrelay.config import ConfigError
+    from core.config import ConfigError
     with pytest.raises(ConfigError) as e:
         make_config({"users": [{"name": "a", "password_hash": "$argon2id$v=19$nonsense"}]})
     assert "users[0].password_hash" in str(e.value) and "Argon2" in str(e.value)

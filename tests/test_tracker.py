@@ -13,7 +13,7 @@ import pytest
 
 from helpers import API_TOKENS, client, wait_until
 from tracker_http.public import GIF
-from trackrelay.links import Keyring, click_url
+from core.links import Keyring, click_url
 
 SENDER_IP = "127.0.0.2"  # the mail is submitted from here; the reader opens from 127.0.0.1
 
@@ -551,7 +551,7 @@ async def test_refresh_apple_ranges_command_replaces_the_shipped_list(tmp_path):
 
     from tracker_http.netaddr import apple_ranges_path
     from trackrelay.cli import main
-    from trackrelay.config import from_dict
+    from core.config import from_dict
 
     async def csv(request):
         return web.Response(text="104.28.0.0/24,US,US-CA,Los Angeles,\n2a02:26f7:b3c0:4000::/64,DE,DE-BE,Berlin,\nbogus\n")

@@ -16,8 +16,8 @@ from storage import events as ev
 from storage import feed
 from tracker_http import sessions
 from tracker_http.state import CTX
-from trackrelay.config import User
-from trackrelay.passwords import token_hash
+from core.config import User
+from core.passwords import token_hash
 
 USER = web.AppKey("user", User)
 MAX_LIMIT = 1000

@@ -15,9 +15,9 @@ from tracker_http.public import create_public_app
 from tracker_http.recorder import Recorder, SignedInIps
 from tracker_http.state import Context
 from tracker_http.writer import WriterClient
-from trackrelay.bus import EventBus
-from trackrelay.config import Config, parse_hostport
-from trackrelay.links import Keyring
+from core.bus import EventBus
+from core.config import Config, parse_hostport
+from core.links import Keyring
 
 log = logging.getLogger("trackrelay.tracker")
 

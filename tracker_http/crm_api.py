@@ -20,8 +20,8 @@ from storage import crm as q
 from storage.models import LoggedEmail
 from tracker_http.api import authenticate, error
 from tracker_http.state import CTX
-from trackrelay.config import GDPR_BASES
-from trackrelay.neverlog import normalise_entry
+from core.config import GDPR_BASES
+from core.neverlog import normalise_entry
 
 
 def _iso(t: datetime | None) -> str | None:

@@ -7,7 +7,7 @@ import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
-from trackrelay.links import key_file_path
+from core.links import key_file_path
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -28,9 +28,9 @@ from tracker_http import sessions
 from tracker_http.crm_api import attachment_response, contact_json, logged_json
 from tracker_http.netaddr import client_ip
 from tracker_http.state import CTX
-from trackrelay.attempts import Attempt, AttemptBudgets
-from trackrelay.config import User
-from trackrelay.passwords import CHECKER, Busy, hash_for
+from core.attempts import Attempt, AttemptBudgets
+from core.config import User
+from core.passwords import CHECKER, Busy, hash_for
 
 HERE = Path(__file__).parent
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-src 'self'; "
@@ -614,7 +614,7 @@ async def contact_page(request: web.Request) -> web.Response:
 
 
 def _config_never_log(ctx, scope: str, user: User) -> tuple[str, ...]:
-    from trackrelay.neverlog import normalise_entry
+    from core.neverlog import normalise_entry
     return tuple(normalise_entry(e) for e in (ctx.config.never_log.team if scope == "team" else user.never_log))
 
 
@@ -642,7 +642,7 @@ async def settings_page(request: web.Request, error: str | None = None, status: 
 async def token_create(request: web.Request) -> web.Response:
     """A new API token, shown once on the page that answers (never logged); only its hash is kept."""
     from storage import api_tokens
-    from trackrelay.passwords import token_hash
+    from core.passwords import token_hash
     user, form = await _checked_form(request)
     name = " ".join(str(form.get("name", "")).split())[:100] or "API token"
     token = "trk_" + secrets.token_urlsafe(32)

@@ -17,7 +17,7 @@ from aiohttp import web
 from tracker_http.netaddr import client_ip
 from tracker_http.prepared import Prepared, header_safe, headers
 from tracker_http.state import CTX, Context
-from trackrelay.links import Unrepresentable, to_uri, verify_click
+from core.links import Unrepresentable, to_uri, verify_click
 
 #: The 43-byte transparent 1×1 GIF.
 GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"

@@ -24,8 +24,8 @@ from storage import events as ev
 from storage.engine import engine_of
 from tracker_http.classify import BURST_SECONDS, HUMAN, client_of, request_verdict, timing_verdict
 from tracker_http.netaddr import RangeSet, stored_ip
-from trackrelay.config import Config
-from trackrelay.aio import finish
+from core.config import Config
+from core.aio import finish
 
 log = logging.getLogger("trackrelay.tracker")
 

@@ -21,9 +21,9 @@ from datetime import datetime, timedelta, timezone
 from aiohttp import web
 
 from storage import sessions as store
-from trackrelay.attempts import AttemptBudgets
-from trackrelay.config import Config, User
-from trackrelay.links import Keyring
+from core.attempts import AttemptBudgets
+from core.config import Config, User
+from core.links import Keyring
 
 COOKIE = "trackrelay_session"
 #: The last-seen time is written at most this often per session (a page view is not a write).

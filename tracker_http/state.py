@@ -11,9 +11,9 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from tracker_http.netaddr import Network
 from tracker_http.recorder import Recorder, SignedInIps
-from trackrelay.bus import EventBus
-from trackrelay.config import Config
-from trackrelay.links import Keyring
+from core.bus import EventBus
+from core.config import Config
+from core.links import Keyring
 
 if TYPE_CHECKING:
     from tracker_http.writer import WriterClient

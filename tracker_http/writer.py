@@ -45,8 +45,8 @@ from collections import deque
 from pathlib import Path
 
 from tracker_http.recorder import BATCH_MAX, BUFFER_MAX, Hit, SignedInIps, Stats, dropped, new_key_prefix
-from trackrelay.aio import cancel, finish
-from trackrelay.config import Config
+from core.aio import cancel, finish
+from core.config import Config
 
 log = logging.getLogger("trackrelay.tracker")
 
@@ -253,7 +253,7 @@ async def _child(fd: int) -> None:
     from tracker_http import classify
     from tracker_http.netaddr import RangeSet, apple_ranges_path
     from tracker_http.recorder import Recorder
-    from trackrelay import logs
+    from core import logs
 
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
     _, config, prefix, position, seen = await _receive(reader)

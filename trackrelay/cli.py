@@ -20,8 +20,8 @@ import sys
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 
-from trackrelay import config as config_mod
-from trackrelay.config import Config, ConfigError
+from core import config as config_mod
+from core.config import Config, ConfigError
 
 
 class UsageError(Exception):
@@ -253,11 +253,11 @@ def _dispatch(args) -> int:
     if args.command == "hash-password":
         return _hash_password()
     if args.command == "new-log-key":
-        from trackrelay.logkeys import new_log_key
+        from core.logkeys import new_log_key
         print(f'log_key = "{new_log_key()}"')
         return 0
     if args.command == "new-token":
-        from trackrelay.passwords import new_api_token
+        from core.passwords import new_api_token
         token, digest = new_api_token()
         print(f"token: {token}")
         print(f'api_token_hash = "{digest}"')
@@ -294,7 +294,7 @@ def _dispatch(args) -> int:
 
 
 def _hash_password() -> int:
-    from trackrelay.passwords import hash_password
+    from core.passwords import hash_password
     if sys.stdin.isatty():
         pw = getpass.getpass("Password (not echoed): ")
         if getpass.getpass("Again: ") != pw:
@@ -607,7 +607,7 @@ def _print_message(m: dict) -> None:
 
 async def _never_log(cfg: Config, action: str, user: str | None, entries: list[str], as_json: bool = False) -> int:
     from storage import crm
-    from trackrelay.neverlog import normalise_entry
+    from core.neverlog import normalise_entry
     if user is not None and cfg.user(user) is None:
         raise UsageError(f"no user named {user!r} in {cfg.source}")
     scope, owner = ("user", user) if user else ("team", "")
@@ -643,7 +643,7 @@ async def _never_log(cfg: Config, action: str, user: str | None, entries: list[s
 
 async def _contacts(cfg: Config, action: str, email: str, basis: str | None, as_json: bool = False) -> int:
     from storage import crm
-    from trackrelay.config import GDPR_BASES
+    from core.config import GDPR_BASES
     email = email.strip().lower()
     if action == "show":
         async def show(session):
@@ -735,7 +735,7 @@ async def _refresh_apple(cfg: Config, url: str | None, file: str | None) -> int:
     from pathlib import Path
 
     from tracker_http import apple
-    from trackrelay.links import key_file_path
+    from core.links import key_file_path
     source = file or url or apple.APPLE_EGRESS_URL
     print(f"reading {source} …", file=sys.stderr)
     try:
@@ -754,7 +754,7 @@ async def _refresh_apple(cfg: Config, url: str | None, file: str | None) -> int:
 # -- serve -----------------------------------------------------------------------------------------
 
 def _serve(cfg: Config, only: str | None, metrics_listen: str | None = None) -> int:
-    from trackrelay import logs
+    from core import logs
     logs.setup(cfg.log)
     log = logging.getLogger("trackrelay")
     if only and not cfg.storage.url.startswith("postgresql"):

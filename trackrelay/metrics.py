@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, P
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from sqlalchemy import text
 
-from trackrelay.config import parse_hostport
+from core.config import parse_hostport
 
 if TYPE_CHECKING:
     from trackrelay.service import Service

@@ -23,10 +23,10 @@ from storage import migrate
 from storage.engine import make_engine, make_read_engine, make_sessionmaker
 from storage.spool import spool_writer
 from tracker_http.app import Tracker
-from trackrelay.aio import cancel
-from trackrelay.bus import EventBus
-from trackrelay.config import Config, ConfigError
-from trackrelay.links import keyring_for
+from core.aio import cancel
+from core.bus import EventBus
+from core.config import Config, ConfigError
+from core.links import keyring_for
 from trackrelay.metrics import Metrics, MetricsServer
 
 log = logging.getLogger("trackrelay")

@@ -27,7 +27,7 @@ from typing import NamedTuple
 from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
 
-from trackrelay import idn
+from core import idn
 
 
 def _b64e(data: bytes) -> str:

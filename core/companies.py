@@ -9,7 +9,7 @@ import functools
 from collections.abc import Iterable
 from importlib import resources
 
-from trackrelay.idn import to_ascii_or_none
+from core.idn import to_ascii_or_none
 
 
 @functools.lru_cache(maxsize=1)
@@ -21,7 +21,7 @@ def _psl():
 @functools.lru_cache(maxsize=1)
 def free_mail() -> frozenset[str]:
     """The shipped free-mail domains (ASCII, lower case)."""
-    text = resources.files("trackrelay").joinpath("data/freemail.txt").read_text("utf-8")
+    text = resources.files("core").joinpath("data/freemail.txt").read_text("utf-8")
     return normalise_domains(line.split("#", 1)[0] for line in text.splitlines())
 
 

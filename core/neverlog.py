@@ -1,5 +1,5 @@
 """Never Log entries: ``name@domain`` or ``*@domain`` (that domain only), case-insensitive, IDN
-domains in their ASCII form (IDNA 2008 with UTS #46, trackrelay.idn: ``*@straße.de`` is
+domains in their ASCII form (IDNA 2008 with UTS #46, core.idn: ``*@straße.de`` is
 ``*@xn--strae-oqa.de`` and matches ``x@straße.de`` and ``x@xn--strae-oqa.de``, never
 ``x@strasse.de``), at most 500 per list. Pure: used by the relay's policy, the CLI and
 the API alike."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from trackrelay import idn
+from core import idn
 
 MAX_ENTRIES = 500
 _LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")

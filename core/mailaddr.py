@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from trackrelay.idn import to_ascii_or_none, to_unicode
+from core.idn import to_ascii_or_none, to_unicode
 
 #: Local parts of the senders that send bounces (and never become contacts).
 SYSTEM_LOCAL_PARTS = frozenset({"mailer-daemon", "mailer_daemon", "mailerdaemon", "mail-daemon", "maildaemon",

@@ -11,7 +11,7 @@ import logging
 import sys
 from datetime import datetime, timezone
 
-from trackrelay.config import LogSection
+from core.config import LogSection
 
 
 class JsonFormatter(logging.Formatter):

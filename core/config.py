@@ -220,9 +220,9 @@ class Config:
 
     @property
     def internal_domains(self) -> frozenset[str]:
-        """In the form trackrelay.idn.domain_key gives (IDNA 2008 ASCII): compare an address's
+        """In the form core.idn.domain_key gives (IDNA 2008 ASCII): compare an address's
         domain by its domain_key too, so ``straße.de`` is ``xn--strae-oqa.de`` and not ``strasse.de``."""
-        from trackrelay.idn import domain_key
+        from core.idn import domain_key
         if self.tracking.internal_domains is not None:
             return frozenset(domain_key(d) for d in self.tracking.internal_domains)
         return frozenset(domain_key(a.rpartition("@")[2]) for a in self.user_addresses)
@@ -502,7 +502,7 @@ def _validate(c: Config, src: str) -> None:
         if u.name in names:
             bad(f"{where}.name", f"duplicate user name {u.name!r}")
         names.add(u.name)
-        from trackrelay.passwords import hash_problem
+        from core.passwords import hash_problem
         problem = hash_problem(u.password_hash)
         if problem:
             bad(f"{where}.password_hash", problem)
@@ -510,7 +510,7 @@ def _validate(c: Config, src: str) -> None:
                 u.api_token_hash.startswith("sha256:") and len(u.api_token_hash) == 71):
             bad(f"{where}.api_token_hash", "must be sha256:<64 hex digits> from `trackrelay new-token`")
         if u.log_key is not None:
-            from trackrelay.logkeys import problem as log_key_problem
+            from core.logkeys import problem as log_key_problem
             key_problem = log_key_problem(u.log_key)
             if key_problem:
                 bad(f"{where}.log_key", key_problem)
@@ -526,7 +526,7 @@ def _validate(c: Config, src: str) -> None:
                 ZoneInfo(u.time_zone)
             except (ValueError, KeyError, OSError):
                 bad(f"{where}.time_zone", f"not an IANA time zone name (like Europe/Berlin): {u.time_zone!r}")
-    from trackrelay.neverlog import MAX_ENTRIES, EntryError, normalise_entry
+    from core.neverlog import MAX_ENTRIES, EntryError, normalise_entry
     for key, entries in [("never_log.team", c.never_log.team)] + [
             (f"users[{i}].never_log", u.never_log) for i, u in enumerate(c.users)]:
         if len(entries) > MAX_ENTRIES:
@@ -557,8 +557,8 @@ def warnings_for(c: Config) -> list[str]:
             pu.scheme == "http" or is_loopback(pu.hostname or "")):
         out.append(f"tracker.public_url {c.tracker.public_url!r} is loopback or plain http while "
                    "mail goes to a real upstream: recipients' opens and clicks will not reach it")
-    from trackrelay.passwords import EXAMPLE_PASSWORD_HASH
-    from trackrelay.passwords import needs_rehash
+    from core.passwords import EXAMPLE_PASSWORD_HASH
+    from core.passwords import needs_rehash
     for u in c.users:
         if u.password_hash == EXAMPLE_PASSWORD_HASH:
             out.append(f"user {u.name!r} still has the example password from config.example.toml: change it")
