@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -10,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from storage import direct
 from storage.engine import connection_of
+from core import events as em
 from storage.models import Event, Message, Recipient, utcnow
 
 
@@ -145,6 +147,19 @@ async def insert_rows(session: AsyncSession | AsyncConnection, rows: list[tuple]
 
 def _executemany(db: direct.Db, sql: str, rows: list[tuple]) -> None:
     db.executemany(sql, rows)
+
+
+def stamp_of(dialect):
+    """How an Event's ``at`` (a datetime or epoch seconds) goes to the driver."""
+    dt, epoch = time_param(dialect), epoch_param(dialect)
+    return lambda at: dt(at) if isinstance(at, datetime) else epoch(at)
+
+
+async def write_events(session: AsyncSession | AsyncConnection, events: Iterable[em.Event]) -> None:
+    """Store these events (``core.events.Event``) in one executemany; one whose ``dedupe_key`` is
+    already stored is skipped, so a retried batch writes nothing twice."""
+    stamp = stamp_of((await connection_of(session)).dialect)
+    await insert_rows(session, [e.as_row(stamp) for e in events])
 
 
 async def insert_idempotent(session: AsyncSession | AsyncConnection, rows: list[dict]) -> None:
