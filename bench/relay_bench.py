@@ -7,7 +7,13 @@ One run measures both, side by side, on this machine:
 Reported: messages per second until the sink has every message, and p50/p99 time from the start
 of a transaction to its final 250.
 
-    .venv/bin/python bench/relay_bench.py [--messages 2000] [--clients 16]
+    .venv/bin/python bench/relay_bench.py [--messages 2000] [--clients 16] [--rounds 1]
+        [--rows bare,untracked,tracked,logged] [--compare DIR]
+
+``--compare DIR`` measures the checkout in DIR too (e.g. ``git worktree add /tmp/before <commit>``),
+run by this venv's python with PYTHONPATH=DIR from DIR and checked first to import its own code
+(``checkout.py``): each trackrelay row gets a twin right beside it in every round, and the ratios
+of each round's pair are printed under the table.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+import checkout  # noqa: E402  (bench/ is on sys.path as the script's directory)
 from helpers import free_port  # noqa: E402  (tests/ is on sys.path: its helpers)
 from proc_cpu import cpu_seconds  # noqa: E402  (bench/ is on sys.path as the script's directory)
 
@@ -138,14 +145,14 @@ async def wait_port(port: int, timeout: float = 30) -> None:
 
 
 async def measure(name: str, argv: list[str], port: int, sink: CountingSink, n: int, clients: int,
-                  auth: bool, env: dict | None = None) -> dict:
+                  auth: bool, env: dict | None = None, cwd: Path | None = None) -> dict:
     if PROFILE_DIR:  # py-spy samples the server (collapsed stacks: one line per stack and its count)
         out = Path(PROFILE_DIR) / (name.split(",")[-1].strip().replace(" ", "_").replace("/", "-") + ".txt")
         argv = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--rate", "250",
                 "--nonblocking", "-o", str(out), "--"] + argv
     # The server's stderr to a file: a pipe nobody reads would stall a server that logs much.
     errfile = tempfile.TemporaryFile() if not STDERR_DIR else open(Path(STDERR_DIR) / f"{free_port()}.err", "w+b")
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errfile, env=env,
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errfile, env=env, cwd=cwd,
                             preexec_fn=lambda: os.sched_setaffinity(0, {0}))
     try:
         try:
@@ -191,7 +198,7 @@ async def _until(sink: CountingSink, n: int) -> None:
 
 
 async def measure_trackrelay(track: bool, sink: CountingSink, sink_port: int, n: int, clients: int,
-                             log: bool = False) -> dict:
+                             log: bool = False, root: Path = ROOT, tag: str = "") -> dict:
     from core.passwords import hash_password
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
@@ -221,12 +228,11 @@ name = "alice"
 password_hash = "{hash_password(PASSWORD)}"
 addresses = ["alice@example.com"]
 """)
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
         label = ("tracked (pixel + wrapped links per copy)" if track else "untracked") + \
             (", CRM logging every message" if log else "")
-        return await measure(f"trackrelay, SQLite, fsync before 250, {label}",
+        return await measure(f"trackrelay{tag}, SQLite, fsync before 250, {label}",
                              [sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "serve"],
-                             port, sink, n, clients, auth=True, env=env)
+                             port, sink, n, clients, auth=True, env=checkout.env(root), cwd=root)
 
 
 async def main() -> None:
@@ -238,11 +244,17 @@ async def main() -> None:
                     help="which rows to measure (comma-separated; the ratios need bare)")
     ap.add_argument("--recipients", type=int, default=1, help="recipients per message (one copy each)")
     ap.add_argument("--profile", metavar="DIR", help="run each server under py-spy, stacks to DIR (not for figures)")
+    ap.add_argument("--compare", metavar="DIR",
+                    help="also measure the checkout in DIR (e.g. a `git worktree` of an earlier commit): "
+                         "each trackrelay row gets a twin row ' (DIR's name)' in the same alternated rounds")
     args = ap.parse_args()
     global PROFILE_DIR, RECIPIENTS
     PROFILE_DIR = args.profile
     RECIPIENTS = args.recipients
     rows = set(args.rows.split(","))
+    compare_root = Path(args.compare).resolve() if args.compare else None
+    if compare_root:  # before any figure: each checkout's server runs its own code
+        commits = {"this tree": checkout.verify(ROOT), compare_root.name: checkout.verify(compare_root)}
     if os.cpu_count() and os.cpu_count() >= 2:
         os.sched_setaffinity(0, {1})
 
@@ -252,6 +264,8 @@ async def main() -> None:
                                            "127.0.0.1", 0)
     sink_port = sink_server.sockets[0].getsockname()[1]
     order = [r for r in ("bare", "untracked", "tracked", "logged") if r in rows]
+    if args.compare:  # the earlier checkout's row right after the current one's: same conditions
+        order = [x for r in order for x in ((r,) if r == "bare" else (r, r + "@compare"))]
     spec = {"untracked": (False, False), "tracked": (True, False), "logged": (True, True)}
     runs: dict[str, list[dict]] = {r: [] for r in order}
     for rnd in range(args.rounds):
@@ -264,8 +278,10 @@ async def main() -> None:
                                   [sys.executable, __file__, "--bare", str(port), str(sink_port)],
                                   port, sink, args.messages, args.clients, auth=False)
             else:
-                r = await measure_trackrelay(*spec[row][:1], sink, sink_port, args.messages, args.clients,
-                                             spec[row][1])
+                kind, _, compare = row.partition("@")
+                root, tag = (compare_root, f" ({compare_root.name})") if compare else (ROOT, "")
+                r = await measure_trackrelay(spec[kind][0], sink, sink_port, args.messages, args.clients,
+                                             spec[kind][1], root=root, tag=tag)
             runs[row].append(r)
             print(f"round {rnd + 1} {row}: {r['accepted_per_s']:.0f} accepted/s, "
                   f"{r['delivered_per_s']:.0f} delivered/s, p99 {r['p99_ms']:.1f} ms, "
@@ -276,7 +292,9 @@ async def main() -> None:
         return statistics.median(r[key] for r in runs[row])
 
     print(f"\n{args.messages} messages of ~10 KB HTML to {RECIPIENTS} recipient(s) each, {args.clients} concurrent clients; "
-          f"server on CPU 0, load and sink on CPU 1; medians of {args.rounds} alternated rounds\n")
+          f"server on CPU 0, load and sink on CPU 1; medians of {args.rounds} alternated rounds"
+          + ("".join(f"; trackrelay{'' if k == 'this tree' else f' ({k})'} = {v}" for k, v in commits.items())
+             if compare_root else "") + "\n")
     print("| server | accepted msg/s | delivered msg/s | p50 to 250 (ms) | p99 to 250 (ms) | server CPU ms/msg "
           "| accepted / bare | delivered / bare | p99 / bare |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -288,6 +306,18 @@ async def main() -> None:
                       f" | {med(row, 'p99_ms') / med('bare', 'p99_ms'):.2f}")
         print(f"| {runs[row][0]['name']} | {med(row, 'accepted_per_s'):.0f} | {med(row, 'delivered_per_s'):.0f} | "
               f"{med(row, 'p50_ms'):.1f} | {med(row, 'p99_ms'):.1f} | {med(row, 'cpu_ms'):.2f}{ratios} |")
+    if compare_root:  # a row and its twin ran next to each other in every round: ratios of pairs
+        print(f"\nthis tree / {compare_root.name}, each round's pair, lowest first (median); above 1: more msg/s, "
+              "or a higher p99, or more CPU:")
+        for row in order:
+            if row == "bare" or row.endswith("@compare"):
+                continue
+            cells = []
+            for key, label in (("accepted_per_s", "accepted msg/s"), ("delivered_per_s", "delivered msg/s"),
+                               ("p99_ms", "p99"), ("cpu_ms", "CPU ms/msg")):
+                xs = sorted(a[key] / b[key] for a, b in zip(runs[row], runs[row + "@compare"]))
+                cells.append(f"{label} {', '.join(f'{x:.2f}' for x in xs)} ({statistics.median(xs):.2f})")
+            print(f"- {row}: " + "; ".join(cells))
 
 
 if __name__ == "__main__":
