@@ -12,6 +12,7 @@ server's disk writes (``write_bytes`` of /proc/<pid>/io: SQLite's WAL and its ch
 
     .venv/bin/python bench/tracker_bench.py [--requests 20000] [--rounds 3] [--kinds pixel,redirect]
         [--db sqlite|postgresql] [--writer process|in-process] [--writer-cpu 1] [--writer-nice 0]
+        [--compare DIR]
 
 With ``--db postgresql`` trackrelay writes to the database trackrelay_bench on the server of
 TRACKRELAY_TEST_PG_URL (dropped and created first), and the PostgreSQL server's CPU per request is
@@ -23,6 +24,12 @@ the script moves it to ``--writer-cpu`` (CPU 1, beside the load generator: on a 
 scheduler gives it a free core) at the niceness ``--writer-nice`` adds, and counts its CPU in
 the server's. ``--writer in-process`` measures ``tracker.writer_process = false``: classification
 and SQLite's thread on the server's own core.
+
+``--compare DIR`` (SQLite only) adds a second trackrelay: the checkout in DIR (e.g. ``git worktree
+add /tmp/before <commit>``), run by this venv's python with PYTHONPATH=DIR from DIR, with its own
+directory, ports, database and configuration, checked first to import its own code
+(``checkout.py``). It takes its rows in the same alternated rounds (every server but the one
+under load stopped), and its ratios to bare and this tree's to it are printed beside.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+import checkout  # noqa: E402  (bench/ is on sys.path as the script's directory)
 import httpload  # noqa: E402
 from helpers import free_port  # noqa: E402  (tests/ is on sys.path: its helpers)
 from pg import fresh_db, postgres_cpu, scalar  # noqa: E402  (bench/ is on sys.path as the script's directory)
@@ -184,6 +192,40 @@ async def tracked_urls(tmp: str, relay_port: int, password: str = "pw") -> tuple
     return pixels, clicks
 
 
+class Trackrelay:
+    """One `trackrelay serve` of a checkout: its own temp dir, ports, database and configuration."""
+
+    def __init__(self, name: str, root: Path, tmp: str, db_url: str, in_process: bool, password_hash: str):
+        self.name, self.root, self.tmp, self.db_url = name, root, tmp, db_url
+        self.relay_port, self.t_port, a_port = free_port(), free_port(), free_port()
+        cfg = Path(tmp) / "t.toml"
+        cfg.write_text(CONFIG.format(relay_port=self.relay_port, t_port=self.t_port, a_port=a_port, tmp=tmp,
+                                     db_url=db_url, password_hash=password_hash,
+                                     writer_process="false" if in_process else "true"))
+        # In the checkout's directory: `python -m` and the writer's `python -c` put it first on sys.path.
+        self.proc = subprocess.Popen([sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "serve"],
+                                     preexec_fn=pin0, env=checkout.env(root), cwd=root)
+        self.total = 0  # tracked requests sent to it so far (each one event)
+        self.persisted = 0
+
+    async def count(self, sql: str) -> int:
+        if self.db_url.startswith("sqlite"):
+            def count_sqlite() -> int:
+                with sqlite3.connect(f"{self.tmp}/t.db") as db:
+                    return db.execute(sql).fetchone()[0]
+            return await asyncio.to_thread(count_sqlite)
+        return await scalar(self.db_url, sql)
+
+    async def wait_persisted(self) -> int:
+        """Wait until every request's event is in the database (or 120 s)."""
+        sql = "SELECT count(*) FROM events WHERE type IN ('opened','clicked') AND NOT inferred"
+        deadline = time.monotonic() + 120
+        while (c := await self.count(sql)) < self.total and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.persisted = c
+        return c
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=20000, help="requests per row and round")
@@ -197,68 +239,72 @@ async def main() -> None:
     ap.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite",
                     help="trackrelay's database: SQLite (the embedded default) or PostgreSQL (database "
                          "trackrelay_bench on the server of TRACKRELAY_TEST_PG_URL, emptied first)")
+    ap.add_argument("--compare", metavar="DIR",
+                    help="also measure the checkout in DIR (e.g. a `git worktree` of an earlier commit): a "
+                         "second trackrelay (its own directory, ports and SQLite database) in the same "
+                         "alternated rounds, its rows and ratios beside this tree's (SQLite only)")
     args = ap.parse_args()
+    if args.compare and args.db != "sqlite":
+        ap.error("--compare runs on SQLite only (two servers would share the one PostgreSQL database "
+                 "trackrelay_bench and its server's CPU); leave out --db postgresql")
     n = args.requests
     kinds = args.kinds.split(",")
+    compare_root = Path(args.compare).resolve() if args.compare else None
+    commits = {}
+    if compare_root:  # before any figure: each checkout's server runs its own code
+        commits = {"trackrelay": checkout.verify(ROOT), f"trackrelay ({compare_root.name})": checkout.verify(compare_root)}
     if (os.cpu_count() or 1) >= 2:
         os.sched_setaffinity(0, {1})
     from core.passwords import hash_password
+    password_hash = hash_password("pw")
+    in_process = args.writer == "in-process"
 
     with tempfile.TemporaryDirectory() as tmp:
-        port, relay_port, t_port, a_port = free_port(), free_port(), free_port(), free_port()
-        cfg = Path(tmp) / "t.toml"
-        db_url = f"sqlite+aiosqlite:///{tmp}/t.db" if args.db == "sqlite" else await fresh_db()
-        in_process = args.writer == "in-process"
-        cfg.write_text(CONFIG.format(relay_port=relay_port, t_port=t_port, a_port=a_port, tmp=tmp, db_url=db_url,
-                                     password_hash=hash_password("pw"),
-                                     writer_process="false" if in_process else "true"))
+        port = free_port()
         bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)], preexec_fn=pin0)
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        proc = subprocess.Popen([sys.executable, "-m", "trackrelay.cli", "-c", str(cfg), "serve"],
-                                preexec_fn=pin0, env=env)
+        # name → its server; "trackrelay" is this tree, "trackrelay@compare" the checkout in DIR
+        trackrelays = {"trackrelay": Trackrelay(
+            "trackrelay", ROOT, tmp, f"sqlite+aiosqlite:///{tmp}/t.db" if args.db == "sqlite" else await fresh_db(),
+            in_process, password_hash)}
+        if compare_root:
+            (Path(tmp) / "compare").mkdir()
+            ctmp = f"{tmp}/compare"
+            trackrelays["trackrelay@compare"] = Trackrelay(
+                "trackrelay@compare", compare_root, ctmp, f"sqlite+aiosqlite:///{ctmp}/t.db", in_process, password_hash)
+        servers = {"bare": bare} | {name: t.proc for name, t in trackrelays.items()}
         try:
             await wait_http(f"http://127.0.0.1:{port}/o/x.gif")
-            await wait_http(f"http://127.0.0.1:{t_port}/healthz")
-            if not in_process:
-                await place_writer(proc.pid, args.writer_cpu, args.writer_nice)
-            pixels, clicks = await tracked_urls(tmp, relay_port)
-            # The bare server gets the very same paths (a long signed click path costs aiohttp's
-            # parsing and routing more than a short one).
-            tracker, plain = f"http://127.0.0.1:{t_port}/", f"http://127.0.0.1:{port}/"
-            urls = {("bare", "pixel"): [u.replace(tracker, plain) for u in pixels],
-                    ("bare", "redirect"): [u.replace(tracker, plain) for u in clicks],
-                    ("trackrelay", "pixel"): pixels, ("trackrelay", "redirect"): clicks}
+            urls: dict[tuple[str, str], list[str]] = {}
+            for name, t in trackrelays.items():
+                await wait_http(f"http://127.0.0.1:{t.t_port}/healthz")
+                if not in_process:
+                    await place_writer(t.proc.pid, args.writer_cpu, args.writer_nice)
+                pixels, clicks = await tracked_urls(t.tmp, t.relay_port)
+                urls[(name, "pixel")], urls[(name, "redirect")] = pixels, clicks
+            # The bare server gets the very same paths as this tree's trackrelay (a long signed click
+            # path costs aiohttp's parsing and routing more than a short one).
+            tracker, plain = f"http://127.0.0.1:{trackrelays['trackrelay'].t_port}/", f"http://127.0.0.1:{port}/"
+            for kind in ("pixel", "redirect"):
+                urls[("bare", kind)] = [u.replace(tracker, plain) for u in urls[("trackrelay", kind)]]
 
-            events_sql = "SELECT count(*) FROM events WHERE type IN ('opened','clicked') AND NOT inferred"
-
-            def count_sqlite() -> int:
-                with sqlite3.connect(f"{tmp}/t.db") as db:
-                    return db.execute(events_sql).fetchone()[0]
-
-            async def count() -> int:
-                return await (asyncio.to_thread(count_sqlite) if args.db == "sqlite" else scalar(db_url, events_sql))
-
-            async def persisted(expected: int) -> int:
-                deadline = time.monotonic() + 120
-                while (c := await count()) < expected and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                return c
-
-            # Only the server under load runs: the other one is stopped (SIGSTOP) during a row.
-            servers = {"bare": bare, "trackrelay": proc}
-            total = 0
-            for name, server in servers.items():
+            # Only the server under load runs: the others are stopped (SIGSTOP) during a row.
+            for name in servers:
                 for kind in kinds:
                     await load(urls[(name, kind)], 1000)
-                    total += 1000 if name == "trackrelay" else 0
-            await persisted(total)
+                    if name in trackrelays:
+                        trackrelays[name].total += 1000
+            for t in trackrelays.values():
+                await t.wait_persisted()
             rows: dict[tuple[str, str], list[dict]] = {}
+            order = list(servers)
             for r in range(args.rounds):
                 for kind in kinds:
                     # alternate which goes first, so a drift of the machine's speed is shared
-                    for name in (("bare", "trackrelay") if r % 2 == 0 else ("trackrelay", "bare")):
-                        server, other = servers[name], servers["trackrelay" if name == "bare" else "bare"]
-                        other.send_signal(signal.SIGSTOP)
+                    for name in (order if r % 2 == 0 else order[::-1]):
+                        server = servers[name]
+                        others = [p for other, p in servers.items() if other != name]
+                        for p in others:
+                            p.send_signal(signal.SIGSTOP)
                         try:
                             # server CPU from the row's first request until its last event is written
                             cpu0, loop0 = server_cpu(server.pid), main_thread_cpu_seconds(server.pid)
@@ -266,32 +312,39 @@ async def main() -> None:
                             written0 = server_write_bytes(server.pid)
                             pg0 = postgres_cpu()
                             elapsed, lat = await load(urls[(name, kind)], n)
-                            if name == "trackrelay":
-                                total += n
-                                c = await persisted(total)
+                            if name in trackrelays:
+                                trackrelays[name].total += n
+                                await trackrelays[name].wait_persisted()
                             cpu = server_cpu(server.pid) - cpu0
                             loop_cpu = main_thread_cpu_seconds(server.pid) - loop0
                             child_cpu = writer_cpu(server.pid) - child0
                             written = server_write_bytes(server.pid) - written0
                             pg_cpu = postgres_cpu() - pg0 if args.db == "postgresql" else 0.0
                         finally:
-                            other.send_signal(signal.SIGCONT)
+                            for p in others:
+                                p.send_signal(signal.SIGCONT)
                         rows.setdefault((name, kind), []).append(
                             summary(f"{name} {kind}", elapsed, lat, cpu, loop_cpu, pg_cpu, written, child_cpu))
         finally:
-            for server in (bare, proc):
+            for server in servers.values():
                 server.send_signal(signal.SIGCONT)
                 server.terminate()
             bare.wait()
-            proc.wait(30)
+            for t in trackrelays.values():
+                t.proc.wait(30)
+
+    def label(name: str) -> str:
+        return f"trackrelay ({compare_root.name})" if name == "trackrelay@compare" else name
 
     pg = args.db == "postgresql"
-    print(f"{n} requests per row, {args.rounds} rounds (bare and trackrelay alternating), after 1,000 "
+    names = list(servers)
+    print(f"{n} requests per row, {args.rounds} rounds ({', '.join(map(label, names))} alternating), after 1,000 "
           "warm-up requests each; 32 concurrent keep-alive connections; server on CPU 0, load on CPU 1; "
           f"trackrelay on {'PostgreSQL (its server unpinned, on both cores)' if pg else 'SQLite'}"
           + ("; the event writer in the server process" if in_process else
              f"; the event writer process on CPU {args.writer_cpu}"
              + (f" at nice +{args.writer_nice}" if args.writer_nice else "") + " (its CPU counted in the server's)")
+          + "".join(f"; {k} = {v}" for k, v in commits.items())
           + "\n")
     print("| server | round | requests/s | p50 (ms) | p99 (ms) | server CPU µs per request "
           "| of which the event loop's | of which the writer process's "
@@ -299,23 +352,36 @@ async def main() -> None:
           + (" PostgreSQL's CPU µs per request |" if pg else "")
           + "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if pg else ""))
     for kind in kinds:
-        for name in ("bare", "trackrelay"):
+        for name in names:
             for i, r in enumerate(rows[(name, kind)], 1):
-                label = f"bare aiohttp {kind}" if name == "bare" else f"trackrelay {kind}"
-                print(f"| {label} | {i} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['cpu_us']:.0f} "
+                print(f"| {'bare aiohttp' if name == 'bare' else label(name)} {kind} | {i} | {r['rps']:.0f} "
+                      f"| {r['p50']:.1f} | {r['p99']:.1f} | {r['cpu_us']:.0f} "
                       f"| {r['loop_us']:.0f} | {r['writer_us']:.0f} | {r['written_kb']:.2f} |" + (f" {r['pg_us']:.0f} |" if pg else ""))
+
+    def series(xs: list[float]) -> str:
+        xs = sorted(xs)
+        return f"{', '.join(f'{x:.2f}' for x in xs)} (median {statistics.median(xs):.2f})"
+
     for kind in kinds:
-        pairs = list(zip(rows[("bare", kind)], rows[("trackrelay", kind)]))
-        by_rps = sorted(o["rps"] / b["rps"] for b, o in pairs)
-        by_cpu = sorted(b["cpu_us"] / (o["cpu_us"] + o["pg_us"]) for b, o in pairs)
-        by_loop = sorted(b["loop_us"] / o["loop_us"] for b, o in pairs)
-        print(f"\n{kind}: trackrelay / bare by requests/s, rounds lowest first: {', '.join(f'{x:.2f}' for x in by_rps)} "
-              f"(median {statistics.median(by_rps):.2f}); by CPU per request (event written included"
-              f"{', PostgreSQL’s CPU too' if pg else ''}) "
-              f"{', '.join(f'{x:.2f}' for x in by_cpu)} (median {statistics.median(by_cpu):.2f}); by the event "
-              f"loop's CPU alone (the bound of any design that writes the events off the loop's core) "
-              f"{', '.join(f'{x:.2f}' for x in by_loop)} (median {statistics.median(by_loop):.2f})")
-    print(f"\nevents persisted: {c} of {total} requests")
+        for name in trackrelays:
+            pairs = list(zip(rows[("bare", kind)], rows[(name, kind)]))
+            print(f"\n{kind}: {label(name)} / bare by requests/s, rounds lowest first: "
+                  f"{series([o['rps'] / b['rps'] for b, o in pairs])}; by CPU per request (event written included"
+                  f"{', PostgreSQL’s CPU too' if pg else ''}) "
+                  f"{series([b['cpu_us'] / (o['cpu_us'] + o['pg_us']) for b, o in pairs])}; by the event "
+                  f"loop's CPU alone (the bound of any design that writes the events off the loop's core) "
+                  f"{series([b['loop_us'] / o['loop_us'] for b, o in pairs])}")
+        if compare_root:  # the two ran in the same rounds, one right after the other (or with bare between)
+            pairs = list(zip(rows[("trackrelay@compare", kind)], rows[("trackrelay", kind)]))
+            print(f"\n{kind}: trackrelay / trackrelay ({compare_root.name}), each round's pair, lowest first "
+                  f"(above 1: this tree is faster, or spends less CPU): by requests/s "
+                  f"{series([o['rps'] / b['rps'] for b, o in pairs])}; by CPU per request "
+                  f"{series([b['cpu_us'] / o['cpu_us'] for b, o in pairs])}; by the event loop's CPU "
+                  f"{series([b['loop_us'] / o['loop_us'] for b, o in pairs])}; by p99 (below 1: lower) "
+                  f"{series([o['p99'] / b['p99'] for b, o in pairs])}")
+    print()
+    for name, t in trackrelays.items():
+        print(f"{label(name)}: events persisted: {t.persisted} of {t.total} requests")
 
 
 if __name__ == "__main__":
