@@ -17,8 +17,11 @@ every live process whose parent chain leads to master plus the time of those alr
 (cutime/cstime), so its difference over a run is the whole instance's CPU like `proc_cpu.cpu_seconds`
 is a single server's.
 
-`measure_postfix` is the relay bench's row (the same protocol as relay_bench.measure: 50 messages
-to warm up, then n from `clients` concurrent clients, until the sink has every copy). Standalone:
+`measure_postfix` is the relay bench's row, measured like relay_bench.measure (a warm-up, then n
+messages from `clients` concurrent clients, until the sink has every copy; no AUTH, like the bare
+row: 127.0.0.0/8 is in mynetworks), except that the warm-up runs at full concurrency so that
+Postfix's processes are started, as in a running Postfix. Standalone, a smoke run (`--bare`: the
+bare pass-through first, in the same run):
 
     .venv/bin/python bench/postfix.py [--messages 200] [--clients 16] [--bare]
 
@@ -209,6 +212,7 @@ class PrivatePostfix:
         self.log = log  # a file for master's stderr (default: kept in the instance's directory)
         self.proc: subprocess.Popen | None = None
         self.dir: Path | None = None
+        self._err = None
 
     # the instance's files
     @property
@@ -229,12 +233,15 @@ class PrivatePostfix:
         return [str(Path(daemon_dir) / "master"), "-c", str(self.config_dir), "-d"]
 
     def _postconf(self, name: str, default: bool = False) -> str:
-        args = ["postconf", "-h"] + (["-d"] if default else ["-c", str(self.config_dir)]) + [name]
+        postconf = str(Path(ensure_postfix()).with_name("postconf"))
+        args = [postconf, "-h"] + (["-d"] if default else ["-c", str(self.config_dir)]) + [name]
         return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
 
     def prepare(self) -> None:
         """Writes the configuration and lets `postfix check` create the queue with its owners."""
-        ensure_postfix()
+        cmd = ensure_postfix()
+        if os.geteuid() != 0:
+            raise RuntimeError("a private Postfix needs root (master starts its services as the postfix user)")
         self.dir = Path(tempfile.mkdtemp(prefix="postfix-bench-"))
         os.chmod(self.dir, 0o755)  # the postfix user's services reach the queue through it
         self.config_dir.mkdir()
@@ -245,7 +252,7 @@ class PrivatePostfix:
             dir=self.dir, meta=self._postconf("meta_directory", default=True),
             relay_port=self.relay_port, process_limit=self.process_limit))
         (self.config_dir / "master.cf").write_text(MASTER_CF.format(port=self.port))
-        r = subprocess.run([ensure_postfix(), "-c", str(self.config_dir), "check"], capture_output=True, text=True)
+        r = subprocess.run([cmd, "-c", str(self.config_dir), "check"], capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(f"postfix check failed for {self.config_dir}:\n{r.stdout}{r.stderr}")
 
@@ -253,7 +260,9 @@ class PrivatePostfix:
         if self.dir is None:
             self.prepare()
         cpu = self.cpu
-        err = self.log or open(self.dir / "master.stderr", "w+b")
+        if self.log is None:
+            self._err = open(self.dir / "master.stderr", "w+b")
+        err = self.log or self._err
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
             start_new_session=True,  # its own process group: master's SIGTERM reaches only its own
@@ -265,11 +274,17 @@ class PrivatePostfix:
                 return self
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
+                    state = "timed out" if self.proc.poll() is None else f"master exited {self.proc.returncode}"
+                    why = self.diagnostics()
                     self.stop()
-                    raise RuntimeError(f"Postfix did not come up on 127.0.0.1:{self.port}:\n{self.diagnostics()}")
+                    raise RuntimeError(f"Postfix did not come up on 127.0.0.1:{self.port} ({state}; "
+                                       f"port taken?):\n{why}")
                 time.sleep(0.05)
 
     def diagnostics(self) -> str:
+        """The ends of master's stderr and of the mail log (while the instance's directory exists)."""
+        if self.dir is None:
+            return "(the instance's directory is gone)"
         out = []
         for f in (self.dir / "master.stderr", self.maillog):
             if f.exists():
@@ -311,7 +326,7 @@ class PrivatePostfix:
                         except subprocess.TimeoutExpired:
                             os.killpg(self.proc.pid, signal.SIGKILL)
                             self.proc.wait(10)
-                    deadline = time.monotonic() + timeout
+                    deadline, killed = time.monotonic() + timeout, False
                     while left := self.processes(zombies=True):
                         for pid in left:  # only the instance's own: other children are not ours to reap
                             try:
@@ -319,13 +334,13 @@ class PrivatePostfix:
                             except ChildProcessError:  # not ours (no subreaper): pid 1 reaps it
                                 pass
                         if time.monotonic() > deadline:
+                            if killed or not subreaper:
+                                break
                             try:
                                 os.killpg(self.proc.pid, signal.SIGKILL)
                             except ProcessLookupError:
                                 pass
-                            deadline += timeout
-                            if not subreaper:
-                                break
+                            deadline, killed = deadline + timeout, True
                         time.sleep(0.02)
                 finally:
                     if subreaper:
@@ -334,6 +349,9 @@ class PrivatePostfix:
                 if left:
                     raise RuntimeError(f"Postfix processes left after stop: {left}")
         finally:
+            if self._err is not None:
+                self._err.close()
+                self._err = None
             if self.dir is not None and not os.environ.get("POSTFIX_BENCH_KEEP"):  # KEEP: to read its maillog
                 shutil.rmtree(self.dir, ignore_errors=True)
                 self.dir = None
@@ -347,7 +365,7 @@ class PrivatePostfix:
 
 # -- the relay bench's row -----------------------------------------------------------------------
 
-NAME = "Postfix {version}, queue fsync'd before 250, relayhost"
+NAME = "Postfix {version}, fsync before 250, relayhost = the sink"
 
 
 async def measure_postfix(sink, sink_port: int, n: int, clients: int, load, until,
@@ -356,7 +374,7 @@ async def measure_postfix(sink, sink_port: int, n: int, clients: int, load, unti
     `until(sink, copies)` (relay_bench's own, passed in so its globals, e.g. RECIPIENTS, hold) and its
     CountingSink listening on sink_port. Same keys as measure's dict; cpu_ms is the whole instance's."""
     pf = PrivatePostfix(sink_port, process_limit=process_limit)
-    await asyncio.to_thread(pf.start)  # the sink keeps serving meanwhile (nothing should arrive)
+    pf.start()  # blocks the loop a second or so: nothing is in flight (and Popen's preexec_fn wants no threads)
     try:
         version = pf._postconf("mail_version")
         # Warm up at full concurrency: a running Postfix has its processes (one smtpd per client,
@@ -377,7 +395,7 @@ async def measure_postfix(sink, sink_port: int, n: int, clients: int, load, unti
         print(pf.diagnostics(), file=sys.stderr)
         raise
     finally:
-        await asyncio.to_thread(pf.stop)
+        pf.stop()
     lat.sort()
     return {
         "name": NAME.format(version=version), "messages": n,
