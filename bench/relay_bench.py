@@ -8,7 +8,10 @@ Reported: messages per second until the sink has every message, and p50/p99 time
 of a transaction to its final 250.
 
     .venv/bin/python bench/relay_bench.py [--messages 2000] [--clients 16] [--rounds 1]
-        [--rows bare,untracked,tracked,logged] [--compare DIR]
+        [--rows bare,postfix,untracked,tracked,logged] [--compare DIR]
+
+The postfix row (bench/postfix.py) runs a private Postfix instance as the mature MTA beside them;
+it needs root and installs Debian's postfix package if it is missing.
 
 ``--compare DIR`` measures the checkout in DIR too (e.g. ``git worktree add /tmp/before <commit>``),
 run by this venv's python with PYTHONPATH=DIR from DIR and checked first to import its own code
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import checkout  # noqa: E402  (bench/ is on sys.path as the script's directory)
+import postfix  # noqa: E402  (bench/postfix.py: a private Postfix instance, the mature MTA's row)
 from helpers import free_port  # noqa: E402  (tests/ is on sys.path: its helpers)
 from proc_cpu import cpu_seconds  # noqa: E402  (bench/ is on sys.path as the script's directory)
 
@@ -163,6 +167,7 @@ async def measure(name: str, argv: list[str], port: int, sink: CountingSink, n: 
             errfile.seek(0)
             err = errfile.read()
             raise RuntimeError(f"{name}: nothing listens on {port}; its stderr:\n{err.decode(errors='replace')}")
+        sink.count, sink.copies = 0, 0  # the previous row's copies must not end the warm-up's wait
         await load(port, 50, 4, auth)  # warm up
         await asyncio.wait_for(_until(sink, 50 * RECIPIENTS), 120)
         sink.count, sink.copies, sink.want = 0, 0, n * RECIPIENTS
@@ -240,7 +245,7 @@ async def main() -> None:
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=1, help="alternated rounds; medians are reported")
-    ap.add_argument("--rows", default="bare,untracked,tracked,logged",
+    ap.add_argument("--rows", default="bare,postfix,untracked,tracked,logged",
                     help="which rows to measure (comma-separated; the ratios need bare)")
     ap.add_argument("--recipients", type=int, default=1, help="recipients per message (one copy each)")
     ap.add_argument("--profile", metavar="DIR", help="run each server under py-spy, stacks to DIR (not for figures)")
@@ -263,9 +268,9 @@ async def main() -> None:
     sink_server = await loop.create_server(lambda: SMTP(sink, hostname="sink.test", decode_data=False),
                                            "127.0.0.1", 0)
     sink_port = sink_server.sockets[0].getsockname()[1]
-    order = [r for r in ("bare", "untracked", "tracked", "logged") if r in rows]
+    order = [r for r in ("bare", "postfix", "untracked", "tracked", "logged") if r in rows]
     if args.compare:  # the earlier checkout's row right after the current one's: same conditions
-        order = [x for r in order for x in ((r,) if r == "bare" else (r, r + "@compare"))]
+        order = [x for r in order for x in ((r,) if r in ("bare", "postfix") else (r, r + "@compare"))]
     spec = {"untracked": (False, False), "tracked": (True, False), "logged": (True, True)}
     runs: dict[str, list[dict]] = {r: [] for r in order}
     for rnd in range(args.rounds):
@@ -277,6 +282,9 @@ async def main() -> None:
                 r = await measure("bare aiosmtpd → aiosmtplib pass-through",
                                   [sys.executable, __file__, "--bare", str(port), str(sink_port)],
                                   port, sink, args.messages, args.clients, auth=False)
+            elif row == "postfix":
+                r = await postfix.measure_postfix(sink, sink_port, args.messages, args.clients,
+                                                  load=load, until=_until, recipients=RECIPIENTS)
             else:
                 kind, _, compare = row.partition("@")
                 root, tag = (compare_root, f" ({compare_root.name})") if compare else (ROOT, "")
@@ -310,7 +318,7 @@ async def main() -> None:
         print(f"\nthis tree / {compare_root.name}, each round's pair, lowest first (median); above 1: more msg/s, "
               "or a higher p99, or more CPU:")
         for row in order:
-            if row == "bare" or row.endswith("@compare"):
+            if row in ("bare", "postfix") or row.endswith("@compare"):
                 continue
             cells = []
             for key, label in (("accepted_per_s", "accepted msg/s"), ("delivered_per_s", "delivered msg/s"),
