@@ -28,9 +28,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
-from sqlalchemy import text
-
 from core.config import parse_hostport
+from storage import stats
 
 if TYPE_CHECKING:
     from trackrelay.service import Service
@@ -118,23 +117,10 @@ class Metrics:
             self._db = _Cached(time.monotonic(), value)
 
     async def _query(self) -> dict:
-        engine = self.service.engine
-        out: dict = {}
-        async with engine.connect() as conn:
-            rows = await conn.execute(text("SELECT status, count(*) FROM recipients GROUP BY status"))
-            out["queue"] = {s: n for s, n in rows}
-            rows = await conn.execute(text("SELECT state, count(*) FROM crm_jobs GROUP BY state"))
-            out["crm"] = {s: n for s, n in rows}
-            hooks = {}
-            for url, cursor, given_up, delivered in await conn.execute(
-                    text("SELECT url, cursor, given_up, delivered FROM webhook_cursors")):
-                after = int(str(cursor).rpartition(".")[2] or 0) if str(cursor).replace(".", "").isdigit() else 0
-                backlog = (await conn.execute(text(
-                    "SELECT count(*) FROM (SELECT 1 FROM events WHERE id > :id LIMIT 1000000) AS b"),
-                    {"id": after})).scalar_one()
-                hooks[url] = (backlog, given_up or 0, delivered or 0)
-            out["webhooks"] = hooks
-        return out
+        async with self.service.engine.connect() as conn:
+            return {"queue": await stats.copies_by_status(conn),
+                    "crm": await stats.crm_jobs_by_state(conn),
+                    "webhooks": await stats.webhook_backlogs(conn)}
 
     # -- readiness ---------------------------------------------------------------------------------
 
@@ -152,9 +138,12 @@ class Metrics:
                 problems["upstream"] = problem
         return problems
 
+    async def response(self) -> web.Response:
+        """The /metrics answer, for a listener that does not import this module (the tracker's API)."""
+        return await metrics_response(self)
+
     async def _ping_db(self) -> None:
-        async with self.service.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+        await stats.ping(self.service.engine)
 
 
 async def upstream_problem(url: str) -> str | None:
