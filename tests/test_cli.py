@@ -329,7 +329,7 @@ async def test_held_copy_is_not_attempted_until_released_and_delete_sends_no_dsn
     assert [[a["outcome"] for a in c["attempts"]] for c in shown["copies"]] == [["sent"], ["sent"]]
     assert shown["done_at"] is not None
     # The deleted message sent no DSN, now or at a later DSN pass.
-    assert await relay.service.worker.write_dsns() == 0
+    assert await relay.service.maintenance.write_dsns() == 0
     await asyncio.sleep(1.0)
     assert [r.rcpt_tos for r in sink.received] == [["carol@ext.test"], ["dave@ext.test"]]
     assert await relay.rows("SELECT id FROM messages WHERE id = :g", g=gone) == []
@@ -367,7 +367,7 @@ async def test_retry_and_bounce_take_the_id_of_the_250(relay, sink, tmp_path):
     assert r.returncode == 0 and r.stdout == f"{bounced}.1\tslow@ext.test\tbounced\n" and "DSN" in r.stderr
     assert await relay.rows("SELECT status, dsn FROM recipients WHERE id = :r", r=rid) == [("bounced", "pending")]
     assert await relay.rows("SELECT status FROM recipients WHERE message_pk = :m", m=first) == [("sent",), ("sent",)]
-    assert await relay.service.worker.write_dsns() == 1  # the worker's DSN pass, as for a 5xx
+    assert await relay.service.maintenance.write_dsns() == 1  # the worker's DSN pass, as for a 5xx
     relay.service.worker.wake()
     received = await sink.wait_for(3)
     dsn = email.message_from_bytes(received[2].data, policy=policy.default)
@@ -389,7 +389,7 @@ async def test_retry_and_bounce_take_the_id_of_the_250(relay, sink, tmp_path):
     await relay.wait_status({"deferred"}, 1)
     r = await arun("queue", "delete", f"{mixed}.2", "-c", str(cfg))
     assert r.returncode == 0 and r.stdout == f"{mixed}.2\tslow2@ext.test\tdeleted\n"
-    assert await relay.service.worker.write_dsns() == 0
+    assert await relay.service.maintenance.write_dsns() == 0
     shown = await _json(cfg, "queue", "show", str(mixed))
     assert [(c["copy"], c["status"], c["dsn"]) for c in shown["copies"]] == [
         (f"{mixed}.1", "sent", "none"), (f"{mixed}.2", "deleted", "suppressed")]

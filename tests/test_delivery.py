@@ -157,7 +157,7 @@ async def test_purge_drops_spooled_bytes_of_delivered_messages(relay, sink):
     await send(relay, ["carol@ext.test"])
     await relay.wait_status({"sent"}, 1)
     await asyncio.sleep(0.2)
-    purged = await relay.service.worker.purge()
+    purged = await relay.service.maintenance.purge()
     assert purged == 1
     assert await relay.rows("SELECT raw IS NULL, purged_at IS NOT NULL FROM messages") == [(True, True)]
 
@@ -191,7 +191,7 @@ async def test_queue_cli_lists_retries_and_bounces(relay, sink, action, tmp_path
         assert r.rcpt_tos == ["slow@ext.test"]
     else:
         assert await asyncio.to_thread(main, ["-c", str(cfg), "queue", "bounce", str(rid)]) == 0
-        relay.service.worker._dsn_wake.set()
+        relay.service.maintenance.wake()
         (dsn,) = await sink.wait_for(1)
         assert dsn.rcpt_tos == ["alice@example.com"]
 
@@ -247,16 +247,16 @@ async def test_stop_during_a_maintenance_step_does_not_wait_out_the_maintenance_
     """stop() wakes the maintenance loop; a wake-up that comes while a step (DSNs, purges) runs
     must not be cleared after it, or the loop sleeps its 30 s interval and the stop waits until
     it is cancelled (10 s)."""
-    from relay.worker import DeliveryWorker
+    from relay.maintenance import Maintenance
     in_step = asyncio.Event()
-    write_dsns = DeliveryWorker.write_dsns
+    write_dsns = Maintenance.write_dsns
 
     async def slow_write_dsns(self):
         in_step.set()
         await asyncio.sleep(0.5)  # a step that takes a while, as a purge of a big spool does
         return await write_dsns(self)
 
-    monkeypatch.setattr(DeliveryWorker, "write_dsns", slow_write_dsns)
+    monkeypatch.setattr(Maintenance, "write_dsns", slow_write_dsns)
     await relay.start()
     await asyncio.wait_for(in_step.wait(), 10)
     loop = asyncio.get_running_loop()

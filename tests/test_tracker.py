@@ -600,7 +600,7 @@ async def test_retention_erases_raw_ip_and_user_agent_of_old_events(relay, sink)
     async with relay.service.engine.begin() as conn:
         await conn.execute(text("UPDATE events SET at = :old WHERE type = 'opened'"),
                            {"old": __import__("datetime").datetime(2020, 1, 1)})
-    erased = await relay.service.worker.erase_old_event_data()
+    erased = await relay.service.privacy.erase_old_event_data()
     assert erased == 1
     rows = await relay.rows("SELECT ip, user_agent, classification FROM events WHERE type = 'opened'")
     assert rows == [(None, None, "human")]

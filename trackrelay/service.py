@@ -17,6 +17,9 @@ from relay.render import CopyRenderer
 from relay.auth import Authenticator
 from relay.smtp import HEADER_ROOM, SizeLimit, SubmissionHandler, start_submission
 from relay.upstream import make_upstream
+from relay.handoff import Handoff
+from relay.maintenance import Maintenance
+from relay.privacy import RetentionEraser
 from relay.webhooks import WebhookSender
 from relay.worker import DeliveryWorker, Renderer, plain_renderer
 from storage import migrate
@@ -58,7 +61,12 @@ class Service:
     read_engine: AsyncEngine | None = None
     read_sessionmaker: async_sessionmaker | None = None
     sessionmaker: async_sessionmaker | None = None
+    #: The worker role: its delivery lanes, the hand-off and lease renewer they deliver for, the
+    #: maintenance (DSNs, purge) and retention erasure.
     worker: DeliveryWorker | None = None
+    handoff: Handoff | None = None
+    maintenance: Maintenance | None = None
+    privacy: RetentionEraser | None = None
     handler: SubmissionHandler | None = None
     authenticator: Authenticator | None = None
     tracker: Tracker | None = None
@@ -105,10 +113,17 @@ class Service:
         if "worker" in self.roles:
             upstream = make_upstream(c.upstream, c.relay.hostname)
             self.render = CopyRenderer(c, keyring)
+            self.handoff = Handoff(c, self.sessionmaker)
             self.worker = DeliveryWorker(c, self.sessionmaker, upstream, render=self.render,
-                                         on_recorded=self.bus.notify)
+                                         on_recorded=self.bus.notify, handoff=self.handoff)
             self.worker.on_attempt = self.metrics.on_attempt
+            self.maintenance = Maintenance(c, self.sessionmaker, on_written=self.worker.wake)
+            self.worker.on_bounced = self.maintenance.wake
+            self.privacy = RetentionEraser(c, self.sessionmaker)
             self.worker.start()
+            self.maintenance.start()
+            self.handoff.start()
+            self.privacy.start()
             self.crm = CrmLogger(c, self.sessionmaker)
             self.crm.start()
             self.webhooks = WebhookSender(c, self.sessionmaker, self.bus)
@@ -121,7 +136,7 @@ class Service:
             self._lookup = CrmLookup(c, self.read_sessionmaker)
             self._lookup.start()
             self.handler = SubmissionHandler(c, self._spool, on_accepted=self._accepted,
-                                             crm_lookup=self._lookup, handoff=self.worker)
+                                             crm_lookup=self._lookup, handoff=self.handoff)
             self.authenticator = Authenticator(c)
             server = await start_submission(c, self.handler, self.authenticator, self._size)
             self._servers.append(server)
@@ -169,8 +184,9 @@ class Service:
         if self.handler is not None and self.handler.tls is not None and new.relay.tls_cert_file:
             self.handler.tls.load_cert_chain(new.relay.tls_cert_file, new.relay.tls_key_file)
         self.config = new
-        for part in (self.handler, self.authenticator, self._lookup, self.worker, self.crm, self.webhooks,
-                     self.render, *self._inbound_handlers):
+        for part in (self.handler, self.authenticator, self._lookup, self.worker, self.handoff,
+                     self.maintenance, self.privacy, self.crm, self.webhooks, self.render,
+                     *self._inbound_handlers):
             if part is None:
                 continue
             reconfigure = getattr(part, "reconfigure", None)
@@ -208,7 +224,13 @@ class Service:
         for handler in self._inbound_handlers:
             await handler.close_sessions()
         if self.worker is not None:
-            await self.worker.stop()
+            self.maintenance.halt()  # woken with the lanes: they end after the step in hand
+            self.privacy.halt()
+            await self.worker.stop()  # the copies in hand delivered, their outcomes written
+            await self.maintenance.stop()
+            await self.privacy.stop()
+            await self.handoff.stop()  # then the heartbeat ends and what is still held goes back
+            await self.worker.close()
         if self.crm is not None:
             await self.crm.stop()
         if self.webhooks is not None:
