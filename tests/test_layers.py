@@ -66,12 +66,6 @@ def _runtime_nodes(tree: ast.AST):
         todo.extend(ast.iter_child_nodes(node))
 
 
-#: Until the tracker_http restructuring of issue 18 lands: api ↔ crm_api ↔ pages import each other,
-#: pages imports relay.instrument, api imports trackrelay.metrics.
-_TRACKER_HTTP_TODO = pytest.mark.xfail(reason="issue 18: tracker_http's circles and its imports of relay/trackrelay",
-                                       strict=True)
-SIDES = [pytest.param(p, marks=_TRACKER_HTTP_TODO) if p == "tracker_http" else p for p in PACKAGES]
-
 GRAPH = {name: imports_of(name, path) for name, path in modules().items()}
 
 
@@ -84,7 +78,7 @@ def test_every_module_imports():
             importlib.import_module(info.name)
 
 
-@pytest.mark.parametrize("pkg", SIDES)
+@pytest.mark.parametrize("pkg", PACKAGES)
 def test_package_imports_only_the_floors_below_it(pkg):
     wrong = sorted(f"{name} imports {target}" for name, targets in GRAPH.items() if name.split(".")[0] == pkg
                    for target in targets
@@ -92,7 +86,6 @@ def test_package_imports_only_the_floors_below_it(pkg):
     assert wrong == []
 
 
-@_TRACKER_HTTP_TODO
 def test_the_sides_never_import_each_other():
     crossing = sorted(f"{name} imports {target}" for name, targets in GRAPH.items()
                       for target in targets
@@ -122,7 +115,7 @@ def _cycles(package: str) -> list[list[str]]:
     return cycles
 
 
-@pytest.mark.parametrize("pkg", SIDES)
+@pytest.mark.parametrize("pkg", PACKAGES)
 def test_no_import_circles_inside_a_package(pkg):
     assert _cycles(pkg) == []
 

@@ -19,7 +19,7 @@ from test_tracker import HTML_MSG
 async def test_openapi_document_lists_every_api_route(relay, sink):
     await relay.start()
     app_routes = set()
-    from tracker_http.api import create_api_app
+    from tracker_http.routes import create_api_app
     app = create_api_app(relay.service.tracker.ctx)
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource else {}

@@ -1,4 +1,5 @@
-"""The tracker role: both aiohttp listeners and the event recorder, started and stopped together."""
+"""The tracker role: both aiohttp listeners and the event recorder, started and stopped together
+(what each listener opens and closes is in its ``cleanup_ctx``, ``tracker_http.routes``)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,15 @@ import ssl
 from aiohttp import web
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from tracker_http import classify
-from tracker_http.api import create_api_app
-from tracker_http.netaddr import RangeSet, apple_ranges_path, networks
-from tracker_http.public import create_public_app
-from tracker_http.recorder import Recorder, SignedInIps
-from tracker_http.state import Context
-from tracker_http.writer import WriterClient
 from core.bus import EventBus
 from core.config import Config, parse_hostport
 from core.links import Keyring
+from tracker_http.netaddr import RangeSet, apple_ranges_path, networks
+from tracker_http.recorder import Recorder, SignedInIps
+from tracker_http.routes import create_api_app, create_public_app
+from tracker_http.sessions import end_for_config
+from tracker_http.state import Context, Rewrite
+from tracker_http.writer import WriterClient
 
 log = logging.getLogger("trackrelay.tracker")
 
@@ -37,7 +37,9 @@ def api_tls_context(config: Config) -> ssl.SSLContext | None:
 
 class Tracker:
     def __init__(self, config: Config, sessionmaker: async_sessionmaker, keyring: Keyring,
-                 bus: EventBus | None = None):
+                 bus: EventBus | None = None, *, metrics=None, rewrite: Rewrite | None = None):
+        """``metrics``: the Service's registry (/metrics shows every role of the process);
+        ``rewrite``: the relay's (``relay.instrument``), for the page of a recipient's copy."""
         signed_in = SignedInIps()
         bus = bus or EventBus()
         if config.tracker.writer_process:  # classification and writes in a child process
@@ -46,13 +48,11 @@ class Tracker:
             apple = RangeSet.from_file(apple_ranges_path(config))
             self.recorder = Recorder(config, sessionmaker, apple, signed_in, on_written=bus.notify)
         self.ctx = Context(config, keyring, sessionmaker, self.recorder,
-                           networks(config.tracker.trusted_proxies), signed_in, bus)
+                           networks(config.tracker.trusted_proxies), signed_in, bus,
+                           service_metrics=metrics, rewrite=rewrite)
         self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
-        if isinstance(self.recorder, Recorder):
-            classify.warm_up()  # the writer process builds its own
-        self.recorder.start()
         c = self.ctx.config
         self.api_tls = api_tls_context(c)
         for app, listen, tls in ((create_public_app(self.ctx), c.tracker.listen, None),
@@ -68,7 +68,6 @@ class Tracker:
     async def reconfigure(self, config: Config) -> None:
         """A reload (SIGHUP): users, tokens and trusted proxies from ``config``; the sessions of
         users it removed or gave another password end; the Apple ranges are read again."""
-        from tracker_http.sessions import end_for_config
         if getattr(self, "api_tls", None) is not None and config.api.tls_cert_file:
             self.api_tls.load_cert_chain(config.api.tls_cert_file, config.api.tls_key_file)
         self.ctx.config = config
@@ -83,7 +82,6 @@ class Tracker:
             log.info("reload ended %d page sessions of removed or changed users", ended)
 
     async def stop(self) -> None:
-        for runner in self._runners:
+        for runner in self._runners:  # the public listener's first: the recorder writes what it holds
             await runner.cleanup()
         self._runners.clear()
-        await self.recorder.stop()

@@ -9,76 +9,38 @@ Log list is changed by admins.
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
-
-from urllib.parse import quote
-
 from aiohttp import web
 
-from storage import crm as q
-from storage.models import LoggedEmail
-from tracker_http.api import authenticate, error
-from tracker_http.state import CTX
 from core.config import GDPR_BASES
 from core.neverlog import normalise_entry
-
-
-def _iso(t: datetime | None) -> str | None:
-    return t.isoformat().replace("+00:00", "Z") if t else None
-
-
-def _json(data, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False))
-
-
-async def _body(request: web.Request) -> dict:
-    try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text="the body must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise web.HTTPBadRequest(text="the body must be a JSON object")
-    return data
-
-
-async def contact_json(session, c) -> dict:
-    return {"email": c.email, "owner": c.owner, "marketing": bool(c.marketing), "legal_basis": c.legal_basis,
-            "do_not_track": bool(c.do_not_track), "company": await q.company_domain(session, c.company_pk),
-            "last_open_at": _iso(c.last_open_at), "last_click_at": _iso(c.last_click_at),
-            "last_engagement_at": _iso(c.last_engagement_at)}
-
-
-def logged_json(e: LoggedEmail, attachments: list[tuple], bodies: bool = False) -> dict:
-    out = {"id": e.id, "direction": e.direction, "subject": e.subject, "from": e.from_, "to": e.to, "cc": e.cc,
-           "date": _iso(e.date), "pinned": bool(e.pinned), "thread": e.thread_key, "message_id": e.message_id,
-           "sender": e.user,
-           "attachments": [{"id": aid, "filename": fn, "content_type": ct, "size": size}
-                           for aid, fn, ct, size in attachments],
-           "omitted_attachments": list(e.omitted_attachments or [])}
-    if bodies:
-        out["text"], out["html"] = e.text, e.html
-    return out
+from storage import crm as q
+from storage import edits
+from tracker_http.shapes import contact_json, logged_json
+from tracker_http.state import CTX
+from tracker_http.web import download, error, id_param, json_body, json_response, user
 
 
 def _email(request: web.Request) -> str:
     return request.match_info["email"].strip().lower()
 
 
+async def _contact_json(s, c) -> dict:
+    return contact_json(c, await q.company_domain(s, c.company_pk))
+
+
 async def get_contact(request: web.Request) -> web.Response:
-    authenticate(request)
     async with request.app[CTX].sessionmaker() as s:
         c = await q.get_contact(s, _email(request))
         if c is None:
             return error(404, "not_found", "no such contact")
-        return _json(await contact_json(s, c))
+        return json_response(await _contact_json(s, c))
 
 
 async def put_contact(request: web.Request) -> web.Response:
-    user = authenticate(request)
-    data = await _body(request)
+    me = user(request)
+    data = await json_body(request)
     ctx = request.app[CTX]
-    unknown = set(data) - {"legal_basis", "do_not_track", "owner", "marketing"}
+    unknown = set(data) - edits.CONTACT_FIELDS
     if unknown:
         return error(400, "bad_request", f"unknown field {sorted(unknown)[0]!r}")
     if "legal_basis" in data and data["legal_basis"] is not None and data["legal_basis"] not in GDPR_BASES:
@@ -93,18 +55,14 @@ async def put_contact(request: web.Request) -> web.Response:
             c = await q.get_contact(s, _email(request))
             if c is None:
                 return error(404, "not_found", "no such contact")
-            if not user.admin and c.owner != user.name:
+            if not me.admin and c.owner != me.name:
                 return error(403, "forbidden", "only admins and the contact's owner may change it")
-            for k, v in data.items():
-                setattr(c, k, v)
-            await s.flush()
-            return _json(await contact_json(s, c))
+            await edits.change_contact(s, c, data)
+            return json_response(await _contact_json(s, c))
 
 
 async def delete_contact(request: web.Request) -> web.Response:
-    user = authenticate(request)
-    if not user.admin:
-        return error(403, "forbidden", "a GDPR erase is for admins")
+    """A GDPR erase (an ADMIN route: others are refused before it runs)."""
     async with request.app[CTX].sessionmaker() as s:
         async with s.begin():
             found = await q.erase_contact(s, _email(request))
@@ -114,54 +72,48 @@ async def delete_contact(request: web.Request) -> web.Response:
 
 
 async def get_timeline(request: web.Request) -> web.Response:
-    authenticate(request)
     async with request.app[CTX].sessionmaker() as s:
         c = await q.get_contact(s, _email(request))
         if c is None:
             return error(404, "not_found", "no such contact")
         emails = await q.timeline(s, c.id)
         atts = await q.attachments_of(s, [e.id for e in emails])
-    return _json({"logged_emails": [logged_json(e, atts.get(e.id, [])) for e in emails]})
+    return json_response({"logged_emails": [logged_json(e, atts.get(e.id, [])) for e in emails]})
 
 
 def _pk(request: web.Request) -> int:
-    raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 18:
-        raise web.HTTPNotFound(text="no such logged email")
-    return int(raw)
+    return id_param(request, "no such logged email")
 
 
 async def get_logged(request: web.Request) -> web.Response:
-    authenticate(request)
     async with request.app[CTX].sessionmaker() as s:
         e = await q.logged_email(s, _pk(request), bodies=True)
         if e is None:
             return error(404, "not_found", "no such logged email")
         atts = await q.attachments_of(s, [e.id])
-    return _json(logged_json(e, atts.get(e.id, []), bodies=True))
+    return json_response(logged_json(e, atts.get(e.id, []), bodies=True))
 
 
 async def get_thread(request: web.Request) -> web.Response:
-    authenticate(request)
     async with request.app[CTX].sessionmaker() as s:
         e = await q.logged_email(s, _pk(request))
         if e is None:
             return error(404, "not_found", "no such logged email")
         emails = await q.thread(s, e.thread_key)
         atts = await q.attachments_of(s, [x.id for x in emails])
-    return _json({"thread": e.thread_key, "logged_emails": [logged_json(x, atts.get(x.id, [])) for x in emails]})
+    return json_response({"thread": e.thread_key,
+                          "logged_emails": [logged_json(x, atts.get(x.id, [])) for x in emails]})
 
 
 async def _set_pin(request: web.Request, pinned: bool) -> web.Response:
-    authenticate(request)
     async with request.app[CTX].sessionmaker() as s:
         async with s.begin():
             e = await q.logged_email(s, _pk(request))
             if e is None:
                 return error(404, "not_found", "no such logged email")
-            e.pinned = pinned
+            edits.set_pinned(e, pinned)
         atts = await q.attachments_of(s, [e.id])
-    return _json(logged_json(e, atts.get(e.id, [])))
+    return json_response(logged_json(e, atts.get(e.id, [])))
 
 
 async def pin(request: web.Request) -> web.Response:
@@ -173,42 +125,31 @@ async def unpin(request: web.Request) -> web.Response:
 
 
 async def delete_logged(request: web.Request) -> web.Response:
-    user = authenticate(request)
+    me = user(request)
     async with request.app[CTX].sessionmaker() as s:
         async with s.begin():
             e = await q.logged_email(s, _pk(request))
             if e is None:
                 return error(404, "not_found", "no such logged email")
-            if not user.admin and e.user != user.name:
+            if not me.admin and e.user != me.name:
                 return error(403, "forbidden", "only its sender or an admin may delete a logged email")
             await q.delete_logged_email(s, e.id)
     return web.Response(status=204)
 
 
 async def get_attachment(request: web.Request) -> web.StreamResponse:
-    authenticate(request)
     async with request.app[CTX].sessionmaker() as s:
         found = await q.attachment_bytes(s, _pk(request))
     if found is None:
         return error(404, "not_found", "no such attachment")
-    return attachment_response(*found)
+    return download(*found)
 
 
-def attachment_response(filename: str, _content_type: str, data: bytes) -> web.Response:
-    """Always a download, never rendered: octet-stream, attachment, nosniff, sandboxed."""
-    safe = "".join(c if c.isalnum() or c in "._- " else "_" for c in filename)[:200] or "attachment"
-    return web.Response(body=data, headers={
-        "Content-Type": "application/octet-stream",
-        "Content-Disposition": f"attachment; filename=\"{safe}\"; filename*=UTF-8''{quote(filename)}",
-        "X-Content-Type-Options": "nosniff",
-        "Content-Security-Policy": "default-src 'none'; sandbox",
-    })
-
-
-def _config_entries(ctx, scope: str, user) -> tuple[str, ...]:
+def config_entries(ctx, scope: str, who) -> tuple[str, ...]:
+    """The Never Log entries of the config (the team's, or user ``who``'s), normalised."""
     if scope == "team":
         return tuple(normalise_entry(e) for e in ctx.config.never_log.team)
-    return tuple(normalise_entry(e) for e in user.never_log)
+    return tuple(normalise_entry(e) for e in who.never_log)
 
 
 def _scope(request: web.Request, data: dict | None = None) -> str:
@@ -219,24 +160,24 @@ def _scope(request: web.Request, data: dict | None = None) -> str:
 
 
 async def list_never_log(request: web.Request) -> web.Response:
-    user = authenticate(request)
+    me = user(request)
     ctx = request.app[CTX]
     scope = _scope(request)
-    owner = "" if scope == "team" else user.name
+    owner = "" if scope == "team" else me.name
     async with ctx.sessionmaker() as s:
         db = await q.never_log_db_entries(s, scope, owner)
-    cfg = _config_entries(ctx, scope, user)
+    cfg = config_entries(ctx, scope, me)
     entries = [{"entry": e, "managed_by": "config"} for e in cfg] + \
               [{"entry": e, "managed_by": "api"} for e in db if e not in cfg]
-    return _json({"scope": scope, "user": owner or None, "entries": entries})
+    return json_response({"scope": scope, "user": owner or None, "entries": entries})
 
 
 async def _change_never_log(request: web.Request, action: str) -> web.Response:
-    user = authenticate(request)
+    me = user(request)
     ctx = request.app[CTX]
-    data = await _body(request)
+    data = await json_body(request)
     scope = _scope(request, data)
-    if scope == "team" and not user.admin:
+    if scope == "team" and not me.admin:
         return error(403, "forbidden", "the team Never Log list is changed by admins")
     entries = data.get("entries")
     if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
@@ -245,13 +186,13 @@ async def _change_never_log(request: web.Request, action: str) -> web.Response:
         async with ctx.sessionmaker() as s:
             async with s.begin():
                 changed = await q.never_log_change(s, action=action, scope=scope,
-                                                   user="" if scope == "team" else user.name,
+                                                   user="" if scope == "team" else me.name,
                                                    raw_entries=entries,
-                                                   config_entries=_config_entries(ctx, scope, user))
+                                                   config_entries=config_entries(ctx, scope, me))
     except q.NeverLogRefused as e:
         return error(409 if "at most" in str(e) or "managed" in str(e) else 400, "refused", str(e))
-    return _json({"scope": scope, "added" if action == "add" else "removed": changed},
-                 status=201 if action == "add" else 200)
+    return json_response({"scope": scope, "added" if action == "add" else "removed": changed},
+                         status=201 if action == "add" else 200)
 
 
 async def add_never_log(request: web.Request) -> web.Response:
@@ -260,20 +201,3 @@ async def add_never_log(request: web.Request) -> web.Response:
 
 async def remove_never_log(request: web.Request) -> web.Response:
     return await _change_never_log(request, "remove")
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/api/v1/contacts/{email}", get_contact)
-    r.add_put("/api/v1/contacts/{email}", put_contact)
-    r.add_delete("/api/v1/contacts/{email}", delete_contact)
-    r.add_get("/api/v1/contacts/{email}/timeline", get_timeline)
-    r.add_get("/api/v1/logged-emails/{id}", get_logged)
-    r.add_delete("/api/v1/logged-emails/{id}", delete_logged)
-    r.add_get("/api/v1/logged-emails/{id}/thread", get_thread)
-    r.add_post("/api/v1/logged-emails/{id}/pin", pin)
-    r.add_post("/api/v1/logged-emails/{id}/unpin", unpin)
-    r.add_get("/api/v1/attachments/{id}", get_attachment)
-    r.add_get("/api/v1/never-log", list_never_log)
-    r.add_post("/api/v1/never-log", add_never_log)
-    r.add_delete("/api/v1/never-log", remove_never_log)

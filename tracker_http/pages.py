@@ -22,15 +22,20 @@ import jinja2
 from aiohttp import web
 from markupsafe import Markup
 
-from storage import crm as q
-from storage import feed
-from tracker_http import sessions
-from tracker_http.crm_api import attachment_response, contact_json, logged_json
-from tracker_http.netaddr import client_ip
-from tracker_http.state import CTX
 from core.attempts import Attempt, AttemptBudgets
 from core.config import User
-from core.passwords import CHECKER, Busy, hash_for
+from core.neverlog import normalise_entry
+from core.passwords import CHECKER, Busy, hash_for, token_hash
+from storage import api_tokens, dashboard, edits, feed, messages
+from storage import crm as q
+from tracker_http import charts, sessions
+from tracker_http.classify import client_of, is_scanner_agent
+from tracker_http.netaddr import client_ip
+from tracker_http.shapes import contact_json, logged_json
+from tracker_http.state import CTX
+from tracker_http.web import csrf as csrf_of
+from tracker_http.web import download, peer_ip
+from tracker_http.web import user as user_of
 
 HERE = Path(__file__).parent
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-src 'self'; "
@@ -155,30 +160,15 @@ def _page_headers() -> dict[str, str]:
             "Referrer-Policy": "same-origin", "Cache-Control": "no-store", "X-Frame-Options": "DENY"}
 
 
-def _peer(request: web.Request) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    return peer[0] if peer else ""
-
-
 def signed_in(request: web.Request) -> tuple[User, str]:
-    """The user and the CSRF token of the session, or a redirect to /login."""
-    ctx = request.app[CTX]
-    cookie = request.cookies.get(sessions.COOKIE)
-    user = sessions.verify(ctx.keyring, cookie, ctx.config)
-    if user is None:
-        raise web.HTTPSeeOther(f"/login?next={quote(request.rel_url.path_qs, safe='')}")
-    ctx.signed_in.saw(_peer(request))
-    return user, sessions.csrf_token(ctx.keyring, cookie)
+    """The user and the CSRF token of the page's session (the routes of pages are PAGE or FORM:
+    the authentication middleware found them, or sent the browser to /login)."""
+    return user_of(request), csrf_of(request)
 
 
 async def _checked_form(request: web.Request) -> tuple[User, dict]:
-    """A state-changing POST: signed in, and the form's CSRF token matches the session."""
-    user, _ = signed_in(request)
-    form = await request.post()
-    ctx = request.app[CTX]
-    if not sessions.check_csrf(ctx.keyring, request.cookies.get(sessions.COOKIE), form.get("csrf")):
-        raise web.HTTPForbidden(text="cross-site request refused (missing or wrong CSRF token)")
-    return user, dict(form)
+    """A state-changing POST (a FORM route: its CSRF token was checked) and its fields."""
+    return user_of(request), dict(await request.post())
 
 
 def _safe_next(value: str | None) -> str:
@@ -230,7 +220,7 @@ async def login(request: web.Request) -> web.Response:
     assert user is not None
     resp = web.HTTPSeeOther(nxt)
     sessions.set_cookie(resp, await sessions.begin(ctx, user), max_age=ctx.config.api.session_max_seconds,
-                        secure=sessions.is_https(request, ctx.trusted_proxies))
+                        secure=sessions.is_https(request, ctx.trusted_proxies, ctx.config.api.public_url))
     resp.del_cookie(LOGIN_NONCE, path="/login")
     raise resp
 
@@ -255,7 +245,7 @@ async def _check(attempt: Attempt, password: str, stored: str, known: bool) -> b
 def _client(request: web.Request) -> str:
     """The client's address (X-Forwarded-For believed from tracker.trusted_proxies only)."""
     ctx = request.app[CTX]
-    return client_ip(_peer(request), request.headers.get("X-Forwarded-For"), ctx.trusted_proxies)
+    return client_ip(peer_ip(request), request.headers.get("X-Forwarded-For"), ctx.trusted_proxies)
 
 
 async def logout(request: web.Request) -> web.Response:
@@ -319,7 +309,6 @@ def device_of(user_agent: str | None) -> str:
     """Client and device from a user agent ("Apple Mail/iOS · iPhone"); the raw string stays on demand."""
     if not user_agent:
         return ""
-    from tracker_http.classify import client_of, is_scanner_agent
     client = client_of(user_agent) or ""
     device = ""
     try:
@@ -424,7 +413,6 @@ async def feed_csv(request: web.Request) -> web.Response:
 
 async def contact_csv(request: web.Request) -> web.Response:
     """A contact's activity (the user's mail to them; admins: everybody's) as CSV, times in UTC."""
-    from storage import dashboard
     user, _ = signed_in(request)
     email = request.match_info["email"].strip().lower()
     async with request.app[CTX].sessionmaker() as s:
@@ -478,36 +466,33 @@ async def message_page(request: web.Request) -> web.Response:
 
 async def _recipient_copy(request: web.Request) -> tuple[User, str, bytes | None, str]:
     """The copy a recipient got, made again from the spooled bytes with the copy's own token
-    (what the delivery worker made, without the DKIM signature and reference header): the user,
-    the address, the copy (None once the spool is purged) and a note."""
-    from sqlalchemy import select
-
-    from relay import instrument
-    from storage.models import Message, Recipient
+    (what the delivery worker made, without the DKIM signature and reference header) by the
+    relay's rewrite (``Context.rewrite``): the user, the address, the copy (None once the spool
+    is purged) and a note."""
     user, _ = signed_in(request)
     ctx = request.app[CTX]
     async with ctx.sessionmaker() as s:
-        msg = await feed.get_message(s, int(request.match_info["id"]), None if user.admin else user.name)
-        rcpt = None
-        if msg is not None:
-            rcpt = (await s.scalars(select(Recipient).where(Recipient.message_pk == msg.id,
-                                                            Recipient.id == int(request.match_info["rid"])))).first()
-        if rcpt is None:
-            raise web.HTTPNotFound(text="no such copy")
-        raw = (await s.execute(select(Message.raw).where(Message.id == msg.id))).scalar()
+        copy = await messages.copy_source(s, int(request.match_info["id"]), int(request.match_info["rid"]),
+                                          None if user.admin else user.name)
+    if copy is None:
+        raise web.HTTPNotFound(text="no such copy")
+    raw = copy.raw
     if raw is None:
-        return user, rcpt.address, None, "The spooled message is no longer kept (queue.keep_delivered_days)."
-    if not (rcpt.token and (rcpt.track_opens or rcpt.track_clicks)):
-        return user, rcpt.address, raw, "Not instrumented: the copy went out as it was."
+        return user, copy.address, None, "The spooled message is no longer kept (queue.keep_delivered_days)."
+    if not (copy.token and (copy.track_opens or copy.track_clicks)):
+        return user, copy.address, raw, "Not instrumented: the copy went out as it was."
+    rewrite = ctx.rewrite
+    if rewrite is None:
+        return user, copy.address, raw, "The tracker cannot make the copy again here: this is the message as spooled."
     t = ctx.config.tracking
-    result = await asyncio.to_thread(lambda: instrument.render(
-        instrument.parse(raw, ctx.config.tracker.public_url),
-        instrument.Plan(token=rcpt.token, opens=rcpt.track_opens, clicks=rcpt.track_clicks,
-                        public_url=ctx.config.tracker.public_url, keyring=ctx.keyring,
-                        pixel_position=t.pixel_position, skip_url_text_links=t.skip_url_text_links)))
+    result = await asyncio.to_thread(lambda: rewrite.render(
+        rewrite.parse(raw, ctx.config.tracker.public_url),
+        rewrite.Plan(token=copy.token, opens=copy.track_opens, clicks=copy.track_clicks,
+                     public_url=ctx.config.tracker.public_url, keyring=ctx.keyring,
+                     pixel_position=t.pixel_position, skip_url_text_links=t.skip_url_text_links)))
     note = "With its open pixel and tracked links." if result.pixel or result.links else (
         result.note or "Nothing was instrumented in this copy.")
-    return user, rcpt.address, result.data, note
+    return user, copy.address, result.data, note
 
 
 def _html_of(data: bytes) -> tuple[str | None, str | None]:
@@ -543,8 +528,6 @@ async def copy_body(request: web.Request) -> web.Response:
 
 
 async def dashboard_page(request: web.Request) -> web.Response:
-    from storage import dashboard
-    from tracker_http import charts
     user, csrf = signed_in(request)
     who = _who(request, user)
     tz, _ = zone_for(request, user)
@@ -563,7 +546,6 @@ CONTACT_SORTS = ("name", "email", "company", "owner", "last", "basis")
 
 
 async def contacts_page(request: web.Request) -> web.Response:
-    from storage import dashboard
     user, csrf = signed_in(request)
     search = (request.query.get("q") or "").strip()[:200]
     sort = request.query.get("sort") if request.query.get("sort") in CONTACT_SORTS else "last"
@@ -575,7 +557,6 @@ async def contacts_page(request: web.Request) -> web.Response:
 
 
 async def contact_page(request: web.Request) -> web.Response:
-    from storage import dashboard
     user, csrf = signed_in(request)
     email = request.match_info["email"].strip().lower()
     thread_key = request.query.get("thread")
@@ -583,7 +564,7 @@ async def contact_page(request: web.Request) -> web.Response:
         contact = await q.get_contact(s, email)
         if contact is None:
             raise web.HTTPNotFound(text="no such contact")
-        cj = await contact_json(s, contact)
+        cj = contact_json(contact, await q.company_domain(s, contact.company_pk))
         emails = await q.thread(s, thread_key) if thread_key else await q.timeline(s, contact.id)
         atts = await q.attachments_of(s, [e.id for e in emails])
         items = []
@@ -614,7 +595,6 @@ async def contact_page(request: web.Request) -> web.Response:
 
 
 def _config_never_log(ctx, scope: str, user: User) -> tuple[str, ...]:
-    from core.neverlog import normalise_entry
     return tuple(normalise_entry(e) for e in (ctx.config.never_log.team if scope == "team" else user.never_log))
 
 
@@ -626,7 +606,6 @@ async def _never_log_view(s, ctx, scope: str, user: User) -> list[dict]:
 
 async def settings_page(request: web.Request, error: str | None = None, status: int = 200,
                         new_token: tuple[str, str] | None = None) -> web.Response:
-    from storage import api_tokens
     user, csrf = signed_in(request)
     ctx = request.app[CTX]
     async with ctx.sessionmaker() as s:
@@ -641,8 +620,6 @@ async def settings_page(request: web.Request, error: str | None = None, status: 
 
 async def token_create(request: web.Request) -> web.Response:
     """A new API token, shown once on the page that answers (never logged); only its hash is kept."""
-    from storage import api_tokens
-    from core.passwords import token_hash
     user, form = await _checked_form(request)
     name = " ".join(str(form.get("name", "")).split())[:100] or "API token"
     token = "trk_" + secrets.token_urlsafe(32)
@@ -656,7 +633,6 @@ async def token_create(request: web.Request) -> web.Response:
 
 
 async def token_revoke(request: web.Request) -> web.Response:
-    from storage import api_tokens
     user, _ = await _checked_form(request)
     async with request.app[CTX].sessionmaker() as s:
         async with s.begin():
@@ -706,7 +682,7 @@ async def logged_action(request: web.Request) -> web.Response:
             if e is None:
                 raise web.HTTPNotFound(text="no such logged email")
             if action in ("pin", "unpin"):
-                e.pinned = action == "pin"
+                edits.set_pinned(e, action == "pin")
             elif action == "delete":
                 if not user.admin and e.user != user.name:
                     raise web.HTTPForbidden(text="only its sender or an admin may delete a logged email")
@@ -722,32 +698,4 @@ async def attachment_download(request: web.Request) -> web.Response:
         found = await q.attachment_bytes(s, int(request.match_info["id"]))
     if found is None:
         raise web.HTTPNotFound(text="no such attachment")
-    return attachment_response(*found)
-
-
-def add_routes(app: web.Application) -> None:
-    app[JINJA] = make_env()
-    app[LIMITER] = sessions.login_budgets(app[CTX].config)
-    app.middlewares.append(sessions.middleware)
-    r = app.router
-    r.add_get("/login", login_form)
-    r.add_post("/login", login)
-    r.add_post("/logout", logout)
-    r.add_get("/", feed_page)
-    r.add_get("/dashboard", dashboard_page)
-    r.add_get("/messages/{id:\\d{1,18}}", message_page)
-    r.add_get("/messages/{id:\\d{1,18}}/card", message_card)
-    r.add_get("/messages/{id:\\d{1,18}}/copies/{rid:\\d{1,18}}", copy_page)
-    r.add_get("/messages/{id:\\d{1,18}}/copies/{rid:\\d{1,18}}/body", copy_body)
-    r.add_get("/export/feed.csv", feed_csv)
-    r.add_get("/contacts/{email}/activity.csv", contact_csv)
-    r.add_get("/contacts", contacts_page)
-    r.add_get("/contacts/{email}", contact_page)
-    r.add_get("/settings", settings_page)
-    r.add_post("/settings/never-log/{action}", never_log_action)
-    r.add_post("/settings/tokens", token_create)
-    r.add_post("/settings/tokens/{id:\\d{1,18}}/revoke", token_revoke)
-    r.add_get("/logged-emails/{id:\\d+}/body", logged_body)
-    r.add_post("/logged-emails/{id:\\d+}/{action}", logged_action)
-    r.add_get("/attachments/{id:\\d+}", attachment_download)
-    r.add_static("/static", HERE / "static", append_version=False)
+    return download(*found)

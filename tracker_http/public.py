@@ -1,4 +1,5 @@
-"""The public listener: the open pixel, the click redirect and /healthz — nothing else.
+"""The public listener's handlers: the open pixel, the click redirect and /healthz — nothing
+else (``tracker_http.routes`` lists them).
 
 It faces the internet. Handlers answer from memory: the GIF is a constant, the redirect target is
 in the signed URL; the event goes to the recorder's buffer. A GET here changes nothing but the
@@ -10,7 +11,6 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from time import time
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -77,16 +77,3 @@ def _redirect_head(target: str) -> bytes | None:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
-
-
-def create_public_app(ctx: Context) -> web.Application:
-    app = web.Application(client_max_size=1024)
-    app[CTX] = ctx
-    prefix = urlsplit(ctx.config.tracker.public_url).path.rstrip("/")
-    app.router.add_get("/healthz", healthz)
-    for base in {prefix, ""}:
-        app.router.add_route("GET", f"{base}/o/{{token}}.gif", pixel)
-        app.router.add_route("HEAD", f"{base}/o/{{token}}.gif", pixel)
-        app.router.add_route("GET", f"{base}/c/{{rest}}", click)
-        app.router.add_route("HEAD", f"{base}/c/{{rest}}", click)
-    return app

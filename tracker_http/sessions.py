@@ -3,8 +3,8 @@ so that logout, a password change and removing the user end them; CSRF tokens bo
 cookie; the cookie's ``Secure`` flag from the request's own scheme; the sign-in attempt budgets.
 
 The cookie is a random token plus its MAC (garbage is refused without a database look-up); the
-table keeps the token's SHA-256. ``middleware`` looks the cookie up once per request, and
-``verify`` (synchronous, as the handlers call it) answers from that look-up. A session ends when
+table keeps the token's SHA-256. The authentication middleware (``tracker_http.web``) looks the
+cookie up once, for the routes that take a session (``lookup``). A session ends when
 unused for ``api.session_idle_seconds``, after ``api.session_max_seconds`` in any case, and as
 soon as its user is gone from the config or has another password hash.
 """
@@ -12,7 +12,6 @@ soon as its user is gone from the config or has another password hash.
 from __future__ import annotations
 
 import base64
-import contextvars
 import hashlib
 import hmac
 import secrets
@@ -20,19 +19,16 @@ from datetime import datetime, timedelta, timezone
 
 from aiohttp import web
 
-from storage import sessions as store
 from core.attempts import AttemptBudgets
 from core.config import Config, User
 from core.links import Keyring
+from storage import sessions as store
+from tracker_http.netaddr import _in
 
 COOKIE = "trackrelay_session"
 #: The last-seen time is written at most this often per session (a page view is not a write).
 TOUCH_SECONDS = 60.0
 MAX_COOKIE = 200
-
-#: (cookie, user name) of the session the current request's cookie belongs to, set by middleware.
-_current: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("trackrelay_session",
-                                                                                   default=None)
 
 
 def _mac(keyring_key: bytes, purpose: str, value: str) -> str:
@@ -123,29 +119,6 @@ async def end_for_config(ctx, config: Config) -> int:
             return await store.remove_except(s, {u.name: password_tag(u) for u in config.users})
 
 
-@web.middleware
-async def middleware(request: web.Request, handler):
-    """Look the session cookie up (once, in the database) before the handler runs."""
-    cookie = request.cookies.get(COOKIE)
-    if not cookie:
-        return await handler(request)
-    from tracker_http.state import CTX
-    user = await lookup(request.app[CTX], cookie)
-    reset = _current.set((cookie, user.name) if user is not None else None)
-    try:
-        return await handler(request)
-    finally:
-        _current.reset(reset)
-
-
-def verify(keyring: Keyring, cookie: str | None, config: Config) -> User | None:
-    """The user whose live session ``cookie`` is, as looked up by ``middleware`` for this request."""
-    current = _current.get()
-    if not cookie or current is None or not hmac.compare_digest(current[0].encode(), cookie.encode()):
-        return None
-    return config.user(current[1])
-
-
 def csrf_token(keyring: Keyring, cookie: str) -> str:
     return _mac(keyring.keys[0], "csrf", cookie)
 
@@ -155,17 +128,15 @@ def check_csrf(keyring: Keyring, cookie: str | None, token: str | None) -> bool:
         hmac.compare_digest(_mac(k, "csrf", cookie), token) for k in keyring.keys)
 
 
-def is_https(request: web.Request, trusted_proxies) -> bool:
+def is_https(request: web.Request, trusted_proxies, public_url: str) -> bool:
     """Did the browser reach us over https? TLS on this connection; or X-Forwarded-Proto: https
     from a trusted proxy; or an https ``api.public_url``."""
-    from tracker_http.netaddr import _in
-    from tracker_http.state import CTX
     if request.transport is not None and request.transport.get_extra_info("sslcontext") is not None:
         return True
     proto = request.headers.get("X-Forwarded-Proto", "")
     if proto and trusted_proxies and _in(request.remote or "", trusted_proxies):
         return proto.split(",")[0].strip().lower() == "https"
-    return request.app[CTX].config.api.public_url.startswith("https://")
+    return public_url.startswith("https://")
 
 
 def set_cookie(response: web.StreamResponse, value: str, secure: bool, max_age: float) -> None:

@@ -9,14 +9,14 @@ writers in this process, and by polling for those of other processes.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 from aiohttp import web
 
 from storage import events as ev
-from tracker_http.api import authenticate
+from tracker_http.shapes import dumps, event_json, event_of
 from tracker_http.state import CTX
+from tracker_http.web import owner_filter, user
 
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
@@ -24,9 +24,8 @@ BATCH = 200
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    user = authenticate(request, cookie_ok=True)
     ctx = request.app[CTX]
-    who = None if user.admin else user.name
+    who = owner_filter(user(request))
     resume = request.headers.get("Last-Event-ID") or request.query.get("after")
     cursor = ev.parse_cursor(resume) if resume else None
     if resume and cursor is None:
@@ -42,9 +41,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
         while not ctx.closing:
             async with ctx.sessionmaker() as session:
                 rows = await ev.list_after(session, who, cursor, BATCH)
-            for e, mid, rcpt in rows:
+            for row in rows:
+                e = event_of(row)
                 cursor = ev.cursor_of(e)
-                data = json.dumps(ev.event_json(e, mid, rcpt), ensure_ascii=False)
+                data = dumps(event_json(row))
                 await response.write(f"id: {cursor}\nevent: {e.type}\ndata: {data}\n\n".encode())
                 last_write = time.monotonic()
             if len(rows) == BATCH:
