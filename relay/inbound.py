@@ -20,7 +20,9 @@ refers to our mail. Before the 250, in one transaction:
   nothing records nothing; a bounce is never logged as incoming mail;
 - other mail is logged to its sender's contact — created unless the sender is ``MAILER-DAEMON``,
   ``postmaster`` or the null sender ``<>`` — with what proved it (``storage.inbound_proof``:
-  ``reply``, ``thread``, ``ref`` or ``none``);
+  ``reply``, ``thread``, ``ref`` or ``none``), unless the sender is internal or on the user's Never
+  Log lists: the relay's own rules decide (``relay.policy.INBOUND_RULES``) and their reasons are
+  logged;
 - a reply records ``replied`` (and an inferred open when no human open came first) only when its
   In-Reply-To/References name one of that user's messages and its sender was a recipient of it,
   and never when it is automatic (``relay.autoreply``).
@@ -36,22 +38,24 @@ import time
 import weakref
 from collections import OrderedDict, deque
 
-from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from relay import autoreply, bounces
 from relay import message as m
-from relay import reference, replies
+from relay import policy, reference, replies
 from relay.crm import ParsedEmail, addresses, parse_email, write_logged_email
 from relay.smtp import CALL_LIMITS, RelaySMTP, SessionTracking
 from storage import crm as q
 from storage import events as ev
+from storage import inbound as copies
 from storage import inbound_proof
-from storage.models import Message, Recipient, utcnow
-from core import idn, mailaddr
+from storage.inbound import Copy
+from storage.models import utcnow
+from core import mailaddr
 from core.config import Config, User, parse_hostport
+from core.events import Classification, Event, EventType, human_sequence
 from core.links import Keyring, key_file_path
-from core.neverlog import matches, normalise_entry
+from core.neverlog import normalise_entry
 
 log = logging.getLogger("trackrelay.inbound")
 
@@ -73,16 +77,6 @@ TOO_MANY_UNKNOWN = "421 4.7.0 Too many unknown recipients, try again later"
 def automatic_reason(p: ParsedEmail) -> str | None:
     """Why this incoming mail is an automatic reply (``relay.autoreply``), or None."""
     return autoreply.detect({**p.headers, "subject": p.subject})
-
-
-def _id_forms(ids) -> list[str]:
-    """Message-IDs as a stored Message-ID may be written: with angle brackets and without."""
-    out: list[str] = []
-    for i in ids:
-        bare = i.strip().strip("<>").strip()
-        if bare:
-            out += [f"<{bare}>", bare]
-    return list(dict.fromkeys(out))
 
 
 def client_key(peer) -> str:
@@ -168,6 +162,7 @@ class InboundHandler(SessionTracking):
         #: By the key's SHA-256: a look-up costs the same whatever the guess shares with a key.
         self.users = {_key_digest(u.log_key): u for u in config.users if u.log_key}
         self.team_cfg = tuple(normalise_entry(e) for e in config.never_log.team)
+        self.team_addresses = frozenset(a.lower() for a in config.crm.team_addresses)
         self.keyring = self._keyring or inbound_keyring(config)
 
     def _user_for(self, address: str) -> User | None:
@@ -223,80 +218,66 @@ class InboundHandler(SessionTracking):
         if not senders:
             return
         sender = senders[0]
-        # Bounce senders and the null sender (auto-replies) never become contacts; an existing
-        # contact still gets the mail on its timeline.
-        create = False if mailaddr.is_system(sender) or (mail_from is not None and mailaddr.is_system(mail_from)) else None
-        internal = sender in self.config.user_addresses or \
-            idn.domain_key(sender.rpartition("@")[2]) in self.config.internal_domains
-        team_addresses = {a.lower() for a in self.config.crm.team_addresses}
-        cited = await self._our_recipients(s, self._cited_ids(parsed), None, users)
+        names = [u.name for u in users]
+        cited = await copies.copies_of_messages(s, self._cited_ids(parsed), names)
         sender_forms = mailaddr.variants(sender)
-        replied_to = [(r, u) for r, u in cited if r.address.lower() in sender_forms]
-        by_ref = await self._copies(s, reference.verified(self.keyring, [raw]) if self.keyring else set(), users)
+        replied_to = [c for c in cited if c.address.lower() in sender_forms]
+        by_ref = await copies.copies_by_id(s, reference.verified(self.keyring, [raw]) if self.keyring else set(), names)
         never = False
         for user in users:
             lists = await q.never_log_lists(s, user.name, self.team_cfg,
                                             tuple(normalise_entry(e) for e in user.never_log))
-            user_never = sender not in team_addresses and (
-                matches(sender, lists.team) or matches(sender, lists.personal))
-            never = never or user_never
-            if not internal and not user_never:
+            d = self.decide(sender, mail_from, lists)
+            never = never or d.never_log
+            logged = None
+            if d.log:
                 logged = await write_logged_email(s, self.config, parsed, direction="incoming", user=user.name,
                                                   message_pk=None, contact_emails=[sender], owner=user.name,
-                                                  create_contacts=create)
+                                                  create_contacts=d.create_contacts)
                 if logged is not None:
                     proof, message_pk = _proof_for(user.name, replied_to, cited, by_ref)
                     await inbound_proof.record(s, logged.id, proof, message_pk)
+            log.info("inbound mail for %s: %s (%s)", user.name, "logged" if logged is not None else "not logged",
+                     ", ".join(d.reasons))
         why = automatic_reason(parsed)
         if why is None and not mailaddr.is_system(sender):
             await self._replied(s, parsed, sender, never, replied_to)
         elif why is not None:
             log.info("inbound automatic reply, no replied event: %s", why)
 
+    def decide(self, sender: str, mail_from: str | None, lists: q.NeverLogLists) -> policy.Decision:
+        """Whether mail from ``sender`` to a user's log address is logged, and a contact created
+        for it (``relay.policy.INBOUND_RULES``, with that user's Never Log lists). Bounce senders
+        and the null sender (auto-replies) never become contacts; an existing contact still gets
+        the mail on its timeline."""
+        facts = policy.MessageFacts(
+            user_addresses=self.config.user_addresses, internal_domains=self.config.internal_domains,
+            x_track=None, x_log=None, log_bcc=True, sender=sender, never_log_team=lists.team,
+            never_log_personal=lists.personal, team_addresses=self.team_addresses,
+            system_sender=mailaddr.is_system(sender) or (mail_from is not None and mailaddr.is_system(mail_from)))
+        return policy.decide(self.config, facts, sender, policy.INBOUND_RULES)
+
     @staticmethod
     def _cited_ids(parsed: ParsedEmail) -> list[str]:
         return ([parsed.in_reply_to] if parsed.in_reply_to else []) + parsed.references
 
-    async def _our_recipients(self, s: AsyncSession, ids: list[str], address: str | None, users: list[User]):
-        """Copies of these users' messages with one of these Message-IDs (to ``address`` only,
-        when given)."""
-        if not ids or not users:
-            return []
-        q_ = (select(Recipient, Message.user).join(Message, Message.id == Recipient.message_pk)
-              .where(Message.message_id.in_(_id_forms(ids[:100])), Message.kind == "mail",
-                     Message.user.in_([u.name for u in users])))
-        if address is not None:
-            q_ = q_.where(func.lower(Recipient.address).in_(sorted(mailaddr.variants(address))))
-        return (await s.execute(q_)).all()
-
-    async def _copies(self, s: AsyncSession, copy_ids: set[int], users: list[User]):
-        """These copies (verified references), those of these users' messages only."""
-        if not copy_ids or not users:
-            return []
-        return (await s.execute(
-            select(Recipient, Message.user).join(Message, Message.id == Recipient.message_pk)
-            .where(Recipient.id.in_(sorted(copy_ids)), Message.kind == "mail",
-                   Message.user.in_([u.name for u in users])))).all()
-
-    async def _replied(self, s: AsyncSession, parsed: ParsedEmail, sender: str, never: bool, rows) -> None:
+    async def _replied(self, s: AsyncSession, parsed: ParsedEmail, sender: str, never: bool,
+                       rows: list[Copy]) -> None:
         """``replied`` for the copies the reply proved to answer (its In-Reply-To/References name
-        the message, its sender was the copy's recipient, the message is the addressed user's)."""
+        the message, its sender was the copy's recipient, the message is the addressed user's),
+        with an inferred open before it when no human open came first (``human_sequence``)."""
         if not rows:
             return
         now = utcnow()
-        history = await ev.human_history(s, {r.id for r, _ in rows})
-        events = []
-        for r, user in rows:
-            key = f"reply:{parsed.message_id or id(parsed)}:{r.id}"
-            if (r.id, "opened") not in history:
-                events.append(dict(type="opened", at=now, message_pk=r.message_pk, recipient_pk=r.id, user=user,
-                                   classification="human", reason="inferred_from_reply", first=True,
-                                   inferred=True, dedupe_key=key + ":open"))
-            events.append(dict(type="replied", at=now, message_pk=r.message_pk, recipient_pk=r.id, user=user,
-                               classification="human", reason=None, first=(r.id, "replied") not in history,
-                               inferred=False, dedupe_key=key))
-        await ev.insert_idempotent(s, events)
-        if not never and not any(r.never_log for r, _ in rows):
+        history = await ev.human_history(s, {c.id for c in rows})
+        events: list[Event] = []
+        for c in rows:
+            events += human_sequence(Event(
+                type=EventType.REPLIED, at=now, message_pk=c.message_pk, recipient_pk=c.id, user=c.user,
+                classification=Classification.HUMAN,
+                dedupe_key=f"reply:{parsed.message_id or id(parsed)}:{c.id}"), history)
+        await ev.write_events(s, events)
+        if not never and not any(c.never_log for c in rows):
             await q.touch_contacts(s, {sender: {"last_engagement_at": now}})
 
     async def _bounced(self, s: AsyncSession, bounce: bounces.Bounce, users: list[User], raw: bytes) -> None:
@@ -309,43 +290,45 @@ class InboundHandler(SessionTracking):
             log.info("inbound bounce (%s) names no failed recipient: nothing recorded", bounce.format)
             return
         ref_ids = reference.verified(self.keyring, bounce.refs) if self.keyring and bounce.refs else set()
-        by_ref = await self._copies(s, ref_ids, users)
-        by_id = await self._our_recipients(s, list(bounce.message_ids), None, users)
+        names = [u.name for u in users]
+        by_ref = await copies.copies_by_id(s, ref_ids, names)
+        by_id = await copies.copies_of_messages(s, list(bounce.message_ids), names)
         now = utcnow()
         notice = hashlib.sha256(raw).hexdigest()[:24]
-        events = []
+        events: list[Event] = []
+        failed: list[int] = []
         seen: set[int] = set()
         for f in bounce.failures:
             forms = set().union(*(mailaddr.variants(a) for a in f.addresses))
-            rows = [(r, u, "reference") for r, u in by_ref if r.address.lower() in forms] + \
-                   [(r, u, "message-id") for r, u in by_id if r.address.lower() in forms]
+            rows = [(c, "reference") for c in by_ref if c.address.lower() in forms] + \
+                   [(c, "message-id") for c in by_id if c.address.lower() in forms]
             if not rows and len(bounce.failures) == 1 and len(by_ref) == 1:
-                rows = [(by_ref[0][0], by_ref[0][1], "reference")]
+                rows = [(by_ref[0], "reference")]
             diagnostic = f.diagnostic or "no diagnostic"
-            for r, user, proof in rows:
-                if r.id in seen:
+            for c, proof in rows:
+                if c.id in seen:
                     continue
-                seen.add(r.id)
+                seen.add(c.id)
                 reason = f"{bounce.format}; status {f.status or 'unknown'}; proof {proof}; {diagnostic}"[:1000]
-                kind = "bounced" if f.permanent else "deferred"
-                events.append(dict(type=kind, at=now, message_pk=r.message_pk, recipient_pk=r.id, user=user,
-                                   classification=None, reason=reason, first=False, inferred=False,
-                                   dedupe_key=f"dsn:{r.id}" if f.permanent else f"dsn-delay:{r.id}:{notice}"))
+                events.append(Event(
+                    type=EventType.BOUNCED if f.permanent else EventType.DEFERRED, at=now, message_pk=c.message_pk,
+                    recipient_pk=c.id, user=c.user, reason=reason,
+                    dedupe_key=f"dsn:{c.id}" if f.permanent else f"dsn-delay:{c.id}:{notice}"))
                 if f.permanent:
-                    await s.execute(update(Recipient).where(Recipient.id == r.id).values(status="bounced")
-                                    .execution_options(synchronize_session=False))
-        await ev.insert_idempotent(s, events)
+                    failed.append(c.id)
+        await copies.mark_bounced(s, failed)
+        await ev.write_events(s, events)
         log.info("inbound bounce (%s): %d failures read, %d copies proven (%d by reference), %s",
                  bounce.format, len(bounce.failures), len(events), len(by_ref),
                  "recorded" if events else "no proof: nothing recorded")
 
 
-def _proof_for(user: str, replied_to, cited, by_ref) -> tuple[str, int | None]:
+def _proof_for(user: str, replied_to: list[Copy], cited: list[Copy], by_ref: list[Copy]) -> tuple[str, int | None]:
     """What ties an incoming email to this user's mail (``storage.inbound_proof``)."""
     for kind, rows in (("reply", replied_to), ("thread", cited), ("ref", by_ref)):
-        for r, owner in rows:
-            if owner == user:
-                return kind, r.message_pk
+        for c in rows:
+            if c.user == user:
+                return kind, c.message_pk
     return "none", None
 
 
