@@ -22,17 +22,19 @@ import socket
 import time
 import uuid
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import aiohttp
-from sqlalchemy import or_, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from storage import events as ev
-from storage.models import WebhookCursor, utcnow
+from storage import webhooks as store
+from storage.models import utcnow
 from core.aio import finish
 from core.bus import EventBus
 from core.config import Config, Webhook
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import async_sessionmaker
 
 log = logging.getLogger("trackrelay.webhooks")
 
@@ -82,48 +84,24 @@ class WebhookSender:
                 if pause and not self._stopping:
                     await self.bus.wait(pause)
 
-    async def _claim(self, hook: Webhook) -> WebhookCursor | None:
-        now = utcnow()
-        async with self.sessionmaker() as s:
-            async with s.begin():
-                if await s.get(WebhookCursor, hook.url) is None:
-                    # A new webhook starts with the events from now on, not the whole history.
-                    s.add(WebhookCursor(url=hook.url, cursor=str(await ev.latest_cursor(s, None)), attempts=0,
-                                        delivered=0, given_up=0))
-                    try:
-                        await s.flush()
-                    except IntegrityError:  # another worker created it first
-                        return None
-                res = await s.execute(
-                    update(WebhookCursor).where(WebhookCursor.url == hook.url,
-                                                or_(WebhookCursor.lease_until.is_(None),
-                                                    WebhookCursor.lease_until < now,
-                                                    WebhookCursor.lease_owner == self.owner))
-                    .values(lease_owner=self.owner, lease_until=now + timedelta(seconds=LEASE_SECONDS))
-                    .execution_options(synchronize_session=False))
-                if not res.rowcount:
-                    return None
-                return await s.get(WebhookCursor, hook.url, populate_existing=True)
-
     async def deliver_some(self, hook: Webhook, http: aiohttp.ClientSession) -> float:
         """Deliver what is due; returns how long to wait before the next look."""
-        state = await self._claim(hook)
+        state = await store.claim(self.sessionmaker, hook.url, self.owner, LEASE_SECONDS)
         if state is None:
             return LEASE_SECONDS / 2  # another worker has it
         now = utcnow()
         if state.next_attempt_at and state.next_attempt_at > now:
             return min((state.next_attempt_at - now).total_seconds(), 1.0)
-        cursor = ev.parse_cursor(state.cursor) or ev.Cursor()
-        async with self.sessionmaker() as s:
-            rows = await ev.list_after(s, None, cursor, BATCH)
+        cursor = state.cursor
+        rows = await store.events_after(self.sessionmaker, cursor, BATCH)
         wanted = set(hook.events)
         delivered = given_up = 0
         failing = None
-        for e, mid, rcpt in rows:
+        for e in rows:
             if wanted and e.type not in wanted:
                 cursor = ev.cursor_of(e)
                 continue
-            payload = dict(ev.event_json(e, mid, rcpt), user=e.user)
+            payload = dict(e.to_json(), user=e.user)
             outcome = await self._post(hook, http, json.dumps(payload, ensure_ascii=False).encode())
             if outcome == "ok":
                 delivered += 1
@@ -157,23 +135,16 @@ class WebhookSender:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             return type(e).__name__
 
-    async def _save(self, hook: Webhook, state: WebhookCursor, cursor: ev.Cursor, delivered: int,
+    async def _save(self, hook: Webhook, state: store.Claimed, cursor: ev.Cursor, delivered: int,
                     given_up: int, failing: str | None) -> None:
+        if not failing:
+            await store.release(self.sessionmaker, state, cursor, delivered, given_up)
+            return
         now = utcnow()
-        values: dict = {"cursor": str(cursor), "delivered": state.delivered + delivered,
-                        "given_up": state.given_up + given_up, "lease_until": None, "lease_owner": None}
-        if failing:
-            attempts = state.attempts + 1
-            delay = min(hook.retry_initial_seconds * 2 ** (attempts - 1), MAX_BACKOFF)
-            values.update(attempts=attempts, failing_since=state.failing_since or now,
-                          next_attempt_at=now + timedelta(seconds=delay))
-            if attempts in (1, 5) or attempts % 20 == 0:
-                log.warning("webhook %s failing (%s): attempt %d, retry in %.0f s", hook.url[:60], failing,
-                            attempts, delay)
-        else:
-            values.update(attempts=0, failing_since=None, next_attempt_at=None)
-        async with self.sessionmaker() as s:
-            async with s.begin():
-                await s.execute(update(WebhookCursor).where(WebhookCursor.url == hook.url).values(**values)
-                                .execution_options(synchronize_session=False))
-
+        attempts = state.attempts + 1
+        delay = min(hook.retry_initial_seconds * 2 ** (attempts - 1), MAX_BACKOFF)
+        await store.release(self.sessionmaker, state, cursor, delivered, given_up, failing=True, attempts=attempts,
+                            failing_since=state.failing_since or now, next_attempt_at=now + timedelta(seconds=delay))
+        if attempts in (1, 5) or attempts % 20 == 0:
+            log.warning("webhook %s failing (%s): attempt %d, retry in %.0f s", hook.url[:60], failing,
+                        attempts, delay)
