@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import email
-import hashlib
 import logging
 import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 from email import policy as email_policy
 from email.utils import getaddresses, parsedate_to_datetime
-
-from sqlalchemy import inspect as sa_inspect, select
-from sqlalchemy.orm import undefer
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from relay import autoreply, maillog
 from relay.policy import ContactFacts
 from storage import crm as q
-from storage.models import CrmJob, Deal, LoggedAttachment, LoggedEmail, Message, Recipient, utcnow
+from storage.models import utcnow
 from storage.engine import engine_of
 from storage.spool import Batcher
 from core.config import Config
@@ -35,6 +31,9 @@ from core.companies import normalise_domains
 from core.mailaddr import canonical
 from core.neverlog import normalise_entry
 from core.aio import finish
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 log = logging.getLogger("trackrelay.crm")
 
@@ -205,91 +204,55 @@ def parse_associations(value: str | None) -> list[tuple[str, int]]:
 
 # -- writing a logged email --------------------------------------------------------------------
 
+def email_to_log(config: Config, parsed: ParsedEmail, *, direction: str, user: str | None, message_pk: int | None,
+                 contact_emails: list[str], owner: str | None, log_associate: str | None = None,
+                 fallback_date: datetime | None = None, create_contacts: bool | None = None) -> q.EmailToLog:
+    """What logging ``parsed`` to these contacts stores: contacts created when ``crm.create_contacts``
+    allows (unless ``create_contacts`` is False); with ``X-Log-Associate`` the listed deals and
+    tickets, else each contact's most recent open ones; attachments as the config allows."""
+    stored, omitted = [], []
+    for filename, ctype, data in parsed.attachments:
+        if not config.crm.log_attachments:
+            omitted.append({"filename": filename, "size": len(data), "reason": "attachment logging is turned off"})
+        elif len(data) > config.crm.max_attachment_bytes:
+            omitted.append({"filename": filename, "size": len(data),
+                            "reason": f"larger than crm.max_attachment_bytes ({config.crm.max_attachment_bytes})"})
+        else:
+            stored.append((filename[:500], ctype[:200], data))
+    return q.EmailToLog(
+        direction=direction, message_pk=message_pk, user=user, message_id=parsed.message_id or "",
+        in_reply_to=parsed.in_reply_to, references=tuple(parsed.references), subject=parsed.subject[:2000],
+        from_=parsed.from_[:2000], to=parsed.to[:10000], cc=parsed.cc[:10000],
+        date=parsed.date or fallback_date or utcnow(), text=parsed.text, html=parsed.html,
+        contact_emails=tuple(dict.fromkeys(a.lower() for a in contact_emails)), owner=owner,
+        create_contacts=bool(config.crm.create_contacts and create_contacts is not False),
+        free_mail=free_mail_domains(config),
+        associate=tuple(parse_associations(log_associate)) or None,
+        attachments=tuple(stored), omitted_attachments=tuple(omitted))
+
+
 async def write_logged_email(session: AsyncSession, config: Config, parsed: ParsedEmail, *, direction: str,
                              user: str | None, message_pk: int | None, contact_emails: list[str],
                              owner: str | None, log_associate: str | None = None,
                              fallback_date: datetime | None = None,
-                             create_contacts: bool | None = None) -> LoggedEmail | None:
-    """Log one email to the records of these contacts (created when ``crm.create_contacts`` allows,
-    unless ``create_contacts`` is False). None: nobody to log to."""
-    contacts = []
-    create = config.crm.create_contacts and create_contacts is not False
-    wanted = list(dict.fromkeys(a.lower() for a in contact_emails))
-    # The existing contacts in one query; ensure_contact only for the others (it creates them).
-    existing = {c.email: c for c in await q.contacts_by_email(session, wanted)}
-    for addr in wanted:
-        c = existing.get(addr)
-        if c is not None:
-            if c.owner is None and owner:
-                c.owner = owner  # an existing owner is kept (as ensure_contact does)
-        else:
-            c = await q.ensure_contact(session, addr, owner, create, free_mail=free_mail_domains(config),
-                                       missing=True)
-        if c is not None:
-            contacts.append(c)
-    if not contacts:
-        return None
-    thread_key = await q.thread_key_for(session, parsed.message_id, parsed.in_reply_to, parsed.references)
-    logged = LoggedEmail(
-        direction=direction, message_pk=message_pk, user=user, message_id=parsed.message_id or "",
-        in_reply_to=parsed.in_reply_to, references=" ".join(parsed.references), thread_key=thread_key or "",
-        subject=parsed.subject[:2000], from_=parsed.from_[:2000], to=parsed.to[:10000], cc=parsed.cc[:10000],
-        date=parsed.date or fallback_date or utcnow(), text=parsed.text, html=parsed.html, pinned=False,
-        omitted_attachments=[], created_at=utcnow())
-    session.add(logged)
-    await session.flush()
-    await q.associate(session, logged.id, "contact", {c.id for c in contacts})
-    await q.associate(session, logged.id, "company", {c.company_pk for c in contacts if c.company_pk})
-    chosen = parse_associations(log_associate)
-    if chosen:
-        existing = {(d.kind, d.id) for d in (await session.scalars(
-            select(Deal).where(Deal.id.in_([i for _, i in chosen])))).all()}
-        for kind in ("deal", "ticket"):
-            await q.associate(session, logged.id, kind, {i for k, i in chosen if (k, i) in existing and k == kind})
-    else:
-        deals: set[tuple[str, int]] = set()
-        with_deals = await q.contacts_with_deals(session, [c.id for c in contacts])  # most have none
-        for c in contacts:
-            if c.id in with_deals:
-                deals |= {(d.kind, d.id) for d in await q.recent_open_deals(session, c.id)}
-        for kind in ("deal", "ticket"):
-            await q.associate(session, logged.id, kind, {i for k, i in deals if k == kind})
-    omitted = []
-    for filename, ctype, data in parsed.attachments:
-        if not config.crm.log_attachments:
-            omitted.append({"filename": filename, "size": len(data), "reason": "attachment logging is turned off"})
-            continue
-        if len(data) > config.crm.max_attachment_bytes:
-            omitted.append({"filename": filename, "size": len(data),
-                            "reason": f"larger than crm.max_attachment_bytes ({config.crm.max_attachment_bytes})"})
-            continue
-        apk = await q.store_attachment(session, hashlib.sha256(data).hexdigest(), data)
-        session.add(LoggedAttachment(logged_pk=logged.id, attachment_pk=apk, filename=filename[:500],
-                                     content_type=ctype[:200]))
-    logged.omitted_attachments = omitted
-    await session.flush()
-    return logged
+                             create_contacts: bool | None = None) -> q.Logged | None:
+    """Log one email to the records of these contacts (``email_to_log``), in the session's
+    transaction. None: nobody to log to."""
+    return await q.log_email(session, email_to_log(
+        config, parsed, direction=direction, user=user, message_pk=message_pk, contact_emails=contact_emails,
+        owner=owner, log_associate=log_associate, fallback_date=fallback_date, create_contacts=create_contacts))
 
 
-async def log_outgoing(session: AsyncSession, config: Config, message_pk: int) -> LoggedEmail | None:
-    msg = (await session.scalars(select(Message).where(Message.id == message_pk)
-                                 .options(undefer(Message.raw)))).first()
-    if msg is None:
+def outgoing_email(config: Config, job: q.LogJob) -> q.EmailToLog | None:
+    """What a CRM job logs: the spooled message to its recipients to log (None: nothing, e.g. the
+    message is gone or already purged)."""
+    if job.raw is None or not job.addresses:
         return None
-    if "raw" in sa_inspect(msg).unloaded:  # already in the session without it
-        await session.refresh(msg, ["raw"])
-    if msg.raw is None:
-        return None
-    rcpts = (await session.scalars(select(Recipient).where(Recipient.message_pk == message_pk,
-                                                           Recipient.log.is_(True)))).all()
-    emails = [r.address.lower() for r in rcpts]
-    if not emails:
-        return None
-    parsed = parse_email(msg.raw)
-    parsed.message_id = parsed.message_id or msg.message_id
-    return await write_logged_email(session, config, parsed, direction="outgoing", user=msg.user,
-                                    message_pk=msg.id, contact_emails=emails, owner=msg.user,
-                                    log_associate=msg.log_associate, fallback_date=msg.accepted_at)
+    parsed = parse_email(job.raw)
+    parsed.message_id = parsed.message_id or job.message_id
+    return email_to_log(config, parsed, direction="outgoing", user=job.user, message_pk=job.message_pk,
+                        contact_emails=[a.lower() for a in job.addresses], owner=job.user,
+                        log_associate=job.log_associate, fallback_date=job.accepted_at)
 
 
 class CrmLogger:
@@ -336,38 +299,23 @@ class CrmLogger:
 
     async def process_one(self) -> bool:
         """Log one pending job; False when there is none."""
-        async with self.sessionmaker() as session:
-            job_id = message_pk = None
-            try:
-                async with session.begin():
-                    job = (await session.scalars(
-                        select(CrmJob).where(CrmJob.state == "pending").order_by(CrmJob.id).limit(1)
-                        .with_for_update(skip_locked=True))).first()
-                    if job is None:
-                        return False
-                    job_id, message_pk = job.id, job.message_pk
-                    logged = await log_outgoing(session, self.config, message_pk)
-                    logged_id = None
-                    if logged is not None:
-                        self.logged += 1
-                        await session.flush()
-                        logged_id = logged.id
-                    job.state = "done"
-                if logged_id is not None:
-                    maillog.log.info("queue_id=%d status=crm_logged logged_email=%d", message_pk, logged_id)
-                return True
-            except asyncio.CancelledError:
+        engine = engine_of(self.sessionmaker)
+        job_id = message_pk = None
+        try:
+            async with q.next_job(engine) as job:
+                if job is None:
+                    return False
+                job_id, message_pk = job.id, job.message_pk
+                logged = await q.finish_job(job, outgoing_email(self.config, job))
+            if logged is not None:
+                self.logged += 1
+                maillog.log.info("queue_id=%d status=crm_logged logged_email=%d", message_pk, logged.id)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if job_id is None:
                 raise
-            except Exception as exc:
-                if job_id is None:
-                    raise
-                log.error("CRM job %s (queue_id=%s) failed: %s", job_id, message_pk, maillog.error(exc))
-        async with self.sessionmaker() as session:
-            async with session.begin():
-                job = await session.get(CrmJob, job_id)
-                if job is not None:
-                    job.attempts += 1
-                    job.last_error = "logging failed"
-                    if job.attempts >= MAX_JOB_ATTEMPTS:
-                        job.state = "failed"
+            log.error("CRM job %s (queue_id=%s) failed: %s", job_id, message_pk, maillog.error(exc))
+        await q.job_failed(engine, job_id, MAX_JOB_ATTEMPTS)
         return True

@@ -3,18 +3,22 @@ and the GDPR erase. Each function takes the session first; the caller owns the t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import hashlib
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import AsyncIterator
 
-from sqlalchemy import and_, bindparam, case, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import undefer
 
 from storage import direct
 from storage.engine import connection_of
-from storage.models import (Attachment, Company, Contact, Deal, DealContact, Event, LoggedAssociation,
-                            LoggedAttachment, LoggedEmail, NeverLog, Recipient, UTCDateTime, utcnow)
+from storage.models import (Attachment, Company, Contact, CrmJob, Deal, DealContact, Event, LoggedAssociation,
+                            LoggedAttachment, LoggedEmail, Message, NeverLog, Recipient, UTCDateTime, utcnow)
 from core import companies
 from core.idn import to_unicode
 from core.mailaddr import is_system
@@ -51,79 +55,67 @@ async def get_contact(session: AsyncSession, email: str) -> Contact | None:
     return (await session.scalars(select(Contact).where(Contact.email == email.lower()))).first()
 
 
-def _insert_ignoring_duplicates(session: AsyncSession, model, values: dict):
+def _insert_ignoring(dialect_name: str, model, values: dict):
     """INSERT … ON CONFLICT DO NOTHING: another process (the CRM logger, the inbound listener, a
     second worker) may create the same contact or company at the same moment."""
-    ins = postgresql.insert(model) if session.bind.dialect.name == "postgresql" else sqlite.insert(model)
-    return session.execute(ins.values(**values).on_conflict_do_nothing())
+    ins = postgresql.insert(model) if dialect_name == "postgresql" else sqlite.insert(model)
+    return ins.values(**values).on_conflict_do_nothing()
 
 
-async def company_for(session: AsyncSession, domain: str,
-                      free_mail: frozenset[str] = frozenset()) -> Company | None:
+_COMPANY_ID = select(Company.id).where(Company.domain == bindparam("domain"))
+_CONTACT_ROW = select(Contact.id, Contact.company_pk).where(Contact.email == bindparam("email"))
+
+
+async def _company_pk(conn: AsyncConnection, domain: str, free_mail: frozenset[str]) -> int | None:
     """The company of an address at ``domain``: one per registrable domain (``eu.acme.com`` is
     ``acme.com``), IDNA-normalised; none for free mail (the shipped list and ``free_mail``)."""
     key = companies.company_domain(domain, free_mail)
     if key is None:
         return None
-    company = (await session.scalars(select(Company).where(Company.domain == key))).first()
-    if company is None:
-        await _insert_ignoring_duplicates(session, Company, {"domain": key, "name": to_unicode(key)})
-        company = (await session.scalars(select(Company).where(Company.domain == key))).one()
-    return company
+    pk = (await conn.execute(_COMPANY_ID, {"domain": key})).scalar()
+    if pk is None:
+        await conn.execute(_insert_ignoring(conn.dialect.name, Company, {"domain": key, "name": to_unicode(key)}))
+        pk = (await conn.execute(_COMPANY_ID, {"domain": key})).scalar_one()
+    return pk
+
+
+def may_create_contact(email: str, create: bool) -> bool:
+    """A contact is created only when allowed, never for a bounce sender (``MAILER-DAEMON@…``,
+    ``postmaster@…``) or no address."""
+    return create and not is_system(email) and "@" in email
+
+
+async def _create_contact(conn: AsyncConnection, email: str, owner: str | None, free_mail: frozenset[str],
+                          now: datetime | None = None) -> tuple[int, int | None]:
+    """A new contact (owner, marketing false, company by registrable domain), or the one another
+    process created at the same moment: its (id, company_pk)."""
+    company = await _company_pk(conn, email.rpartition("@")[2], free_mail)
+    await conn.execute(_insert_ignoring(conn.dialect.name, Contact, {
+        "email": email, "owner": owner, "marketing": False, "do_not_track": False, "company_pk": company,
+        "created_at": now or utcnow()}))
+    return tuple((await conn.execute(_CONTACT_ROW, {"email": email})).one())
 
 
 async def ensure_contact(session: AsyncSession, email: str, owner: str | None, create: bool,
-                         free_mail: frozenset[str] = frozenset(), missing: bool = False) -> Contact | None:
+                         free_mail: frozenset[str] = frozenset()) -> Contact | None:
     """The contact for ``email``; created (owner, marketing false, company by registrable domain)
-    when allowed — never for a bounce sender (``MAILER-DAEMON@…``, ``postmaster@…``) or no address.
-    ``missing``: the caller has just looked and found none (``contacts_by_email``)."""
+    when allowed (``may_create_contact``). An existing owner is kept."""
     email = email.lower()
-    contact = None if missing else await get_contact(session, email)
+    contact = await get_contact(session, email)
     if contact is not None:
         if contact.owner is None and owner:
             contact.owner = owner  # an existing owner is kept
         return contact
-    if not create or is_system(email) or "@" not in email:
+    if not may_create_contact(email, create):
         return None
-    company = await company_for(session, email.rpartition("@")[2], free_mail)
-    await _insert_ignoring_duplicates(session, Contact, {
-        "email": email, "owner": owner, "marketing": False, "do_not_track": False,
-        "company_pk": company.id if company else None, "created_at": utcnow()})
+    await _create_contact(await session.connection(), email, owner, free_mail)
     return await get_contact(session, email)
-
-
-async def contacts_by_email(session: AsyncSession, emails: list[str]) -> list[Contact]:
-    """The existing contacts among these (lower-case) addresses, in one query."""
-    if not emails:
-        return []
-    return list((await session.scalars(select(Contact).where(Contact.email.in_(emails)))).all())
-
-
-async def contacts_with_deals(session: AsyncSession, contact_pks: list[int]) -> set[int]:
-    """Which of these contacts are linked to any deal or ticket (one query; the others need no
-    look-up of their open deals)."""
-    if not contact_pks:
-        return set()
-    return set((await session.scalars(select(DealContact.contact_pk).distinct()
-                                      .where(DealContact.contact_pk.in_(contact_pks)))).all())
 
 
 async def company_domain(session: AsyncSession, company_pk: int | None) -> str | None:
     if company_pk is None:
         return None
     return (await session.scalars(select(Company.domain).where(Company.id == company_pk))).first()
-
-
-async def recent_open_deals(session: AsyncSession, contact_pk: int, limit: int = 3) -> list[Deal]:
-    """A contact's most recent open deals and tickets (each kind counted on its own)."""
-    out: list[Deal] = []
-    for kind in ("deal", "ticket"):
-        rows = (await session.scalars(
-            select(Deal).join(DealContact, DealContact.deal_pk == Deal.id)
-            .where(DealContact.contact_pk == contact_pk, Deal.is_open.is_(True), Deal.kind == kind)
-            .order_by(Deal.updated_at.desc(), Deal.id.desc()).limit(limit))).all()
-        out += rows
-    return out
 
 
 _DATE_COLUMNS = ("last_open_at", "last_click_at", "last_engagement_at")
@@ -213,35 +205,369 @@ async def never_log_remove(session: AsyncSession, scope: str, user: str, entries
     return res.rowcount or 0
 
 
-# -- logged emails ----------------------------------------------------------------------------
+# -- logging an email -------------------------------------------------------------------------
 
-async def store_attachment(session: AsyncSession, sha256: str, data: bytes) -> int:
-    existing = (await session.scalars(select(Attachment.id).where(Attachment.sha256 == sha256))).first()
-    if existing is not None:
-        return existing
-    a = Attachment(sha256=sha256, size=len(data), data=data)
-    session.add(a)
-    await session.flush()
-    return a.id
+@dataclass(frozen=True)
+class EmailToLog:
+    """One email to log, as ``relay.crm`` decided it: its stored fields (already cut to the
+    columns' sizes), whose records it goes to, and what it is associated with."""
+
+    direction: str  # outgoing | incoming
+    message_pk: int | None
+    user: str | None
+    message_id: str
+    in_reply_to: str | None
+    references: tuple[str, ...]
+    subject: str
+    from_: str
+    to: str
+    cc: str
+    date: datetime
+    text: str | None
+    html: str | None
+    #: The contacts' addresses, lower-cased, without repeats, in order.
+    contact_emails: tuple[str, ...]
+    #: The owner of contacts created for it, and of existing ones that have none.
+    owner: str | None
+    #: Whether missing contacts are created (``may_create_contact`` decides for each).
+    create_contacts: bool
+    free_mail: frozenset[str] = frozenset()
+    #: ``X-Log-Associate``'s (kind, id) pairs (those that exist are used); None: each contact's
+    #: ``RECENT_OPEN_DEALS`` most recent open deals and tickets.
+    associate: tuple[tuple[str, int], ...] | None = None
+    #: The attachments stored: (filename, content type, bytes), cut to the columns' sizes.
+    attachments: tuple[tuple[str, str, bytes], ...] = ()
+    #: The attachments left out, and why (``logged_emails.omitted_attachments``).
+    omitted_attachments: tuple[dict, ...] = ()
 
 
-async def thread_key_for(session: AsyncSession, message_id: str, in_reply_to: str | None,
-                         references: list[str]) -> str:
+@dataclass(frozen=True)
+class Logged:
+    """A logged email: its id (``logged_emails.id``)."""
+
+    id: int
+
+
+#: How many open deals and how many open tickets of each contact a logged email is associated with.
+RECENT_OPEN_DEALS = 3
+
+
+def thread_parents(email: EmailToLog) -> list[str]:
+    """The Message-IDs whose logged email gives this one its thread, nearest first."""
+    return [p for p in ([email.in_reply_to] if email.in_reply_to else []) + list(reversed(email.references)) if p]
+
+
+def thread_root(email: EmailToLog, parents_thread: str | None) -> str:
     """The root Message-ID of the thread: a logged parent's thread, else References' first."""
-    parents = [p for p in ([in_reply_to] if in_reply_to else []) + list(reversed(references)) if p]
+    parents = thread_parents(email)
+    if not parents:
+        return email.message_id
+    return parents_thread or (email.references[0] if email.references else parents[0])
+
+
+def _logged_values(email: EmailToLog, thread: str, created_at: datetime) -> dict:
+    """The logged_emails row, by column name (``_LOGGED_COLUMNS``)."""
+    return {"direction": email.direction, "message_pk": email.message_pk, "user": email.user,
+            "message_id": email.message_id, "in_reply_to": email.in_reply_to,
+            "references": " ".join(email.references), "thread_key": thread, "subject": email.subject,
+            "from_addr": email.from_, "to_addr": email.to, "cc_addr": email.cc, "date": email.date, "text": email.text,
+            "html": email.html, "pinned": False, "omitted_attachments": list(email.omitted_attachments),
+            "created_at": created_at}
+
+
+def _associations(contacts: list[tuple[int, int | None]], deals: set[tuple[str, int]]) -> list[tuple[str, int]]:
+    """(kind, target) rows of a logged email: its contacts, their companies, the deals and tickets."""
+    out = [("contact", pk) for pk in sorted({pk for pk, _ in contacts})]
+    out += [("company", pk) for pk in sorted({c for _, c in contacts if c})]
+    for kind in ("deal", "ticket"):
+        out += [(kind, i) for i in sorted({i for k, i in deals if k == kind})]
+    return out
+
+
+async def log_email(db: AsyncSession | AsyncConnection, email: EmailToLog) -> Logged | None:
+    """Log one email to the records of its contacts (created as ``email`` allows), with its
+    associations and attachments, in the caller's transaction. None: nobody to log to.
+
+    On SQLite this is one plain function on the driver's thread (one trip); elsewhere SQLAlchemy
+    Core statements, the rows of each table in one executemany."""
+    if isinstance(db, AsyncSession):
+        await db.flush()  # the session's pending objects first: the rows below bypass it
+    conn = await connection_of(db)
+    if direct.usable(conn):
+        pk = await direct.run(conn, _log_email_sqlite, email, utcnow())
+    else:
+        pk = await _log_email_core(conn, email, utcnow())
+    return None if pk is None else Logged(pk)
+
+
+_CONTACTS_BY_EMAIL = (select(Contact.email, Contact.id, Contact.owner, Contact.company_pk)
+                      .where(Contact.email.in_(bindparam("emails", expanding=True))))
+_SET_OWNER = (update(Contact).where(Contact.id == bindparam("contact"), Contact.owner.is_(None))
+              .values(owner=bindparam("new_owner")).execution_options(synchronize_session=False))
+_PARENTS_THREAD = (select(LoggedEmail.thread_key)
+                   .where(LoggedEmail.message_id.in_(bindparam("parents", expanding=True))).limit(1))
+_DEALS_BY_ID = select(Deal.kind, Deal.id).where(Deal.id.in_(bindparam("ids", expanding=True)))
+_CONTACTS_WITH_DEALS = (select(DealContact.contact_pk).distinct()
+                        .where(DealContact.contact_pk.in_(bindparam("pks", expanding=True))))
+_RECENT_OPEN = (select(Deal.kind, Deal.id).join(DealContact, DealContact.deal_pk == Deal.id)
+                .where(DealContact.contact_pk == bindparam("contact"), Deal.is_open.is_(True),
+                       Deal.kind == bindparam("kind"))
+                .order_by(Deal.updated_at.desc(), Deal.id.desc()).limit(RECENT_OPEN_DEALS))
+_ATTACHMENT_ID = select(Attachment.id).where(Attachment.sha256 == bindparam("sha256"))
+
+
+async def _log_email_core(conn: AsyncConnection, email: EmailToLog, now: datetime) -> int | None:
+    wanted = list(email.contact_emails)
+    existing = {e: (pk, owner, company) for e, pk, owner, company in
+                (await conn.execute(_CONTACTS_BY_EMAIL, {"emails": wanted})).all()} if wanted else {}
+    contacts: list[tuple[int, int | None]] = []
+    owners = []
+    for addr in wanted:
+        found = existing.get(addr)
+        if found is not None:
+            pk, owner, company = found
+            if owner is None and email.owner:
+                owners.append({"contact": pk, "new_owner": email.owner})  # an existing owner is kept
+            contacts.append((pk, company))
+        elif may_create_contact(addr, email.create_contacts):
+            contacts.append(await _create_contact(conn, addr, email.owner, email.free_mail, now))
+    if not contacts:
+        return None
+    if owners:
+        await conn.execute(_SET_OWNER, owners)
+    parents = thread_parents(email)
+    found_thread = (await conn.execute(_PARENTS_THREAD, {"parents": parents})).scalar() if parents else None
+    logged = (await conn.execute(insert(LoggedEmail).values(_logged_values(
+        email, thread_root(email, found_thread), now)))).inserted_primary_key[0]
+    deals: set[tuple[str, int]] = set()
+    if email.associate is not None:
+        ids = [i for _, i in email.associate]
+        known = {tuple(r) for r in (await conn.execute(_DEALS_BY_ID, {"ids": ids})).all()} if ids else set()
+        deals = {pair for pair in email.associate if pair in known}
+    else:
+        pks = [pk for pk, _ in contacts]
+        with_deals = set((await conn.execute(_CONTACTS_WITH_DEALS, {"pks": pks})).scalars())  # most have none
+        for pk in pks:
+            if pk in with_deals:
+                for kind in ("deal", "ticket"):
+                    deals |= {tuple(r) for r in (await conn.execute(_RECENT_OPEN, {"contact": pk, "kind": kind}))}
+    await conn.execute(insert(LoggedAssociation), [{"logged_pk": logged, "kind": kind, "target_pk": t}
+                                                   for kind, t in _associations(contacts, deals)])
+    stored = []
+    for filename, ctype, data in email.attachments:
+        sha = hashlib.sha256(data).hexdigest()
+        apk = (await conn.execute(_ATTACHMENT_ID, {"sha256": sha})).scalar()
+        if apk is None:
+            apk = (await conn.execute(insert(Attachment).values(sha256=sha, size=len(data), data=data))
+                   ).inserted_primary_key[0]
+        stored.append({"logged_pk": logged, "attachment_pk": apk, "filename": filename, "content_type": ctype})
+    if stored:
+        await conn.execute(insert(LoggedAttachment), stored)
+    return logged
+
+
+# The same on SQLite's thread: each statement is the SQL SQLAlchemy compiles for the one above,
+# the values bound as it binds them (tests/test_crm_storage.py compares the stored rows).
+_SQL_CONTACTS_BY_EMAIL = "SELECT email, id, owner, company_pk FROM contacts WHERE email IN ({in})"
+_SQL_SET_OWNER = "UPDATE contacts SET owner = ? WHERE id = ? AND owner IS NULL"
+_SQL_COMPANY_ID = "SELECT id FROM companies WHERE domain = ?"
+_SQL_INSERT_COMPANY = "INSERT INTO companies (domain, name) VALUES (?, ?) ON CONFLICT DO NOTHING"
+_SQL_INSERT_CONTACT = ("INSERT INTO contacts (email, owner, marketing, do_not_track, company_pk, created_at) "
+                       "VALUES (?, ?, 0, 0, ?, ?) ON CONFLICT DO NOTHING")
+_SQL_CONTACT_ROW = "SELECT id, company_pk FROM contacts WHERE email = ?"
+_SQL_PARENTS_THREAD = "SELECT thread_key FROM logged_emails WHERE message_id IN ({in}) LIMIT 1"
+_LOGGED_COLUMNS = ("direction", "message_pk", "user", "message_id", "in_reply_to", "references", "thread_key",
+                   "subject", "from_addr", "to_addr", "cc_addr", "date", "text", "html", "pinned",
+                   "omitted_attachments", "created_at")
+_SQL_INSERT_LOGGED = direct.insert_sql("logged_emails", _LOGGED_COLUMNS)
+_SQL_DEALS_BY_ID = "SELECT kind, id FROM deals WHERE id IN ({in})"
+_SQL_CONTACTS_WITH_DEALS = "SELECT DISTINCT contact_pk FROM deal_contacts WHERE contact_pk IN ({in})"
+_SQL_RECENT_OPEN = ("SELECT deals.kind, deals.id FROM deals JOIN deal_contacts ON deal_contacts.deal_pk = deals.id "
+                    "WHERE deal_contacts.contact_pk = ? AND deals.is_open IS 1 AND deals.kind = ? "
+                    "ORDER BY deals.updated_at DESC, deals.id DESC LIMIT ?")
+_SQL_INSERT_ASSOCIATION = direct.insert_sql("logged_associations", ("logged_pk", "kind", "target_pk"))
+_SQL_ATTACHMENT_ID = "SELECT id FROM attachments WHERE sha256 = ?"
+_SQL_INSERT_ATTACHMENT = direct.insert_sql("attachments", ("sha256", "size", "data"))
+_SQL_INSERT_LOGGED_ATTACHMENT = direct.insert_sql("logged_attachments",
+                                                  ("logged_pk", "attachment_pk", "filename", "content_type"))
+
+
+def _log_email_sqlite(db: direct.Db, email: EmailToLog, now: datetime) -> int | None:
+    wanted = list(email.contact_emails)
+    existing = {e: (pk, owner, company) for e, pk, owner, company in
+                direct.select_in(db, _SQL_CONTACTS_BY_EMAIL, wanted)}
+    contacts: list[tuple[int, int | None]] = []
+    owners = []
+    for addr in wanted:
+        found = existing.get(addr)
+        if found is not None:
+            pk, owner, company = found
+            if owner is None and email.owner:
+                owners.append((email.owner, pk))
+            contacts.append((pk, company))
+        elif may_create_contact(addr, email.create_contacts):
+            contacts.append(_create_contact_sqlite(db, addr, email.owner, email.free_mail, now))
+    if not contacts:
+        return None
+    if owners:
+        db.executemany(_SQL_SET_OWNER, owners)
+    parents = thread_parents(email)
+    found_thread = None
     if parents:
-        found = (await session.scalars(select(LoggedEmail.thread_key)
-                                       .where(LoggedEmail.message_id.in_(parents)).limit(1))).first()
-        if found:
-            return found
-        return references[0] if references else parents[0]
-    return message_id
+        row = db.execute(_SQL_PARENTS_THREAD.format(**{"in": direct.in_list(len(parents))}), parents).fetchone()
+        found_thread = row[0] if row else None
+    values = _logged_values(email, thread_root(email, found_thread), now)
+    values.update(date=direct.sqlite_time(email.date), created_at=direct.sqlite_time(now), pinned=0,
+                  omitted_attachments=direct.json_text(values["omitted_attachments"]))
+    logged = db.execute(_SQL_INSERT_LOGGED, [values[c] for c in _LOGGED_COLUMNS]).lastrowid
+    deals: set[tuple[str, int]] = set()
+    if email.associate is not None:
+        known = set(direct.select_in(db, _SQL_DEALS_BY_ID, [i for _, i in email.associate]))
+        deals = {pair for pair in email.associate if pair in known}
+    else:
+        pks = [pk for pk, _ in contacts]
+        with_deals = {pk for (pk,) in direct.select_in(db, _SQL_CONTACTS_WITH_DEALS, pks)}
+        for pk in pks:
+            if pk in with_deals:
+                for kind in ("deal", "ticket"):
+                    deals |= set(db.execute(_SQL_RECENT_OPEN, (pk, kind, RECENT_OPEN_DEALS)).fetchall())
+    db.executemany(_SQL_INSERT_ASSOCIATION, [(logged, kind, t) for kind, t in _associations(contacts, deals)])
+    stored = []
+    for filename, ctype, data in email.attachments:
+        sha = hashlib.sha256(data).hexdigest()
+        row = db.execute(_SQL_ATTACHMENT_ID, (sha,)).fetchone()
+        apk = row[0] if row else db.execute(_SQL_INSERT_ATTACHMENT, (sha, len(data), data)).lastrowid
+        stored.append((logged, apk, filename, ctype))
+    if stored:
+        db.executemany(_SQL_INSERT_LOGGED_ATTACHMENT, stored)
+    return logged
 
 
-async def associate(session: AsyncSession, logged_pk: int, kind: str, target_pks: set[int]) -> None:
-    for t in sorted(target_pks):
-        session.add(LoggedAssociation(logged_pk=logged_pk, kind=kind, target_pk=t))
+def _create_contact_sqlite(db: direct.Db, email: str, owner: str | None, free_mail: frozenset[str],
+                           now: datetime) -> tuple[int, int | None]:
+    key = companies.company_domain(email.rpartition("@")[2], free_mail)
+    company = None
+    if key is not None:
+        row = db.execute(_SQL_COMPANY_ID, (key,)).fetchone()
+        if row is None:
+            db.execute(_SQL_INSERT_COMPANY, (key, to_unicode(key)))
+            row = db.execute(_SQL_COMPANY_ID, (key,)).fetchone()
+        company = row[0]
+    db.execute(_SQL_INSERT_CONTACT, (email, owner, company, direct.sqlite_time(now)))
+    return tuple(db.execute(_SQL_CONTACT_ROW, (email,)).fetchone())
 
+
+# -- the CRM jobs -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LogJob:
+    """A pending CRM job (one per logged message, committed with it) and what its message holds
+    for logging: None where the message is gone; ``addresses`` are its recipients to log."""
+
+    id: int
+    message_pk: int
+    message_id: str | None = None
+    user: str | None = None
+    raw: bytes | None = None
+    log_associate: str | None = None
+    accepted_at: datetime | None = None
+    addresses: tuple[str, ...] = ()
+    #: Where ``finish_job`` writes: the claiming transaction's connection, or (SQLite) the engine.
+    _db: AsyncConnection | AsyncEngine | None = field(default=None, repr=False, compare=False)
+
+
+@asynccontextmanager
+async def next_job(engine: AsyncEngine) -> AsyncIterator[LogJob | None]:
+    """The oldest pending CRM job, claimed for the block (None: there is none); ``finish_job``
+    ends it and commits, and a block left without it (an exception) leaves the job pending.
+
+    On PostgreSQL the claim is the job's row locked in a transaction until ``finish_job``'s commit
+    (other workers skip it); on SQLite the job is read in one trip and the connection is free again
+    at once (its one writer is never held while the message is parsed), and ``finish_job`` ends
+    the job only if it is still pending."""
+    if direct.usable(engine):
+        async with engine.connect() as conn:
+            job = await direct.run(conn, _next_job_sqlite)
+        yield None if job is None else dataclasses.replace(job, _db=engine)
+        return
+    async with engine.connect() as conn:
+        await conn.begin()
+        try:
+            yield await _next_job_core(conn)
+        finally:
+            if conn.in_transaction():
+                await conn.rollback()
+
+
+async def finish_job(job: LogJob, email: EmailToLog | None) -> Logged | None:
+    """Log ``email`` (None: nothing to log) and mark the job done, and commit (on SQLite in one
+    trip to the driver's thread)."""
+    if isinstance(job._db, AsyncEngine):
+        pk = await direct.transaction(job._db, _finish_job_sqlite, job.id, email, utcnow())
+        return None if pk is None else Logged(pk)
+    logged = None if email is None else await log_email(job._db, email)
+    await job._db.execute(_JOB_DONE, {"job": job.id})
+    await job._db.commit()
+    return logged
+
+
+async def job_failed(engine: AsyncEngine, job_id: int, max_attempts: int) -> None:
+    """One more failed attempt of the job; at ``max_attempts`` it is given up (state failed)."""
+    async with engine.begin() as conn:
+        await conn.execute(_JOB_FAILED, {"job": job_id, "max": max_attempts})
+
+
+_NEXT_JOB = (select(CrmJob.id, CrmJob.message_pk).where(CrmJob.state == "pending").order_by(CrmJob.id).limit(1)
+             .with_for_update(skip_locked=True))
+_MESSAGE_TO_LOG = (select(Message.message_id, Message.user, Message.raw, Message.log_associate, Message.accepted_at)
+                   .where(Message.id == bindparam("pk")))
+_ADDRESSES_TO_LOG = (select(Recipient.address).where(Recipient.message_pk == bindparam("pk"), Recipient.log.is_(True))
+                     .order_by(Recipient.id))
+_JOB_DONE = update(CrmJob).where(CrmJob.id == bindparam("job")).values(state="done")
+_JOB_FAILED = update(CrmJob).where(CrmJob.id == bindparam("job")).values(
+    attempts=CrmJob.attempts + 1, last_error="logging failed",
+    state=case((CrmJob.attempts + 1 >= bindparam("max"), "failed"), else_=CrmJob.state))
+
+
+async def _next_job_core(conn: AsyncConnection) -> LogJob | None:
+    row = (await conn.execute(_NEXT_JOB)).first()
+    if row is None:
+        return None
+    job_id, message_pk = row
+    msg = (await conn.execute(_MESSAGE_TO_LOG, {"pk": message_pk})).first()
+    if msg is None:
+        return LogJob(job_id, message_pk, _db=conn)
+    addresses = () if msg.raw is None else \
+        tuple((await conn.execute(_ADDRESSES_TO_LOG, {"pk": message_pk})).scalars())
+    return LogJob(job_id, message_pk, *msg, addresses=addresses, _db=conn)
+
+
+_SQL_NEXT_JOB = "SELECT id, message_pk FROM crm_jobs WHERE state = 'pending' ORDER BY id LIMIT 1"
+_SQL_MESSAGE_TO_LOG = 'SELECT message_id, "user", raw, log_associate, accepted_at FROM messages WHERE id = ?'
+_SQL_ADDRESSES_TO_LOG = "SELECT address FROM recipients WHERE message_pk = ? AND log IS 1 ORDER BY id"
+_SQL_JOB_DONE = "UPDATE crm_jobs SET state = 'done' WHERE id = ? AND state = 'pending'"
+
+
+def _next_job_sqlite(db: direct.Db) -> LogJob | None:
+    row = db.execute(_SQL_NEXT_JOB).fetchone()
+    if row is None:
+        return None
+    job_id, message_pk = row
+    msg = db.execute(_SQL_MESSAGE_TO_LOG, (message_pk,)).fetchone()
+    if msg is None:
+        return LogJob(job_id, message_pk)
+    message_id, user, raw, log_associate, accepted_at = msg
+    addresses = () if raw is None else \
+        tuple(a for (a,) in db.execute(_SQL_ADDRESSES_TO_LOG, (message_pk,)).fetchall())
+    return LogJob(job_id, message_pk, message_id, user, raw, log_associate, direct.parse_time(accepted_at),
+                  addresses)
+
+
+def _finish_job_sqlite(db: direct.Db, job_id: int, email: EmailToLog | None, now: datetime) -> int | None:
+    if db.execute(_SQL_JOB_DONE, (job_id,)).rowcount == 0:
+        return None  # another process has ended it meanwhile
+    return None if email is None else _log_email_sqlite(db, email, now)
+# -- logged emails ----------------------------------------------------------------------------
 
 async def timeline(session: AsyncSession, contact_pk: int) -> list[LoggedEmail]:
     return list((await session.scalars(
