@@ -44,7 +44,7 @@ from relay import autoreply, bounces
 from relay import message as m
 from relay import policy, reference, replies
 from relay.crm import ParsedEmail, addresses, parse_email, write_logged_email
-from relay.smtp import CALL_LIMITS, RelaySMTP, SessionTracking
+from relay.protocol import SessionTracking, protocol_factory
 from storage import crm as q
 from storage import events as ev
 from storage import inbound as copies
@@ -335,12 +335,7 @@ def _proof_for(user: str, replied_to: list[Copy], cited: list[Copy], by_ref: lis
 async def start_inbound(config: Config, handler: InboundHandler) -> asyncio.base_events.Server:
     host, port = parse_hostport(config.relay.inbound_listen or "")
 
-    def factory() -> RelaySMTP:
-        proto = RelaySMTP(handler, hostname=config.relay.hostname, ident="trackrelay", decode_data=False,
-                          data_size_limit=config.relay.max_message_bytes, enable_SMTPUTF8=True,
-                          timeout=300, auth_required=False, command_call_limit=CALL_LIMITS)
-        proto.line_length_limit = INBOUND_LINE_LIMIT
-        handler.sessions.add(proto)
-        return proto
-
+    factory = protocol_factory(handler, hostname=config.relay.hostname,
+                               data_size_limit=config.relay.max_message_bytes, auth_required=False,
+                               line_length_limit=INBOUND_LINE_LIMIT)
     return await asyncio.get_running_loop().create_server(factory, host, port)
