@@ -21,18 +21,22 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import and_, exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.events import Classification, EventType
 from storage.models import Event, Message, Recipient
+
+HUMAN = Classification.HUMAN
+OPENED, CLICKED, REPLIED = EventType.OPENED, EventType.CLICKED, EventType.REPLIED
 
 FOLLOW_UP_OPENS = 3
 FOLLOW_UP_UNOPENED_DAYS = 3
 
 
-def _human(kind: str):
-    return exists().where(Event.recipient_pk == Recipient.id, Event.type == kind, Event.classification == "human")
+def _human(kind: EventType):
+    return exists().where(Event.recipient_pk == Recipient.id, Event.type == kind, Event.classification == HUMAN)
 
 
 def _replied():
-    return exists().where(Event.recipient_pk == Recipient.id, Event.type == "replied")
+    return exists().where(Event.recipient_pk == Recipient.id, Event.type == REPLIED)
 
 
 @dataclass
@@ -88,7 +92,7 @@ async def _copies(session: AsyncSession, user: str | None, since: datetime):
         cond.append(Message.user == user)
     rows = await session.execute(
         select(Message.id, Message.accepted_at, Recipient.status, Recipient.track_opens, Recipient.track_clicks,
-               _human("opened"), _human("clicked"), _replied())
+               _human(OPENED), _human(CLICKED), _replied())
         .join(Recipient, Recipient.message_pk == Message.id).where(and_(*cond)))
     return rows.all()
 
@@ -129,20 +133,20 @@ async def activity(session: AsyncSession, user: str | None, now: datetime, tz: Z
                    days: int = 30) -> dict:
     """Human opens and clicks per local day (the last ``days``) and per (weekday, hour)."""
     since = now - timedelta(days=days)
-    cond = [Event.type.in_(("opened", "clicked")), Event.classification == "human", Event.at >= since]
+    cond = [Event.type.in_((OPENED, CLICKED)), Event.classification == HUMAN, Event.at >= since]
     if user is not None:
         cond.append(Event.user == user)
     rows = (await session.execute(select(Event.type, Event.at).where(and_(*cond)))).all()
     today = now.astimezone(tz).date()
     day_list = [today - timedelta(days=i) for i in range(days - 1, -1, -1)]
-    per_day = {d: {"opened": 0, "clicked": 0} for d in day_list}
+    per_day = {d: {OPENED: 0, CLICKED: 0} for d in day_list}
     week = [[0] * 24 for _ in range(7)]
     for kind, at in rows:
         at = (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).astimezone(tz)
         if at.date() in per_day:
             per_day[at.date()][kind] += 1
         week[at.weekday()][at.hour] += 1
-    return {"days": [(d, v["opened"], v["clicked"]) for d, v in per_day.items()], "week": week}
+    return {"days": [(d, v[OPENED], v[CLICKED]) for d, v in per_day.items()], "week": week}
 
 
 async def follow_ups(session: AsyncSession, user: str | None, now: datetime, limit: int = 20) -> list[dict]:
@@ -153,10 +157,10 @@ async def follow_ups(session: AsyncSession, user: str | None, now: datetime, lim
     if user is not None:
         cond.append(Message.user == user)
     opens = (select(Event.recipient_pk.label("rpk"), Event.type.label("type"))
-             .where(Event.classification == "human", Event.type.in_(("opened", "clicked"))).subquery())
+             .where(Event.classification == HUMAN, Event.type.in_((OPENED, CLICKED))).subquery())
     from sqlalchemy import func
-    n_open = select(func.count()).where(opens.c.rpk == Recipient.id, opens.c.type == "opened").scalar_subquery()
-    n_click = select(func.count()).where(opens.c.rpk == Recipient.id, opens.c.type == "clicked").scalar_subquery()
+    n_open = select(func.count()).where(opens.c.rpk == Recipient.id, opens.c.type == OPENED).scalar_subquery()
+    n_click = select(func.count()).where(opens.c.rpk == Recipient.id, opens.c.type == CLICKED).scalar_subquery()
     rows = (await session.execute(
         select(Message.id, Message.subject, Message.accepted_at, Recipient.address, Recipient.track_opens,
                Recipient.sent_at, n_open, n_click)
@@ -232,13 +236,13 @@ async def contact_activity(session: AsyncSession, email: str, user: str | None, 
     if not copies:
         return []
     info = {rid: (mid, subject, sender, sent_at) for rid, mid, subject, sender, sent_at, _ in copies}
-    out = [{"type": "sent", "at": sent_at or accepted, "message": mid, "subject": subject, "sender": sender,
+    out = [{"type": str(EventType.SENT), "at": sent_at or accepted, "message": mid, "subject": subject, "sender": sender,
             "url": None, "classification": None, "reason": None, "inferred": False, "client": None}
            for rid, mid, subject, sender, sent_at, accepted in copies]
     events = (await session.execute(
         select(Event.recipient_pk, Event.type, Event.at, Event.url, Event.classification, Event.reason,
                Event.inferred, Event.client)
-        .where(Event.recipient_pk.in_(list(info)), Event.type.in_(("opened", "clicked", "replied", "bounced")))
+        .where(Event.recipient_pk.in_(list(info)), Event.type.in_((OPENED, CLICKED, REPLIED, EventType.BOUNCED)))
         .order_by(Event.id.desc()).limit(limit))).all()
     for rid, kind, at, url, cls, reason, inferred, client in events:
         mid, subject, sender, sent_at = info[rid]

@@ -9,14 +9,19 @@ connection's thread — either within a transaction the caller opened with SQLAl
 with its own commit in the same trip (``transaction``).
 
 Only SQLite goes this way (``usable``); PostgreSQL keeps the callers' SQLAlchemy Core path. Values
-are bound exactly as SQLAlchemy binds them on SQLite (``tests/test_schema.py`` compares the stored
-rows of both paths).
+are bound exactly as SQLAlchemy binds them on SQLite (``tests/test_storage_paths.py`` runs every
+write of this path both ways, the second time under ``disabled()``, and compares the stored rows).
+
+Private to ``storage``: the functions of storage's modules pick the path themselves; their callers
+never know which ran.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -25,9 +30,25 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 T = TypeVar("T")
 
 
+_disabled = 0
+
+
 def usable(db: AsyncConnection | AsyncEngine) -> bool:
-    """Whether this connection (or engine) is SQLite through aiosqlite."""
-    return db.dialect.name == "sqlite" and db.dialect.driver == "aiosqlite"
+    """Whether this connection (or engine) is SQLite through aiosqlite (and the path not
+    ``disabled``)."""
+    return not _disabled and db.dialect.name == "sqlite" and db.dialect.driver == "aiosqlite"
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Within: every storage function takes its SQLAlchemy Core path, as on PostgreSQL, also on
+    SQLite (for the tests that compare both paths' rows). Process-wide, not per task."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
 
 
 async def run(conn: AsyncConnection, fn: Callable[..., T], *args: Any) -> T:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import and_, func, literal, or_, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from storage import direct
-from storage.engine import connection_of
 from core import events as em
+from core.events import Classification, EventType
+from storage import crm, direct
+from storage.engine import connection_of
 from storage.models import Event, Message, Recipient, utcnow
 
 
@@ -50,16 +52,12 @@ def resolve_tokens_sqlite(db: direct.Db, tokens: list[str]) -> dict[str, TokenIn
             for token, rid, mpk, address, user, ip, accepted, sent, never_log in rows}
 
 
-#: Event types whose first human occurrence per recipient is marked ``first``.
-FIRST_TYPES = ("opened", "clicked", "replied")
-
-
-def _has_human(kind: str):
+def _has_human(kind: EventType):
     return (select(literal(1)).where(Event.recipient_pk == Recipient.id, Event.type == kind,
-                                     Event.classification == "human").exists())
+                                     Event.classification == Classification.HUMAN).exists())
 
 
-async def human_history(session: AsyncSession, recipient_pks: set[int]) -> set[tuple[int, str]]:
+async def human_history(session: AsyncSession | AsyncConnection, recipient_pks: set[int]) -> set[tuple[int, str]]:
     """(recipient, type) pairs that already have a human event: for `first` and inferred opens.
 
     One EXISTS per pair, each an index seek on ``ix_events_recipient_type``: the cost does not
@@ -70,33 +68,33 @@ async def human_history(session: AsyncSession, recipient_pks: set[int]) -> set[t
     if direct.usable(conn):
         rows = await direct.run(conn, human_history_sqlite, sorted(recipient_pks))
     else:
-        rows = (await conn.execute(select(Recipient.id, *(_has_human(k) for k in FIRST_TYPES))
+        rows = (await conn.execute(select(Recipient.id, *(_has_human(k) for k in em.ENGAGEMENT))
                                    .where(Recipient.id.in_(recipient_pks)))).all()
     return human_pairs(rows)
 
 
 def human_pairs(rows) -> set[tuple[int, str]]:
     """(recipient id, has opened, has clicked, has replied) rows as (recipient, type) pairs."""
-    return {(r[0], k) for r in rows for k, has in zip(FIRST_TYPES, r[1:]) if has}
+    return {(r[0], k) for r in rows for k, has in zip(em.ENGAGEMENT, r[1:]) if has}
 
 
 _HAS_HUMAN_SQL = ", ".join(
     f"EXISTS (SELECT 1 FROM events e WHERE e.recipient_pk = r.id AND e.type = '{k}' "
-    "AND e.classification = 'human')" for k in FIRST_TYPES)
+    f"AND e.classification = '{Classification.HUMAN}')" for k in em.ENGAGEMENT)
 
 
 def human_history_sqlite(db: direct.Db, pks: list[int]) -> list[tuple]:
     return direct.select_in(db, f"SELECT r.id, {_HAS_HUMAN_SQL} FROM recipients r WHERE r.id IN ({{in}})", pks)
 
 
-#: The columns an event is written with (id is the sequence; txid the server default on PostgreSQL).
-EVENT_COLUMNS = ("type", "at", "message_pk", "recipient_pk", "user", "url", "ip", "user_agent", "client",
-                 "classification", "reason", "first", "inferred", "dedupe_key")
+#: The columns an event is written with (``core.events.COLUMNS``: ``Event.as_row``'s order).
+EVENT_COLUMNS = em.COLUMNS
 _INSERT_SQL: dict[str, str] = {}
 
 
 def insert_sql(dialect) -> str:
-    """The driver-level INSERT of one event (parameters in EVENT_COLUMNS order)."""
+    """The driver-level INSERT of one event (parameters in EVENT_COLUMNS order), the one
+    statement both paths write events with."""
     sql = _INSERT_SQL.get(dialect.name)
     if sql is None:
         cols = ", ".join(dialect.identifier_preparer.quote(c) for c in EVENT_COLUMNS)
@@ -119,7 +117,7 @@ def _aware_utc(at: datetime) -> datetime:
 
 
 def time_param(dialect):
-    """How a timezone-aware datetime goes to the driver in ``insert_rows``."""
+    """How a timezone-aware datetime goes to the driver (``Event.as_row``'s ``stamp``)."""
     return sqlite_time if dialect.name == "sqlite" else _aware_utc
 
 
@@ -128,17 +126,21 @@ def _epoch_utc(at: float) -> datetime:
 
 
 def epoch_param(dialect):
-    """How epoch seconds (the tracker's hit times) go to the driver in ``insert_rows``."""
+    """How epoch seconds (the tracker's hit times) go to the driver."""
     return direct.sqlite_epoch if dialect.name == "sqlite" else _epoch_utc
 
 
-async def insert_rows(session: AsyncSession | AsyncConnection, rows: list[tuple]) -> None:
-    """Insert events given as tuples in EVENT_COLUMNS order (``at`` already passed through
-    ``time_param``), in one driver-level executemany: no ORM, no per-row statement compilation
-    (the tracker writes thousands a second). A row whose dedupe_key is already stored is skipped:
-    a retried batch writes nothing twice."""
+def stamp_of(dialect):
+    """How an Event's ``at`` (a datetime or epoch seconds) goes to the driver."""
+    dt, epoch = time_param(dialect), epoch_param(dialect)
+    return lambda at: dt(at) if isinstance(at, datetime) else epoch(at)
+
+
+async def _insert_rows(conn: AsyncConnection, rows: list[tuple]) -> None:
+    """Events as ``Event.as_row`` gives them, in one driver-level executemany: no ORM, no per-row
+    statement compilation. A row whose dedupe_key is already stored is skipped: a retried batch
+    writes nothing twice."""
     if rows:
-        conn = await connection_of(session)
         if direct.usable(conn):
             await direct.run(conn, _executemany, insert_sql(conn.dialect), rows)
         else:
@@ -149,30 +151,100 @@ def _executemany(db: direct.Db, sql: str, rows: list[tuple]) -> None:
     db.executemany(sql, rows)
 
 
-def stamp_of(dialect):
-    """How an Event's ``at`` (a datetime or epoch seconds) goes to the driver."""
-    dt, epoch = time_param(dialect), epoch_param(dialect)
-    return lambda at: dt(at) if isinstance(at, datetime) else epoch(at)
-
-
 async def write_events(session: AsyncSession | AsyncConnection, events: Iterable[em.Event]) -> None:
     """Store these events (``core.events.Event``) in one executemany; one whose ``dedupe_key`` is
     already stored is skipped, so a retried batch writes nothing twice."""
-    stamp = stamp_of((await connection_of(session)).dialect)
-    await insert_rows(session, [e.as_row(stamp) for e in events])
+    conn = await connection_of(session)
+    stamp = stamp_of(conn.dialect)
+    await _insert_rows(conn, [e.as_row(stamp) for e in events])
 
 
 async def insert_idempotent(session: AsyncSession | AsyncConnection, rows: list[dict]) -> None:
-    """``insert_rows`` for events given as dicts: missing keys are NULL, ``at`` defaults to now,
-    ``first``/``inferred`` to false."""
-    if not rows:
+    """``write_events`` for events given as dicts of their columns: missing keys are NULL, ``at``
+    defaults to now, ``first``/``inferred`` to false.
+
+    Kept only for relay/inbound.py until it builds ``core.events.Event`` itself (then it goes)."""
+    if rows:
+        now = utcnow()
+        await write_events(session, [em.Event(
+            type=r["type"], at=r.get("at") or now, message_pk=r["message_pk"], recipient_pk=r.get("recipient_pk"),
+            user=r.get("user"), url=r.get("url"), ip=r.get("ip"), user_agent=r.get("user_agent"),
+            client=r.get("client"), classification=r.get("classification"), reason=r.get("reason"),
+            first=bool(r.get("first")), inferred=bool(r.get("inferred")), dedupe_key=r.get("dedupe_key"))
+            for r in rows])
+
+
+# -- the tracker's batches ------------------------------------------------------------------------
+
+#: A batch's facts: its tokens resolved, the human history of their recipients (memory's and the
+#: database's), and the recipients whose history was asked of the database.
+HitFacts = tuple[dict[str, TokenInfo], set[tuple[int, str]], set[int]]
+#: What memory knows of some recipients' history: (the pairs it holds, the recipients to ask about).
+KnownHistory = Callable[[set[int]], tuple[set[tuple[int, str]], set[int]]]
+
+
+class Hits:
+    """One batch of the tracker's opens and clicks: ``facts`` first, then ``write``; from
+    ``hits(engine)``. On SQLite each is one trip to its thread with its own commit (the facts are
+    reads); elsewhere both run in one transaction, committed when the ``async with`` ends."""
+
+    def __init__(self, engine: AsyncEngine, conn: AsyncConnection | None):
+        self._engine = engine
+        self._conn = conn
+
+    async def facts(self, tokens: set[str], known: KnownHistory) -> HitFacts:
+        """The tokens resolved, and their recipients' human history: ``known(recipient_pks)``
+        says what memory holds and whom to ask; only those are asked of the database."""
+        if self._conn is None:
+            return await direct.transaction(self._engine, _hit_facts_sqlite, list(tokens), known)
+        info = await resolve_tokens(self._conn, tokens)
+        history, unknown = known({i.recipient_pk for i in info.values()})
+        if unknown:
+            history |= await human_history(self._conn, unknown)
+        return info, history, unknown
+
+    async def write(self, events: list[em.Event], dates: dict[str, dict[str, float]]) -> None:
+        """Store the batch's events (``at`` in epoch seconds) and move the contact dates their human
+        events move (``storage.crm.touch_contacts``: epoch seconds, by lower-cased address)."""
+        if self._conn is None:
+            epoch = direct.sqlite_epoch
+            await direct.transaction(self._engine, _write_hits_sqlite, insert_sql(self._engine.dialect),
+                                     [e.as_row(epoch) for e in events], _stamped(dates, epoch))
+            return
+        await _insert_rows(self._conn, [e.as_row(epoch_param(self._conn.dialect)) for e in events])
+        if dates:
+            await crm.touch_contacts(self._conn, _stamped(dates, _epoch_utc))
+
+
+@asynccontextmanager
+async def hits(engine: AsyncEngine) -> AsyncIterator[Hits]:
+    """A batch of tracker hits (``Hits``) on a bare connection of ``engine``: no ORM."""
+    if direct.usable(engine):
+        yield Hits(engine, None)
         return
-    stamp = time_param((await connection_of(session)).dialect)
-    now = utcnow()
-    await insert_rows(session, [
-        (r["type"], stamp(r.get("at") or now), r["message_pk"], r.get("recipient_pk"), r.get("user"), r.get("url"),
-         r.get("ip"), r.get("user_agent"), r.get("client"), r.get("classification"), r.get("reason"),
-         bool(r.get("first")), bool(r.get("inferred")), r.get("dedupe_key")) for r in rows])
+    async with engine.begin() as conn:
+        yield Hits(engine, conn)
+
+
+def _stamped(dates: dict[str, dict[str, float]], stamp) -> dict:
+    """Contact dates in epoch seconds as ``stamp`` gives them."""
+    return {address: {name: stamp(at) for name, at in moved.items()} for address, moved in dates.items()}
+
+
+def _hit_facts_sqlite(db: direct.Db, tokens: list[str], known: KnownHistory) -> HitFacts:
+    """``Hits.facts`` on SQLite's thread."""
+    info = resolve_tokens_sqlite(db, tokens)
+    history, unknown = known({i.recipient_pk for i in info.values()})
+    if unknown:
+        history |= human_pairs(human_history_sqlite(db, sorted(unknown)))
+    return info, history, unknown
+
+
+def _write_hits_sqlite(db: direct.Db, events_sql: str, rows: list[tuple], dates: dict[str, dict[str, str]]) -> None:
+    """``Hits.write`` on SQLite's thread."""
+    db.executemany(events_sql, rows)
+    if dates:
+        crm.touch_contacts_sqlite(db, dates)
 
 
 @dataclass(frozen=True, order=True)
@@ -214,9 +286,10 @@ async def resolve_cursor(session: AsyncSession, cursor: Cursor) -> Cursor:
     return Cursor(txid, cursor.id)
 
 
-async def list_after(session: AsyncSession, user: str | None, cursor: Cursor, limit: int,
-                     message_pk: int | None = None) -> list[tuple]:
-    """Events after ``cursor`` in commit order, of ``user``'s messages (None: everybody's)."""
+async def events_after(session: AsyncSession, user: str | None, cursor: Cursor, limit: int,
+                       message_pk: int | None = None) -> list[em.Event]:
+    """Events after ``cursor`` in commit order, of ``user``'s messages (None: everybody's), as
+    ``core.events.Event`` records with their Message-ID and recipient address."""
     cursor = await resolve_cursor(session, cursor)
     cond = []
     if session.bind.dialect.name == "postgresql":
@@ -235,30 +308,28 @@ async def list_after(session: AsyncSession, user: str | None, cursor: Cursor, li
         .join(Message, Message.id == Event.message_pk)
         .outerjoin(Recipient, Recipient.id == Event.recipient_pk)
         .where(and_(*cond)).order_by(*order).limit(limit))
-    return list(rows.all())
+    return [em.Event.from_row(e, message_id, recipient) for e, message_id, recipient in rows.all()]
 
 
-def cursor_of(event: Event) -> Cursor:
+async def list_after(session: AsyncSession, user: str | None, cursor: Cursor, limit: int,
+                     message_pk: int | None = None) -> list[tuple[em.Event, str | None, str | None]]:
+    """``events_after`` as (Event, Message-ID, recipient) triples, the shape this returned before
+    there were Events: kept until its last callers that unpack the three (trackrelay/cli.py's
+    ``feed --follow``) move to ``events_after``; then it returns the Events themselves."""
+    return [(e, e.message_id, e.recipient) for e in await events_after(session, user, cursor, limit, message_pk)]
+
+
+def cursor_of(event: Event | em.Event) -> Cursor:
     return Cursor(event.txid or 0, event.id)
 
 
-def event_json(event: Event, message_id: str, recipient: str | None) -> dict:
-    return {
-        "id": event.id,
-        "type": event.type,
-        "at": event.at.isoformat().replace("+00:00", "Z"),
-        "message": event.message_pk,
-        "message_id": message_id,
-        "recipient": recipient,
-        "url": event.url,
-        "user_agent": event.user_agent,
-        "ip": event.ip,
-        "client": event.client,
-        "classification": event.classification,
-        "reason": event.reason,
-        "first": bool(event.first),
-        "inferred": bool(event.inferred),
-    }
+def event_json(event: Event | em.Event, message_id: str | None = None, recipient: str | None = None) -> dict:
+    """``core.events.Event.to_json`` of a stored event row (with its Message-ID and recipient),
+    or of an Event as ``list_after`` gives it. A shim for callers that still pass the three; new
+    code calls ``to_json`` itself."""
+    if not isinstance(event, em.Event):
+        event = em.Event.from_row(event, message_id, recipient)
+    return event.to_json()
 
 
 async def latest_cursor(session: AsyncSession, user: str | None) -> Cursor:

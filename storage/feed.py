@@ -7,10 +7,11 @@ from datetime import datetime
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.events import ENGAGEMENT, Classification, EventType, recipient_status
 from storage.models import Company, Event, LoggedEmail, Message, Recipient
 
-#: A recipient's status: the furthest it got. Delivery states until a human event arrives.
-_DELIVERY = {"queued": "queued", "sending": "queued", "deferred": "deferred", "sent": "sent", "bounced": "bounced"}
+HUMAN = Classification.HUMAN
+OPENED, CLICKED, REPLIED = EventType.OPENED, EventType.CLICKED, EventType.REPLIED
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -18,21 +19,22 @@ def _iso(t: datetime | None) -> str | None:
 
 
 #: Feed filters: what the recipients' copies must show (any one recipient of the message).
-FILTERS = ("tracked", "opened", "clicked", "replied", "bounced", "not_opened")
+FILTERS = ("tracked", OPENED, CLICKED, REPLIED, EventType.BOUNCED, "not_opened")
 
 
 def _human(kind: str):
-    return exists().where(Event.recipient_pk == Recipient.id, Event.type == kind, Event.classification == "human")
+    return exists().where(Event.recipient_pk == Recipient.id, Event.type == EventType(kind),
+                          Event.classification == HUMAN)
 
 
 def _filter_cond(name: str):
     """A recipient condition for a feed filter (used inside EXISTS over the message's recipients)."""
     if name == "tracked":
         return Recipient.token.is_not(None)
-    if name == "bounced":
+    if name == EventType.BOUNCED:
         return Recipient.status == "bounced"
     if name == "not_opened":
-        return and_(Recipient.track_opens.is_(True), Recipient.status == "sent", ~_human("opened"))
+        return and_(Recipient.track_opens.is_(True), Recipient.status == "sent", ~_human(OPENED))
     return _human(name)
 
 
@@ -86,13 +88,13 @@ async def feed_json(session: AsyncSession, messages: list[Message]) -> list[dict
     stats = await session.execute(
         select(Event.recipient_pk, Event.type, Event.classification, func.count(), func.min(Event.at),
                func.max(Event.at))
-        .where(Event.message_pk.in_(pks), Event.type.in_(("opened", "clicked", "replied")))
+        .where(Event.message_pk.in_(pks), Event.type.in_(ENGAGEMENT))
         .group_by(Event.recipient_pk, Event.type, Event.classification))
     agg: dict[tuple[int, str, str | None], tuple[int, datetime, datetime]] = {
         (r, t, c): (n, lo, hi) for r, t, c, n, lo, hi in stats.all()}
     clicks = await session.execute(
         select(Event.recipient_pk, Event.url, func.count(), func.min(Event.at))
-        .where(Event.message_pk.in_(pks), Event.type == "clicked", Event.classification == "human")
+        .where(Event.message_pk.in_(pks), Event.type == CLICKED, Event.classification == HUMAN)
         .group_by(Event.recipient_pk, Event.url))
     per_url: dict[int, list[dict]] = {}
     for r, url, n, first in clicks.all():
@@ -103,18 +105,12 @@ async def feed_json(session: AsyncSession, messages: list[Message]) -> list[dict
     names = names_in(*(h for row in logged_rows for h in row[1:]))
     by_msg: dict[int, list[dict]] = {}
     for r in rcpts:
-        human_open = agg.get((r.id, "opened", "human"))
-        status = _DELIVERY.get(r.status, r.status)
-        if agg.get((r.id, "replied", "human")):
-            status = "replied"
-        elif agg.get((r.id, "clicked", "human")):
-            status = "clicked"
-        elif human_open:
-            status = "opened"
-        machine = sum(v[0] for k, v in agg.items() if k[0] == r.id and k[1] == "opened" and k[2] != "human")
-        machine_clicks = sum(v[0] for k, v in agg.items() if k[0] == r.id and k[1] == "clicked" and k[2] != "human")
+        human_open = agg.get((r.id, OPENED, HUMAN))
+        status = recipient_status(r.status, [k for k in ENGAGEMENT if agg.get((r.id, k, HUMAN))])
+        machine = sum(v[0] for k, v in agg.items() if k[0] == r.id and k[1] == OPENED and k[2] != HUMAN)
+        machine_clicks = sum(v[0] for k, v in agg.items() if k[0] == r.id and k[1] == CLICKED and k[2] != HUMAN)
         by_msg.setdefault(r.message_pk, []).append({
-            "id": r.id, "address": r.address, "status": status, "tracked_opens": bool(r.track_opens),
+            "id": r.id, "address": r.address, "status": str(status), "tracked_opens": bool(r.track_opens),
             "tracked_clicks": bool(r.track_clicks), "reasons": list(r.reasons or []),
             "opens": human_open[0] if human_open else 0, "machine_opens": machine,
             "first_opened_at": _iso(_aware(human_open[1])) if human_open else None,
@@ -156,6 +152,6 @@ async def message_with_events(session: AsyncSession, pk: int, user: str | None) 
     if msg is None:
         return None
     (item,) = await feed_json(session, [msg])
-    rows = await ev.list_after(session, None, ev.Cursor(), 10000, message_pk=msg.id)
-    item["events"] = [ev.event_json(e, mid, rcpt) for e, mid, rcpt in rows]
+    item["events"] = [e.to_json() for e in await ev.events_after(session, None, ev.Cursor(), 10000,
+                                                                   message_pk=msg.id)]
     return item

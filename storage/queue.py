@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, bindparam, delete, exists, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from core.events import Event, EventType
 from storage import direct, events
 from storage.engine import connection_of
 from storage.models import Message, Recipient, WorkerHeartbeat, utcnow
@@ -241,8 +242,7 @@ async def record(session: AsyncSession | AsyncConnection, outcomes: list[Outcome
         return
     for columns, rows in by_columns.items():
         await conn.execute(_settle(columns), rows)
-    stamp = events.time_param(conn.dialect)(now)
-    await events.insert_rows(conn, [_outcome_event(o, stamp) for o in outcomes])
+    await events.write_events(conn, [_outcome_event(o, now) for o in outcomes])
     touched = {o.message_pk for o in outcomes if o.status in FINAL}
     if touched:
         await conn.execute(_MARK_DONE, {"touched": sorted(touched), "now": now})
@@ -276,10 +276,13 @@ async def record_committed(engine: AsyncEngine, outcomes: list[Outcome], now: da
         await record(conn, outcomes, now)
 
 
-def _outcome_event(o: Outcome, at) -> tuple:
-    """An outcome's event in events.EVENT_COLUMNS order (``at`` as the driver takes it)."""
-    return (o.status, at, o.message_pk, o.recipient_id, o.user, None, None, None, None, None, o.reply[:500],
-            False, False, None)
+#: The event of each outcome's status.
+_OUTCOME_TYPES = {"sent": EventType.SENT, "deferred": EventType.DEFERRED, "bounced": EventType.BOUNCED}
+
+
+def _outcome_event(o: Outcome, at) -> Event:
+    """An outcome's event (``at`` a datetime, or already as the path binds it)."""
+    return Event(_OUTCOME_TYPES[o.status], o.message_pk, at, o.recipient_id, o.user, reason=o.reply[:500])
 
 
 _TIME_COLUMNS = frozenset({"lease_until", "sent_at", "next_attempt_at"})
@@ -301,7 +304,7 @@ def _record_sqlite(db: direct.Db, outcomes: list[Outcome], by_columns: dict[tupl
             tuple(events.sqlite_time(row[c]) if c in _TIME_COLUMNS and row[c] is not None else row[c]
                   for c in columns) + (row["rid"],) + extra(row) for row in rows])
     now = events.sqlite_time(at)
-    cur.executemany(events_sql, [_outcome_event(o, now) for o in outcomes])
+    cur.executemany(events_sql, [_outcome_event(o, now).as_row() for o in outcomes])
     touched = sorted({o.message_pk for o in outcomes if o.status in FINAL})
     if touched:
         cur.execute(f"UPDATE messages SET done_at = ? WHERE id IN ({direct.in_list(len(touched))}) "

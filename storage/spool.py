@@ -1,153 +1,24 @@
 """The durable spool: what is committed before the SMTP 250, written in group commits.
 
-Concurrent SMTP sessions hand their accepted messages to one ``Batcher``; it writes everything
-that is waiting in one transaction (one fsync), then answers each session. While one commit is
-on disk, the next batch gathers, so throughput grows with concurrency instead of fsyncs.
+Concurrent SMTP sessions hand their accepted messages to one ``core.batcher.Batcher``
+(``spool_writer``); it writes everything that is waiting in one transaction (one fsync), then
+answers each session.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Awaitable, Callable, Generic, TypeVar
 
-from sqlalchemy import exc as sa
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from storage import direct, events
 from storage.engine import connection_of, engine_of
 from storage.models import CrmJob, Message, Recipient, utcnow
-from core.aio import cancel
-
-log = logging.getLogger("trackrelay.spool")
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-class Batcher(Generic[T, R]):
-    """Group commit: ``submit`` waits until its item is part of a flushed batch."""
-
-    def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]], max_batch: int = 256,
-                 name: str = "batcher", linger: float = 0.0):
-        self._flush = flush
-        self._max = max_batch
-        #: Seconds to wait for more items after the first (0: write at once). For writes nobody
-        #: waits on, fewer and larger commits.
-        self._linger = linger
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
-        self._task: asyncio.Task | None = None
-        self._name = name
-        self._busy = False
-        self.batches = 0
-        self.items = 0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=self._name)
-
-    async def stop(self, grace: float = 5.0) -> None:
-        # Let a batch being written finish: cancelled mid-commit, the driver's thread would go on
-        # after the event loop is gone. Waiting for the next item is safe to cancel.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while (self._busy or not self._queue.empty()) and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        await cancel(self._task)
-        self._task = None
-        while not self._queue.empty():
-            _, fut = self._queue.get_nowait()
-            if not fut.done():
-                fut.set_exception(RuntimeError("shutting down"))
-
-    async def submit(self, item: T) -> R:
-        return await self.submit_nowait(item)
-
-    def submit_nowait(self, item: T) -> asyncio.Future[R]:
-        """Queue the item now; the future is done once its batch is committed."""
-        if self._task is None:
-            raise RuntimeError(f"{self._name} is not running")
-        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, fut))
-        return fut
-
-    async def _run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            self._busy = True  # from here on stop() waits for this batch (lingering included)
-            try:
-                if self._linger and self._queue.qsize() < self._max:
-                    await asyncio.sleep(self._linger)
-                while len(batch) < self._max and not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                items = [item for item, _ in batch]
-                results = await self._flush(items)
-            except asyncio.CancelledError:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(RuntimeError("shutting down"))
-                raise
-            except Exception as exc:
-                if len(batch) > 1 and not transient(exc):
-                    # One item's fault (a value the database refuses) must not fail the others:
-                    # each is written alone, and only the one at fault learns it.
-                    log.error("%s: commit of %d items failed (%s: %s); writing them one by one", self._name,
-                              len(batch), type(exc).__name__, exc)
-                    await self._one_by_one(batch)
-                else:  # the database itself failed: every waiter learns it
-                    log.error("%s: commit of %d items failed: %s: %s", self._name, len(batch),
-                              type(exc).__name__, exc)
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                continue
-            finally:
-                self._busy = False
-            self.batches += 1
-            self.items += len(items)
-            for (_, fut), result in zip(batch, results):
-                if not fut.done():
-                    fut.set_result(result)
-
-
-    async def _one_by_one(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
-        for item, fut in batch:
-            try:
-                (result,) = await self._flush([item])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not fut.done():
-                    fut.set_exception(exc)
-                continue
-            self.batches += 1
-            self.items += 1
-            if not fut.done():
-                fut.set_result(result)
-
-
-def message_fault(exc: BaseException) -> bool:
-    """Is the failure this message's own (a value the database or its driver refuses), so that
-    writing it again fails the same way, rather than the database's (down, locked, missing a
-    table, out of disk), which may pass later? The driver's own error is looked for through the
-    wrappers (SQLAlchemy's ``orig``, the cause chain): asyncpg's client-side ``DataError`` for a
-    value it cannot encode is a ``ValueError``."""
-    values = (UnicodeError, ValueError, TypeError, OverflowError, sa.DataError, sa.IntegrityError)
-    seen = 0
-    cur: BaseException | None = exc
-    while cur is not None and seen < 8:
-        if isinstance(cur, values):
-            return True
-        cur = getattr(cur, "orig", None) or cur.__cause__
-        seen += 1
-    return False
-
-
-def transient(exc: BaseException) -> bool:
-    """May the same message succeed later? Everything that is not the message's own fault."""
-    return not message_fault(exc)
+from core.events import Event, EventType
+#: The group commit lives in core.batcher; imported here by name for the spool's users.
+from core.batcher import Batcher, message_fault, transient  # noqa: F401
 
 
 @dataclass
@@ -204,9 +75,8 @@ async def add_entries(session: AsyncSession | AsyncConnection, entries: list[Spo
         rcpt_ids = (await conn.execute(_INSERT_RECIPIENTS, rcpt_rows)).scalars().all()
         users = {mid: e.user for e, mid in zip(entries, msg_ids)}
         now = utcnow()
-        await events.insert_idempotent(conn, [
-            dict(type="queued", at=now, message_pk=row["message_pk"], recipient_pk=rid,
-                 user=users[row["message_pk"]]) for row, rid in zip(rcpt_rows, rcpt_ids)])
+        await events.write_events(conn, [_queued(row["message_pk"], rid, users[row["message_pk"]], now)
+                                         for row, rid in zip(rcpt_rows, rcpt_ids)])
     jobs = [dict(message_pk=mid, state="pending", created_at=e.accepted_at, attempts=0)
             for e, mid in zip(entries, msg_ids) if e.log and e.kind == "mail"]
     if jobs:
@@ -240,6 +110,11 @@ _RECIPIENT_SQL = direct.insert_sql("recipients", _RECIPIENT_COLUMNS)
 _JOB_SQL = direct.insert_sql("crm_jobs", ("message_pk", "state", "created_at", "attempts"))
 
 
+def _queued(message_pk: int, recipient_pk: int, user: str | None, at) -> Event:
+    """A spooled copy's ``queued`` event (``at`` a datetime, or already as the path binds it)."""
+    return Event(EventType.QUEUED, message_pk, at, recipient_pk, user)
+
+
 def _add_entries_sqlite(db: direct.Db, entries: list[SpoolEntry], events_sql: str) -> list[tuple[int, list[int]]]:
     """``add_entries`` on SQLite's thread: the same rows, ids from ``lastrowid``."""
     cur = db.cursor()
@@ -257,8 +132,7 @@ def _add_entries_sqlite(db: direct.Db, entries: list[SpoolEntry], events_sql: st
             cur.execute(_RECIPIENT_SQL, _recipient_values(e, mid, r, at, lease, direct.json_text(list(r.reasons))))
             rid = cur.lastrowid
             rids.append(rid)
-            queued.append(("queued", now, mid, rid, e.user, None, None, None, None, None, None,
-                           False, False, None))
+            queued.append(_queued(mid, rid, e.user, now).as_row())
         if e.log and e.kind == "mail":
             jobs.append((mid, "pending", at, 0))
         out.append((mid, rids))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-HUMAN, MACHINE, SELF = "human", "machine", "self"
+from core.events import Classification
+
+HUMAN, MACHINE, SELF = Classification.HUMAN, Classification.MACHINE, Classification.SELF
 
 #: Link scanners and prefetchers by user agent (security gateways, previewers, HTTP libraries).
 SCANNER_AGENTS = re.compile(
@@ -35,7 +37,7 @@ def is_scanner_agent(user_agent: str) -> bool:
 
 
 @lru_cache(maxsize=8192)
-def request_verdict(kind: str, method: str, user_agent: str, apple_ip: bool) -> tuple[str, str] | None:
+def request_verdict(kind: str, method: str, user_agent: str, apple_ip: bool) -> tuple[Classification, str] | None:
     """The rules that look only at the request (method, agent, Apple's addresses), in their order;
     None when none fires. Cached: a reader's or scanner's requests repeat these four."""
     if method == "HEAD":
@@ -51,7 +53,7 @@ def request_verdict(kind: str, method: str, user_agent: str, apple_ip: bool) -> 
 
 def timing_verdict(kind: str, ip: str, at: float, delivered_at: float, sender_ip: str | None,
                    accepted_at: float, burst: bool, signed_in_ip: bool,
-                   scanner_window_seconds: float) -> tuple[str, str | None]:
+                   scanner_window_seconds: float) -> tuple[Classification, str | None]:
     """The rules after the request's own (``request_verdict``): when, in what company, from whom."""
     if at - delivered_at < scanner_window_seconds:
         return MACHINE, "scanner_window"

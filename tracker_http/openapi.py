@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from core.events import DELIVERY_STATUS, ENGAGEMENT_LADDER, Classification, EventType
+from storage.feed import FILTERS
+
 
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -36,6 +39,10 @@ def _op(summary: str, ok: dict, *, params: list | None = None, body: dict | None
     return op
 
 
+#: A feed recipient's statuses (``core.events.recipient_status``), in EventType's order.
+RECIPIENT_STATUSES = [str(t) for t in EventType
+                      if t in ENGAGEMENT_LADDER or t in DELIVERY_STATUS.values()]
+
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
@@ -43,18 +50,17 @@ SCHEMAS = {
     "Event": {"type": "object", "required": ["id", "type", "at", "message", "message_id", "classification"],
               "properties": {
                   "id": {"type": "integer"},
-                  "type": {"type": "string", "enum": ["queued", "sent", "deferred", "bounced", "opened",
-                                                      "clicked", "replied"]},
+                  "type": {"type": "string", "enum": [str(t) for t in EventType]},
                   "at": {"type": "string", "format": "date-time"}, "message": {"type": "integer"},
                   "message_id": {"type": "string"}, "recipient": NULLABLE_STR, "url": NULLABLE_STR,
                   "user_agent": NULLABLE_STR, "ip": NULLABLE_STR, "client": NULLABLE_STR,
-                  "classification": {"type": "string", "nullable": True, "enum": ["human", "machine", "self", None]},
+                  "classification": {"type": "string", "nullable": True,
+                                     "enum": [*(str(c) for c in Classification), None]},
                   "reason": NULLABLE_STR, "first": {"type": "boolean"}, "inferred": {"type": "boolean"}}},
     "Recipient": {"type": "object", "properties": {
         "id": {"type": "integer", "description": "the copy's id (the pages' /messages/{id}/copies/{copy})"},
         "address": {"type": "string"},
-        "status": {"type": "string", "enum": ["queued", "sent", "deferred", "bounced", "opened", "clicked",
-                                              "replied"]},
+        "status": {"type": "string", "enum": RECIPIENT_STATUSES},
         "tracked_opens": {"type": "boolean"}, "tracked_clicks": {"type": "boolean"},
         "reasons": {"type": "array", "items": {"type": "string"}}, "opens": {"type": "integer"},
         "machine_opens": {"type": "integer"}, "first_opened_at": TIME, "last_opened_at": TIME,
@@ -109,8 +115,7 @@ PATHS = {
         params=[LIMIT, {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0}},
                 {"name": "tracked", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}},
                 {"name": "status", "in": "query", "description": "messages with a recipient in this state",
-                 "schema": {"type": "string", "enum": ["tracked", "opened", "clicked", "replied", "bounced",
-                                                       "not_opened"]}},
+                 "schema": {"type": "string", "enum": [str(f) for f in FILTERS]}},
                 {"name": "q", "in": "query", "description": "search subject, recipient address, company",
                  "schema": {"type": "string", "maxLength": 200}}],
         errors=("400", "401"))},

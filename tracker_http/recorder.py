@@ -15,17 +15,17 @@ import logging
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from storage import crm, direct
+from core.aio import finish
+from core.config import Config
+from core.events import Classification, Event, EventType, human_sequence
 from storage import events as ev
 from storage.engine import engine_of
 from tracker_http.classify import BURST_SECONDS, HUMAN, client_of, request_verdict, timing_verdict
 from tracker_http.netaddr import RangeSet, stored_ip
-from core.config import Config
-from core.aio import finish
 
 log = logging.getLogger("trackrelay.tracker")
 
@@ -72,6 +72,13 @@ class Stats:
     unknown_tokens: int = 0
     failures: int = 0
     writer_restarts: int = 0  # event writer processes started again after one exited (writer.py)
+    #: Opens and clicks written (inferred opens included), by (type, classification): e.g.
+    #: ``{("opened", "human"): 3, ("clicked", "machine"): 1}`` (trackrelay_tracker_hits).
+    classified: dict[tuple[EventType, Classification], int] = field(default_factory=dict)
+
+
+OPENED, CLICKED = EventType.OPENED, EventType.CLICKED
+_HUMAN_OPEN = (OPENED, Classification.HUMAN)
 
 
 class Recorder:
@@ -198,40 +205,32 @@ class Recorder:
     # -- the batch ---------------------------------------------------------------------------
 
     async def _write(self, batch: list[Hit]) -> int:
-        tokens = {h[1] for h in batch}
-        if direct.usable(self._engine):
-            # SQLite: one trip to its thread for what the batch needs to know, one for the rows
-            # and their commit.
-            info, history, asked = await direct.transaction(self._engine, self._facts_sqlite, list(tokens))
-            rows, dates = self._rows(batch, info, history, direct.sqlite_epoch)
-            await direct.transaction(self._engine, _store_sqlite, ev.insert_sql(self._engine.dialect), rows,
-                                     _stamped(dates, direct.sqlite_epoch))
-        else:
-            async with self._engine.begin() as conn:  # a bare connection: no ORM here
-                info = await ev.resolve_tokens(conn, tokens)
-                history, asked = await self._history(conn, {i.recipient_pk for i in info.values()})
-                stamp = ev.epoch_param(conn.dialect)
-                rows, dates = self._rows(batch, info, history, stamp)
-                await ev.insert_rows(conn, rows)
-                if dates:
-                    await crm.touch_contacts(conn, _stamped(dates, stamp))
+        async with ev.hits(self._engine) as hits:
+            info, history, unknown = await hits.facts({h[1] for h in batch}, self._known_history)
+            asked = dict.fromkeys(unknown, time.monotonic())
+            events, dates, classified = self._events(batch, info, history)
+            await hits.write(events, dates)
+        counts = self.stats.classified  # the batch is committed: its events count
+        for key, n in classified.items():
+            counts[key] = counts.get(key, 0) + n
         if len(self._human) > HUMAN_CACHE_MAX or len(self._asked) > HUMAN_CACHE_MAX:
             self._human.clear()
             self._asked.clear()
         self._human |= history  # committed now
         self._asked.update(asked)
-        return len(rows)
+        return len(events)
 
-    def _rows(self, batch: list[Hit], info: dict[str, ev.TokenInfo], history: set[tuple[int, str]],
-              stamp) -> tuple[list[tuple], dict[str, dict[str, float]]]:
-        """Classify the batch: its event rows (in ev.EVENT_COLUMNS order, inferred opens included)
-        and the contact dates its human events move (epoch seconds, by lower-cased address).
-        ``history`` gains the batch's human pairs. ``stamp`` turns epoch seconds into the driver's
-        time parameter."""
+    def _events(self, batch: list[Hit], info: dict[str, ev.TokenInfo], history: set[tuple[int, str]]
+                ) -> tuple[list[Event], dict[str, dict[str, float]], dict[tuple[EventType, Classification], int]]:
+        """Classify the batch: its events (inferred opens and ``first`` by
+        ``core.events.human_sequence``), the contact dates its human events move (epoch seconds,
+        by lower-cased address) and how many events of each (type, classification) there are.
+        ``history`` gains the batch's human pairs."""
         window = self.config.tracking.scanner_window_seconds
         recent_sign_in, burst, request_facts = self.signed_in.recent, self._burst, self._request_facts
         key_prefix, position = self._key_prefix, self._flushed
-        rows: list[tuple] = []
+        classified: dict[tuple[EventType, Classification], int] = {}
+        events: list[Event] = []
         dates: dict[str, dict[str, float]] = {}
         copies: dict[str, tuple[float, float]] = {}  # token → (delivered, accepted) in epoch seconds
         for i, (kind, token, method, ip, ua, at, url, link_index) in enumerate(batch):
@@ -250,22 +249,21 @@ class Recorder:
             clicked_with_others = kind == "click" and burst(token, link_index, at)
             cls, reason = request[0] or timing_verdict(kind, ip, at, times[0], t.client_ip, times[1],
                                                        clicked_with_others, recent_sign_in(ip, at), window)
-            event = "opened" if kind == "open" else "clicked"
-            rcpt, stamped, stored, ua, client = t.recipient_pk, stamp(at), request[1], request[2], request[3]
-            key = f"{key_prefix}{position + i:012x}"
-            first = False
+            etype = OPENED if kind == "open" else CLICKED
+            event = Event(etype, t.message_pk, at, t.recipient_pk, t.user, url, request[1], request[2], request[3],
+                          cls, reason, False, False, f"{key_prefix}{position + i:012x}")
+            key = (etype, cls)
+            classified[key] = classified.get(key, 0) + 1
             if cls == HUMAN:
-                if event == "clicked" and (rcpt, "opened") not in history:
-                    rows.append(("opened", stamped, t.message_pk, rcpt, t.user, None, stored, ua, client, cls,
-                                 "inferred_from_click", True, True, key + ":open"))
-                    history.add((rcpt, "opened"))
-                first = (rcpt, event) not in history
-                history.add((rcpt, event))
+                sequence = human_sequence(event, history)
+                events += sequence
+                if len(sequence) > 1:  # an inferred open
+                    classified[_HUMAN_OPEN] = classified.get(_HUMAN_OPEN, 0) + 1
                 if not t.never_log:  # a Never Log recipient's contact is never touched
-                    self._move_dates(dates.setdefault(t.address.lower(), {}), event, at)
-            rows.append((event, stamped, t.message_pk, rcpt, t.user, url, stored, ua, client, cls, reason,
-                         first, False, key))
-        return rows, dates
+                    self._move_dates(dates.setdefault(t.address.lower(), {}), etype, at)
+            else:
+                events.append(event)
+        return events, dates, classified
 
     def _request(self, kind: str, method: str, ua: str, ip: str) -> tuple:
         """What a request's event owes to the request alone: (request_verdict, stored ip, user agent
@@ -280,26 +278,6 @@ class Recorder:
             facts[(kind, method, ua, ip)] = found
         return found
 
-    def _facts_sqlite(self, db, tokens: list[str]
-                      ) -> tuple[dict[str, ev.TokenInfo], set[tuple[int, str]], dict[int, float]]:
-        """On SQLite's thread: the batch's tokens resolved, and the human history of their
-        recipients that memory does not already hold (``_history``'s rule)."""
-        info = ev.resolve_tokens_sqlite(db, tokens)
-        history, unknown = self._known_history({i.recipient_pk for i in info.values()})
-        asked = dict.fromkeys(unknown, time.monotonic())
-        if unknown:
-            history |= ev.human_pairs(ev.human_history_sqlite(db, sorted(unknown)))
-        return info, history, asked
-
-    async def _history(self, session, recipient_pks: set[int]) -> tuple[set[tuple[int, str]], dict[int, float]]:
-        """The pairs of these recipients with a human open/click: from memory where known; and
-        when the others were asked of the database."""
-        history, unknown = self._known_history(recipient_pks)
-        asked = dict.fromkeys(unknown, time.monotonic())
-        if unknown:
-            history |= await ev.human_history(session, unknown)
-        return history, asked
-
     def _known_history(self, recipient_pks: set[int]) -> tuple[set[tuple[int, str]], set[int]]:
         """The history memory holds in full — both kinds known human, or the database asked within
         HISTORY_TTL (and this process's writes since added) — and the recipients to ask about.
@@ -307,15 +285,15 @@ class Recorder:
         leaves memory as it was."""
         known, asked, fresh = self._human, self._asked, time.monotonic() - HISTORY_TTL
         unknown = {pk for pk in recipient_pks
-                   if ((pk, "opened") not in known or (pk, "clicked") not in known)
+                   if ((pk, OPENED) not in known or (pk, CLICKED) not in known)
                    and asked.get(pk, fresh) <= fresh}
-        history = {(pk, k) for pk in recipient_pks - unknown for k in ("opened", "clicked") if (pk, k) in known}
+        history = {(pk, k) for pk in recipient_pks - unknown for k in (OPENED, CLICKED) if (pk, k) in known}
         return history, unknown
 
     @staticmethod
     def _move_dates(dates: dict[str, float], kind: str, at: float) -> None:
         """A human open or click: the contact's last_open_at/last_click_at and last_engagement_at."""
-        for key in ("last_open_at" if kind == "opened" else "last_click_at", "last_engagement_at"):
+        for key in ("last_open_at" if kind == OPENED else "last_click_at", "last_engagement_at"):
             if key not in dates or dates[key] < at:
                 dates[key] = at
 
@@ -331,18 +309,6 @@ class Recorder:
         burst = any(i != index and at - t < BURST_SECONDS for i, t in last.items())
         last[index] = at  # per link of the copy, its latest click
         return burst
-
-
-def _stamped(dates: dict[str, dict[str, float]], stamp) -> dict:
-    """Contact dates in epoch seconds as the driver's time parameters."""
-    return {address: {name: stamp(at) for name, at in moved.items()} for address, moved in dates.items()}
-
-
-def _store_sqlite(db, events_sql: str, rows: list[tuple], dates: dict[str, dict[str, str]]) -> None:
-    """On SQLite's thread: the batch's events and the contact dates they move."""
-    db.executemany(events_sql, rows)
-    if dates:
-        crm.touch_contacts_sqlite(db, dates)
 
 
 class SignedInIps:

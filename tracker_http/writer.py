@@ -20,8 +20,8 @@ pair private to the two processes):
   ``("hits", [hit, ...], signed_in_since)``. End of file means stop: the child writes what it
   holds (for up to the recorder's grace at stop) and exits.
 - to the serving process, after every batch tried: ``("ack", position, written, batches,
-  unknown_tokens, failures)`` — how far the stream has left the child's buffer, and the child's
-  counters since it started.
+  unknown_tokens, failures, classified)`` — how far the stream has left the child's buffer, and
+  the child's counters since it started (``classified``: the recorder's Stats.classified).
 
 The child ignores SIGINT and SIGTERM (a terminal's Ctrl-C and systemd's stop reach the whole
 process group), from its birth: they are blocked across its spawn until its first line ignores
@@ -213,15 +213,19 @@ class WriterClient:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         """The child's reports until it closes: written hits leave ``_inflight``."""
         last = dict.fromkeys(_COUNTERS, 0)  # this child's counters as last reported
+        last_classified: dict = {}
         stats = self.stats
         try:
             while True:
-                _, position, *counts = await _receive(reader)
+                _, position, *counts, classified = await _receive(reader)
                 for _ in range(position - self._acked):
                     self._inflight.popleft()
                 self._acked = position
                 for name, count in zip(_COUNTERS, counts):
                     setattr(stats, name, getattr(stats, name) + count - last[name])
+                for key, count in classified.items():
+                    stats.classified[key] = stats.classified.get(key, 0) + count - last_classified.get(key, 0)
+                last_classified = classified
                 written = counts[0] - last["written"]
                 last.update(zip(_COUNTERS, counts))
                 if written and self.on_written:
@@ -267,7 +271,7 @@ async def _child(fd: int) -> None:
 
     def report() -> None:
         st = recorder.stats
-        _send(writer, ("ack", recorder.position, *(getattr(st, name) for name in _COUNTERS)))
+        _send(writer, ("ack", recorder.position, *(getattr(st, name) for name in _COUNTERS), dict(st.classified)))
 
     recorder.on_flushed = report
     recorder.start()
