@@ -1,5 +1,11 @@
 """CRM queries: contacts, companies, deals, Never Log lists, logged emails and their timelines,
-and the GDPR erase. Each function takes the session first; the caller owns the transaction."""
+the CRM jobs, and the GDPR erase. Each function takes the session (or connection) first and the
+caller owns the transaction, except the CRM jobs' (``next_job``/``finish_job``/``job_failed``
+take the engine and commit their own).
+
+``log_email`` and the jobs' reads and writes run per logged message: on SQLite they are plain
+functions on the driver's thread (``storage.direct``, one trip each), elsewhere SQLAlchemy Core;
+``tests/test_crm_storage.py`` proves both store the same rows."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from core.events import Event, EventType
 from storage import crm, direct, events as ev, webhooks
 from storage.engine import make_engine, make_sessionmaker
 from storage.migrate import upgrade
-from storage.models import (Company, Contact, CrmJob, Deal, DealContact, LoggedEmail, Message, Recipient,
+from storage.models import (Company, Contact, CrmJob, Deal, DealContact, Message, Recipient,
                             WebhookCursor)
 
 T0 = datetime(2026, 11, 22, 9, 30, 15, 250, tzinfo=timezone.utc)
