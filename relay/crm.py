@@ -25,12 +25,12 @@ from relay.policy import ContactFacts
 from storage import crm as q
 from storage.models import utcnow
 from storage.engine import engine_of
-from storage.spool import Batcher
 from core.config import Config
 from core.companies import normalise_domains
 from core.mailaddr import canonical
 from core.neverlog import normalise_entry
 from core.aio import finish
+from core.batcher import Batcher
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker

@@ -83,15 +83,7 @@ async def release(sessionmaker: async_sessionmaker, claimed: Claimed, cursor: ev
 
 
 async def events_after(sessionmaker: async_sessionmaker, cursor: ev.Cursor, limit: int) -> list[Event]:
-    """Everybody's events after ``cursor`` in commit order (``storage.events.list_after``), as
+    """Everybody's events after ``cursor`` in commit order (``storage.events.events_after``), as
     ``core.events.Event`` records with their Message-ID and recipient."""
     async with sessionmaker() as s:
-        rows = await ev.list_after(s, None, cursor, limit)
-    return [_event(r) for r in rows]
-
-
-def _event(row) -> Event:
-    if isinstance(row, Event):
-        return row
-    e, message_id, recipient = row  # storage.events.list_after before it returns Event records
-    return Event.from_row(e, message_id, recipient)
+        return await ev.events_after(s, None, cursor, limit)

@@ -171,8 +171,8 @@ async def test_sqlites_single_trip_path_stores_the_rows_sqlalchemy_core_stores(t
     driver's thread: every stored value must be the one the Core statements store."""
     monkeypatch.setattr(crm, "utcnow", lambda: NOW)
     fast = await _scenario(f"sqlite+aiosqlite:///{tmp_path}/direct.db")
-    monkeypatch.setattr(direct, "usable", lambda conn: False)
-    core = await _scenario(f"sqlite+aiosqlite:///{tmp_path}/core.db")
+    with direct.disabled():
+        core = await _scenario(f"sqlite+aiosqlite:///{tmp_path}/core.db")
     _check(core)
     for table in TABLES:
         assert fast[table] == core[table], table
