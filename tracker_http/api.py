@@ -12,7 +12,6 @@ from aiohttp import web
 
 from storage import events as ev
 from storage import feed
-from tracker_http.shapes import event_json, event_of
 from tracker_http.state import CTX
 from tracker_http.web import MAX_LIMIT, cursor_param, error, id_param, int_param, json_response, owner_filter, user
 
@@ -21,9 +20,9 @@ async def list_events(request: web.Request) -> web.Response:
     cursor = cursor_param(request)
     limit = int_param(request, "limit", 100, 1, MAX_LIMIT)
     async with request.app[CTX].sessionmaker() as session:
-        rows = await ev.list_after(session, owner_filter(user(request)), cursor, limit)
-    nxt = str(ev.cursor_of(event_of(rows[-1]))) if len(rows) == limit else None
-    return json_response({"events": [event_json(row) for row in rows], "next": nxt})
+        events = await ev.events_after(session, owner_filter(user(request)), cursor, limit)
+    nxt = str(ev.cursor_of(events[-1])) if len(events) == limit else None
+    return json_response({"events": [e.to_json() for e in events], "next": nxt})
 
 
 async def list_messages(request: web.Request) -> web.Response:

@@ -1,7 +1,8 @@
-"""The JSON shapes of the API (SPEC §7): an error, a contact, a logged email, an event.
+"""The JSON shapes of the API (SPEC §7): an error, a contact, a logged email.
 
-Pure functions of what storage returned: no request, no session, no query. (A message and its
-recipients are shaped by ``storage.feed``, which reads them in the shape the feed shows.)
+Pure functions of what storage returned: no request, no session, no query. An event is shaped
+by ``core.events.Event.to_json`` (the API, the stream and the webhooks show it alike); a message
+and its recipients by ``storage.feed``, which reads them in the shape the feed shows.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ import json
 from datetime import datetime
 from typing import Any
 
-from core.events import Event
-from storage import events as ev
 from storage.models import Contact, LoggedEmail
 
 
@@ -48,16 +47,3 @@ def logged_json(e: LoggedEmail, attachments: list[tuple], bodies: bool = False) 
     if bodies:
         out["text"], out["html"] = e.text, e.html
     return out
-
-
-def event_json(row) -> dict:
-    """An event of ``storage.events.list_after``: a ``core.events.Event`` (``Event.to_json``), or
-    the (stored event, Message-ID, recipient) row it returned before it gave Events."""
-    if isinstance(row, Event):
-        return row.to_json()
-    return ev.event_json(*row)
-
-
-def event_of(row):
-    """The event itself of a ``list_after`` row (its cursor and type are read from it)."""
-    return row if isinstance(row, Event) else row[0]

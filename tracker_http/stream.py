@@ -14,7 +14,7 @@ import time
 from aiohttp import web
 
 from storage import events as ev
-from tracker_http.shapes import dumps, event_json, event_of
+from tracker_http.shapes import dumps
 from tracker_http.state import CTX
 from tracker_http.web import owner_filter, user
 
@@ -40,14 +40,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
     try:
         while not ctx.closing:
             async with ctx.sessionmaker() as session:
-                rows = await ev.list_after(session, who, cursor, BATCH)
-            for row in rows:
-                e = event_of(row)
+                events = await ev.events_after(session, who, cursor, BATCH)
+            for e in events:
                 cursor = ev.cursor_of(e)
-                data = dumps(event_json(row))
+                data = dumps(e.to_json())
                 await response.write(f"id: {cursor}\nevent: {e.type}\ndata: {data}\n\n".encode())
                 last_write = time.monotonic()
-            if len(rows) == BATCH:
+            if len(events) == BATCH:
                 continue
             if time.monotonic() - last_write > KEEPALIVE_SECONDS:
                 await response.write(b": keep-alive\n\n")
