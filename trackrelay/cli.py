@@ -717,10 +717,10 @@ async def _feed(cfg: Config, user: str | None, follow: bool, limit: int, as_json
         print("following new events (Ctrl-C stops)…", file=sys.stderr)
         while True:
             async with sm() as s:
-                rows = await ev.list_after(s, user, cursor, 500)
-            for e, _mid, rcpt in rows:
+                rows = await ev.events_after(s, user, cursor, 500)
+            for e in rows:
                 cursor = ev.cursor_of(e)
-                j = ev.event_json(e, _mid, rcpt)
+                j = e.to_json()
                 if as_json:
                     print(json.dumps(j, ensure_ascii=False), flush=True)
                     continue

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
+from relay import instrument
 from relay.crm import CrmLogger, CrmLookup
 from relay.inbound import InboundHandler, start_inbound
 from relay.render import CopyRenderer
@@ -107,7 +108,7 @@ class Service:
             if generated:
                 log.info("tracker.secret_keys not set: signing with the generated key in %s", generated)
         if "tracker" in self.roles:
-            self.tracker = Tracker(c, self.sessionmaker, keyring, self.bus)
+            self.tracker = Tracker(c, self.sessionmaker, keyring, self.bus, rewrite=instrument)
             self.tracker.ctx.service_metrics = self.metrics  # the API listener's /metrics shows it
             await self.tracker.start()
         if "worker" in self.roles:
