@@ -12,7 +12,7 @@ Pure: no I/O, no project imports.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -139,6 +139,16 @@ class Event(NamedTuple):
         }
 
 
+def rows(events: Iterable[Event], stamp: Callable[[Any], Any] = _same) -> list[tuple]:
+    """``as_row`` of many events in one comprehension (no call per event: the tracker's batches
+    are thousands). The type and classification stay the str-valued enum members: both drivers
+    bind them as their text."""
+    return [(kind, stamp(at), message_pk, recipient_pk, user, url, ip, user_agent, client, classification, reason,
+             first, inferred, dedupe_key)
+            for (kind, message_pk, at, recipient_pk, user, url, ip, user_agent, client, classification, reason,
+                 first, inferred, dedupe_key, _id, _txid, _message_id, _recipient) in events]
+
+
 def iso_time(at: datetime | float) -> str:
     """ISO 8601 UTC with a ``Z`` (naive datetimes are read as UTC, as SQLite gives them back)."""
     if not isinstance(at, datetime):
@@ -157,20 +167,32 @@ def human_sequence(event: Event, history: set[tuple[int, str]]) -> list[Event]:
     ``:open``) comes before it. ``first`` marks the recipient's first human event of its type.
     ``history`` holds the (recipient, type) pairs that already have a human event and gains these.
     An event that is not human is returned as it is."""
-    if event.classification != Classification.HUMAN or event.recipient_pk is None:
+    kind, rcpt = event[0], event[3]  # (type, recipient_pk): a tuple's items, read once
+    if event[9] != _HUMAN or rcpt is None:
         return [event]
-    rcpt = event.recipient_pk
-    out = []
-    cause = INFERRED_FROM.get(event.type)
-    if cause is not None and (rcpt, EventType.OPENED) not in history:
-        out.append(event._replace(
-            type=EventType.OPENED, url=None, reason=cause, first=True, inferred=True,
-            dedupe_key=None if event.dedupe_key is None else event.dedupe_key + ":open"))
-        history.add((rcpt, EventType.OPENED))
-    first = (rcpt, event.type) not in history
-    history.add((rcpt, event.type))
-    out.append(event if event.first == first else event._replace(first=first))
-    return out
+    done = (rcpt, kind)
+    cause = INFERRED_FROM.get(kind)
+    if cause is not None and (rcpt, _OPENED) not in history:
+        # Event._make of the changed fields (as _replace(type=OPENED, url=None, reason=cause,
+        # first=True, inferred=True, dedupe_key=…) would, ten times faster: most human events are
+        # a recipient's first, and the tracker writes thousands a second).
+        key = event[13]
+        opened = _make((_OPENED, *event[1:5], None, *event[6:10], cause, True, True,
+                        None if key is None else key + ":open", *event[14:]))
+        history.add((rcpt, _OPENED))
+        first = done not in history
+        history.add(done)
+        return [opened, event if event[11] == first else _make((*event[:11], first, *event[12:]))]
+    if done in history:
+        return [event if not event[11] else _make((*event[:11], False, *event[12:]))]
+    history.add(done)
+    return [event if event[11] else _make((*event[:11], True, *event[12:]))]
+
+
+_make = Event._make
+_HUMAN, _OPENED = Classification.HUMAN, EventType.OPENED
+assert Event._fields[:4] == ("type", "message_pk", "at", "recipient_pk") and Event._fields[5] == "url"
+assert Event._fields[9:15] == ("classification", "reason", "first", "inferred", "dedupe_key", "id")
 
 
 def recipient_status(delivery: str, human: Collection[EventType]) -> EventType | str:

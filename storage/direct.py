@@ -114,18 +114,20 @@ def sqlite_time(at: datetime) -> str:
     return at.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
-_SECOND: tuple[int, str] = (0, "1970-01-01 00:00:00")  # the last whole second formatted, and its text
+_SECOND: tuple[int, str] = (0, "1970-01-01 00:00:00.")  # the last whole second formatted, and its text
 
 
 def sqlite_epoch(at: float) -> str:
     """Epoch seconds as sqlite_time writes them (to the microsecond, rounded). The tracker stamps
-    each hit with time.time(); a second's text is formatted once for all its hits."""
+    each hit with time.time(); a second's text is formatted once for all its hits, the
+    microseconds zero-padded by slicing (cheaper than a format spec)."""
     global _SECOND
-    second, micro = divmod(round(at * 1_000_000), 1_000_000)
+    micros = round(at * 1_000_000)
+    second = micros // 1_000_000
     cached = _SECOND
     if cached[0] != second:
-        cached = _SECOND = (second, datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"))
-    return f"{cached[1]}.{micro:06d}"
+        cached = _SECOND = (second, datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%d %H:%M:%S."))
+    return cached[1] + str(micros - second * 1_000_000 + 1_000_000)[1:]
 
 
 def parse_time(text: str | None) -> datetime | None:

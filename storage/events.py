@@ -1,4 +1,10 @@
-"""Tracking events: resolving tokens, idempotent batch inserts, and the events list of the API."""
+"""Events (``core.events.Event``): written (``write_events``; the tracker's batches through
+``hits``), read back in commit order (``events_after``), and what the writers must know first
+(tokens, human history).
+
+On SQLite the hot ones run in one trip to its thread (``storage.direct``, private to storage):
+callers never know which path ran. Each query is written once for both paths where the two
+differ only in how they are sent (the token and history look-ups, the event INSERT)."""
 
 from __future__ import annotations
 
@@ -7,14 +13,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import and_, func, literal, or_, select
+from sqlalchemy import Boolean, and_, bindparam, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from core import events as em
 from core.events import Classification, EventType
 from storage import crm, direct
 from storage.engine import connection_of
-from storage.models import Event, Message, Recipient, utcnow
+from storage.models import Event, Message, Recipient, UTCDateTime, utcnow
 
 
 @dataclass(frozen=True)
@@ -29,32 +35,37 @@ class TokenInfo:
     never_log: bool
 
 
+#: The tokens' copies, written once for both paths: ``({in})`` the IN list (``direct.select_in`` on
+#: SQLite; an expanding parameter, which brings its own parentheses, elsewhere).
+_TOKENS_SQL = ('SELECT r.token, r.id, r.message_pk, r.address, m."user", m.client_ip, m.accepted_at, r.sent_at, '
+               "r.never_log FROM recipients r JOIN messages m ON m.id = r.message_pk WHERE r.token IN ({in})")
+_TOKENS = (text(_TOKENS_SQL.replace("({in})", ":values")).bindparams(bindparam("values", expanding=True))
+           .columns(accepted_at=UTCDateTime(), sent_at=UTCDateTime(), never_log=Boolean()))
+
+
 async def resolve_tokens(session: AsyncSession | AsyncConnection, tokens: set[str]) -> dict[str, TokenInfo]:
     if not tokens:
         return {}
     conn = await connection_of(session)
     if direct.usable(conn):
         return await direct.run(conn, resolve_tokens_sqlite, list(tokens))
-    rows = await conn.execute(
-        select(Recipient.token, Recipient.id, Recipient.message_pk, Recipient.address, Message.user,
-               Message.client_ip, Message.accepted_at, Recipient.sent_at, Recipient.never_log)
-        .join(Message, Message.id == Recipient.message_pk)
-        .where(Recipient.token.in_(tokens)))
+    rows = await conn.execute(_TOKENS, {"values": list(tokens)})
     return {r[0]: TokenInfo(*r[1:]) for r in rows.all()}
 
 
 def resolve_tokens_sqlite(db: direct.Db, tokens: list[str]) -> dict[str, TokenInfo]:
-    rows = direct.select_in(
-        db, "SELECT r.token, r.id, r.message_pk, r.address, m.user, m.client_ip, m.accepted_at, r.sent_at, "
-            "r.never_log FROM recipients r JOIN messages m ON m.id = r.message_pk WHERE r.token IN ({in})", tokens)
+    rows = direct.select_in(db, _TOKENS_SQL, tokens)
     return {token: TokenInfo(rid, mpk, address, user, ip, direct.parse_time(accepted), direct.parse_time(sent),
                              bool(never_log))
             for token, rid, mpk, address, user, ip, accepted, sent, never_log in rows}
 
 
-def _has_human(kind: EventType):
-    return (select(literal(1)).where(Event.recipient_pk == Recipient.id, Event.type == kind,
-                                     Event.classification == Classification.HUMAN).exists())
+#: Whether each recipient has a human event of each ENGAGEMENT type: one EXISTS per pair, written
+#: once for both paths (``{in}`` as in _TOKENS_SQL).
+_HUMAN_SQL = "SELECT r.id, " + ", ".join(
+    f"EXISTS (SELECT 1 FROM events e WHERE e.recipient_pk = r.id AND e.type = '{k}' "
+    f"AND e.classification = '{Classification.HUMAN}')" for k in em.ENGAGEMENT) + " FROM recipients r WHERE r.id IN ({in})"
+_HUMAN = text(_HUMAN_SQL.replace("({in})", ":values")).bindparams(bindparam("values", expanding=True))
 
 
 async def human_history(session: AsyncSession | AsyncConnection, recipient_pks: set[int]) -> set[tuple[int, str]]:
@@ -68,8 +79,7 @@ async def human_history(session: AsyncSession | AsyncConnection, recipient_pks: 
     if direct.usable(conn):
         rows = await direct.run(conn, human_history_sqlite, sorted(recipient_pks))
     else:
-        rows = (await conn.execute(select(Recipient.id, *(_has_human(k) for k in em.ENGAGEMENT))
-                                   .where(Recipient.id.in_(recipient_pks)))).all()
+        rows = (await conn.execute(_HUMAN, {"values": sorted(recipient_pks)})).all()
     return human_pairs(rows)
 
 
@@ -78,13 +88,8 @@ def human_pairs(rows) -> set[tuple[int, str]]:
     return {(r[0], k) for r in rows for k, has in zip(em.ENGAGEMENT, r[1:]) if has}
 
 
-_HAS_HUMAN_SQL = ", ".join(
-    f"EXISTS (SELECT 1 FROM events e WHERE e.recipient_pk = r.id AND e.type = '{k}' "
-    f"AND e.classification = '{Classification.HUMAN}')" for k in em.ENGAGEMENT)
-
-
 def human_history_sqlite(db: direct.Db, pks: list[int]) -> list[tuple]:
-    return direct.select_in(db, f"SELECT r.id, {_HAS_HUMAN_SQL} FROM recipients r WHERE r.id IN ({{in}})", pks)
+    return direct.select_in(db, _HUMAN_SQL, pks)
 
 
 #: The columns an event is written with (``core.events.COLUMNS``: ``Event.as_row``'s order).
@@ -155,15 +160,15 @@ async def write_events(session: AsyncSession | AsyncConnection, events: Iterable
     """Store these events (``core.events.Event``) in one executemany; one whose ``dedupe_key`` is
     already stored is skipped, so a retried batch writes nothing twice."""
     conn = await connection_of(session)
-    stamp = stamp_of(conn.dialect)
-    await _insert_rows(conn, [e.as_row(stamp) for e in events])
+    await _insert_rows(conn, em.rows(events, stamp_of(conn.dialect)))
 
 
 async def insert_idempotent(session: AsyncSession | AsyncConnection, rows: list[dict]) -> None:
     """``write_events`` for events given as dicts of their columns: missing keys are NULL, ``at``
     defaults to now, ``first``/``inferred`` to false.
 
-    Kept only for relay/inbound.py until it builds ``core.events.Event`` itself (then it goes)."""
+    A shim, kept for the callers that still give dicts (tests/test_schema.py; relay/inbound.py,
+    which it was kept for, builds ``core.events.Event`` now): new code calls ``write_events``."""
     if rows:
         now = utcnow()
         await write_events(session, [em.Event(
@@ -209,9 +214,9 @@ class Hits:
         if self._conn is None:
             epoch = direct.sqlite_epoch
             await direct.transaction(self._engine, _write_hits_sqlite, insert_sql(self._engine.dialect),
-                                     [e.as_row(epoch) for e in events], _stamped(dates, epoch))
+                                     em.rows(events, epoch), _stamped(dates, epoch))
             return
-        await _insert_rows(self._conn, [e.as_row(epoch_param(self._conn.dialect)) for e in events])
+        await _insert_rows(self._conn, em.rows(events, epoch_param(self._conn.dialect)))
         if dates:
             await crm.touch_contacts(self._conn, _stamped(dates, _epoch_utc))
 

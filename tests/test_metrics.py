@@ -126,6 +126,32 @@ async def test_metrics_of_one_process_move_as_mail_is_sent_and_delivered(relay, 
     assert await status_of(api_port, "/readyz") == (200, {"status": "ready"})  # the API listener's too
 
 
+async def test_tracker_hits_are_counted_by_type_and_classification(relay, sink):
+    """trackrelay_tracker_hits: the recorder's Stats.classified, carried from the event writer
+    process, one series per (type, classification) of the events written."""
+    port = free_port()
+    await relay.start(metrics={"listen": f"127.0.0.1:{port}"})
+    c = await client(relay.port)
+    await c.sendmail("alice@example.com", ["carol@ext.test"], HTML_MSG)
+    await c.quit()
+    (got,) = await sink.wait_for(1)
+    pixel = re.search(rb'src="(http://[^"]+/o/[^"]+\.gif)"', got.data).group(1).decode()
+    click = re.search(rb'href="(http://[^"]+/c/[^"]+)"', got.data).group(1).decode()
+    async with aiohttp.ClientSession() as s:  # aiohttp's agent: a scanner's, machine
+        for url in (pixel, pixel, click):
+            async with s.get(url, allow_redirects=False) as r:
+                assert r.status in (200, 302)
+    await relay.events_written()
+
+    async def counted():
+        m = await scrape(port)
+        return value(m, "trackrelay_tracker_hits_total", type="clicked", classification="machine") == 1 and m
+    await eventually(counted, 10, what="the hits counted")
+    m = await scrape(port)
+    assert value(m, "trackrelay_tracker_hits_total", type="opened", classification="machine") == 2
+    assert value(m, "trackrelay_tracker_hits_total", type="opened", classification="human") == 0
+
+
 async def test_two_services_in_one_process_keep_their_own_registries(tmp_path, sink):
     from trackrelay.service import Service
     services, ports = [], []

@@ -14,8 +14,9 @@ import itertools
 import logging
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -78,7 +79,8 @@ class Stats:
 
 
 OPENED, CLICKED = EventType.OPENED, EventType.CLICKED
-_HUMAN_OPEN = (OPENED, Classification.HUMAN)
+_TYPE, _CLASSIFICATION = itemgetter(0), itemgetter(9)
+assert Event._fields[0] == "type" and Event._fields[9] == "classification"
 
 
 class Recorder:
@@ -208,10 +210,11 @@ class Recorder:
         async with ev.hits(self._engine) as hits:
             info, history, unknown = await hits.facts({h[1] for h in batch}, self._known_history)
             asked = dict.fromkeys(unknown, time.monotonic())
-            events, dates, classified = self._events(batch, info, history)
+            events, dates = self._events(batch, info, history)
             await hits.write(events, dates)
-        counts = self.stats.classified  # the batch is committed: its events count
-        for key, n in classified.items():
+        # The batch is committed: its events count, by (type, classification), counted in C.
+        counts = self.stats.classified
+        for key, n in Counter(zip(map(_TYPE, events), map(_CLASSIFICATION, events))).items():
             counts[key] = counts.get(key, 0) + n
         if len(self._human) > HUMAN_CACHE_MAX or len(self._asked) > HUMAN_CACHE_MAX:
             self._human.clear()
@@ -221,18 +224,19 @@ class Recorder:
         return len(events)
 
     def _events(self, batch: list[Hit], info: dict[str, ev.TokenInfo], history: set[tuple[int, str]]
-                ) -> tuple[list[Event], dict[str, dict[str, float]], dict[tuple[EventType, Classification], int]]:
+                ) -> tuple[list[Event], dict[str, dict[str, float]]]:
         """Classify the batch: its events (inferred opens and ``first`` by
-        ``core.events.human_sequence``), the contact dates its human events move (epoch seconds,
-        by lower-cased address) and how many events of each (type, classification) there are.
-        ``history`` gains the batch's human pairs."""
+        ``core.events.human_sequence``) and the contact dates its human events move (epoch seconds,
+        by lower-cased address). ``history`` gains the batch's human pairs."""
         window = self.config.tracking.scanner_window_seconds
         recent_sign_in, burst, request_facts = self.signed_in.recent, self._burst, self._request_facts
         key_prefix, position = self._key_prefix, self._flushed
-        classified: dict[tuple[EventType, Classification], int] = {}
         events: list[Event] = []
-        dates: dict[str, dict[str, float]] = {}
-        copies: dict[str, tuple[float, float]] = {}  # token → (delivered, accepted) in epoch seconds
+        #: the latest human open and click by lower-cased address (the contact's dates)
+        latest: dict[EventType, dict[str, float]] = {OPENED: {}, CLICKED: {}}
+        #: token → (delivered, accepted) in epoch seconds, and the address whose contact moves
+        #: (None: a Never Log recipient's contact is never touched)
+        copies: dict[str, tuple[float, float, str | None]] = {}
         for i, (kind, token, method, ip, ua, at, url, link_index) in enumerate(batch):
             t = info.get(token)
             if t is None:
@@ -241,7 +245,8 @@ class Recorder:
             times = copies.get(token)
             if times is None:
                 accepted = t.accepted_at.timestamp()
-                times = copies[token] = (t.sent_at.timestamp() if t.sent_at else accepted, accepted)
+                times = copies[token] = (t.sent_at.timestamp() if t.sent_at else accepted, accepted,
+                                         None if t.never_log else t.address.lower())
             request = request_facts.get((kind, method, ua, ip))
             if request is None:
                 request = self._request(kind, method, ua, ip)
@@ -252,18 +257,16 @@ class Recorder:
             etype = OPENED if kind == "open" else CLICKED
             event = Event(etype, t.message_pk, at, t.recipient_pk, t.user, url, request[1], request[2], request[3],
                           cls, reason, False, False, f"{key_prefix}{position + i:012x}")
-            key = (etype, cls)
-            classified[key] = classified.get(key, 0) + 1
             if cls == HUMAN:
-                sequence = human_sequence(event, history)
-                events += sequence
-                if len(sequence) > 1:  # an inferred open
-                    classified[_HUMAN_OPEN] = classified.get(_HUMAN_OPEN, 0) + 1
-                if not t.never_log:  # a Never Log recipient's contact is never touched
-                    self._move_dates(dates.setdefault(t.address.lower(), {}), etype, at)
+                events += human_sequence(event, history)
+                address = times[2]
+                if address is not None:
+                    moved = latest[etype]
+                    if moved.get(address, 0.0) < at:
+                        moved[address] = at
             else:
                 events.append(event)
-        return events, dates, classified
+        return events, _contact_dates(latest[OPENED], latest[CLICKED])
 
     def _request(self, kind: str, method: str, ua: str, ip: str) -> tuple:
         """What a request's event owes to the request alone: (request_verdict, stored ip, user agent
@@ -290,13 +293,6 @@ class Recorder:
         history = {(pk, k) for pk in recipient_pks - unknown for k in (OPENED, CLICKED) if (pk, k) in known}
         return history, unknown
 
-    @staticmethod
-    def _move_dates(dates: dict[str, float], kind: str, at: float) -> None:
-        """A human open or click: the contact's last_open_at/last_click_at and last_engagement_at."""
-        for key in ("last_open_at" if kind == OPENED else "last_click_at", "last_engagement_at"):
-            if key not in dates or dates[key] < at:
-                dates[key] = at
-
     def _burst(self, token: str, link_index: int | None, at: float) -> bool:
         """Another link of the same copy clicked within BURST_SECONDS (scanners click them all)."""
         last = self._recent_clicks.get(token)
@@ -309,6 +305,23 @@ class Recorder:
         burst = any(i != index and at - t < BURST_SECONDS for i, t in last.items())
         last[index] = at  # per link of the copy, its latest click
         return burst
+
+
+def _contact_dates(opens: dict[str, float], clicks: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The latest human open and click by address as the contact dates they move: last_open_at,
+    last_click_at, and last_engagement_at the later of the two."""
+    dates: dict[str, dict[str, float]] = {}
+    for address, at in opens.items():
+        dates[address] = {"last_open_at": at, "last_engagement_at": at}
+    for address, at in clicks.items():
+        moved = dates.get(address)
+        if moved is None:
+            dates[address] = {"last_click_at": at, "last_engagement_at": at}
+        else:
+            moved["last_click_at"] = at
+            if moved["last_engagement_at"] < at:
+                moved["last_engagement_at"] = at
+    return dates
 
 
 class SignedInIps:
