@@ -316,12 +316,9 @@ async def events_after(session: AsyncSession, user: str | None, cursor: Cursor, 
     return [em.Event.from_row(e, message_id, recipient) for e, message_id, recipient in rows.all()]
 
 
-async def list_after(session: AsyncSession, user: str | None, cursor: Cursor, limit: int,
-                     message_pk: int | None = None) -> list[tuple[em.Event, str | None, str | None]]:
-    """``events_after`` as (Event, Message-ID, recipient) triples, the shape this returned before
-    there were Events: kept until its last callers that unpack the three (trackrelay/cli.py's
-    ``feed --follow``) move to ``events_after``; then it returns the Events themselves."""
-    return [(e, e.message_id, e.recipient) for e in await events_after(session, user, cursor, limit, message_pk)]
+#: The older name of ``events_after`` (it gave (stored row, Message-ID, recipient) triples before
+#: there were Events; its last caller that unpacked them, trackrelay/cli.py, reads Events now).
+list_after = events_after
 
 
 def cursor_of(event: Event | em.Event) -> Cursor:
@@ -330,8 +327,8 @@ def cursor_of(event: Event | em.Event) -> Cursor:
 
 def event_json(event: Event | em.Event, message_id: str | None = None, recipient: str | None = None) -> dict:
     """``core.events.Event.to_json`` of a stored event row (with its Message-ID and recipient),
-    or of an Event as ``list_after`` gives it. A shim for callers that still pass the three; new
-    code calls ``to_json`` itself."""
+    or of an Event as ``events_after`` gives it. A shim (no caller left in the tree): new code
+    calls ``to_json`` itself."""
     if not isinstance(event, em.Event):
         event = em.Event.from_row(event, message_id, recipient)
     return event.to_json()
