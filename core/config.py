@@ -83,6 +83,11 @@ class TrackerSection:
     secret_keys: tuple[str, ...] = field(default=(), repr=False)
     trusted_proxies: tuple[str, ...] = ()
     writer_process: bool = True
+    #: ``tracker refresh-apple-ranges``: Apple's own network (AS714), whose OPENS are Mail
+    #: Privacy Protection's prefetch, as RIPEstat JSON or one network a line…
+    apple_mpp_ranges_url: str = "https://stat.ripe.net/data/announced-prefixes/data.json?resource=AS714"
+    #: …and the iCloud Private Relay egress CSV (people browsing: never machine by address).
+    apple_private_relay_ranges_url: str = "https://mask-api.icloud.com/egress-ip-ranges.csv"
 
 
 @dataclass(frozen=True)
@@ -478,6 +483,10 @@ def _validate(c: Config, src: str) -> None:
             ipaddress.ip_network(p, strict=False)
         except ValueError:
             bad(f"tracker.trusted_proxies[{i}]", f"not an IP address or network: {p!r}")
+    for key in ("apple_mpp_ranges_url", "apple_private_relay_ranges_url"):
+        u = urlsplit(getattr(c.tracker, key))
+        if u.scheme not in ("http", "https") or not u.hostname:
+            bad(f"tracker.{key}", f"must be an http(s) URL, got {getattr(c.tracker, key)!r}")
     if not c.storage.url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
         bad("storage.url", "must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
     if c.tracking.pixel_position not in ("top", "bottom"):

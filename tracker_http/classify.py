@@ -37,16 +37,19 @@ def is_scanner_agent(user_agent: str) -> bool:
 
 
 @lru_cache(maxsize=8192)
-def request_verdict(kind: str, method: str, user_agent: str, apple_ip: bool) -> tuple[Classification, str] | None:
+def request_verdict(kind: str, method: str, user_agent: str, mpp_ip: bool) -> tuple[Classification, str] | None:
     """The rules that look only at the request (method, agent, Apple's addresses), in their order;
-    None when none fires. Cached: a reader's or scanner's requests repeat these four."""
+    None when none fires. Cached: a reader's or scanner's requests repeat these four.
+
+    ``mpp_ip``: the address is in Apple's Mail Privacy Protection ranges (tracker_http.apple), which
+    make an OPEN machine — Mail's proxy prefetches images, read or not. A click is never machine
+    by an Apple address: whoever clicks is a person (iCloud Private Relay carries people's own
+    browsing, and its ranges are no part of ``mpp_ip``)."""
     if method == "HEAD":
         return MACHINE, "head_request"
     if is_scanner_agent(user_agent):
         return MACHINE, "scanner_agent"
-    if kind == "open" and (apple_ip or user_agent.strip() == APPLE_MPP_AGENT):
-        return MACHINE, "apple_privacy_proxy"
-    if apple_ip:
+    if kind == "open" and (mpp_ip or user_agent.strip() == APPLE_MPP_AGENT):
         return MACHINE, "apple_privacy_proxy"
     return None
 

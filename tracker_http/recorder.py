@@ -90,7 +90,7 @@ class Recorder:
         self.config = config
         self.sessionmaker = sessionmaker
         self._engine = engine_of(sessionmaker)
-        self.apple = apple
+        self.apple = apple  # Mail Privacy Protection ranges: they make an open machine, never a click
         self.signed_in = signed_in_ips or SignedInIps()
         self.on_written = on_written
         #: Called after each batch tried, written or not (the writer process reports from it).
@@ -272,7 +272,7 @@ class Recorder:
         """What a request's event owes to the request alone: (request_verdict, stored ip, user agent
         as kept, client), remembered for the reader's or scanner's next request."""
         ua_kept = ua[:1000]
-        found = (request_verdict(kind, method, ua_kept, ip in self.apple),
+        found = (request_verdict(kind, method, ua_kept, kind == "open" and ip in self.apple),
                  stored_ip(ip, self.config.privacy.store_ip), ua_kept, client_of(ua_kept))
         facts = self._request_facts
         if len(facts) >= REQUEST_CACHE_MAX:

@@ -155,12 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     tp = cmd(sub, "tracker", "tracker data", "trackrelay tracker refresh-apple-ranges -c FILE")
     tps = tp.add_subparsers(dest="action", required=True, parser_class=_Parser, metavar="ACTION")
-    a = cmd(tps, "refresh-apple-ranges", "download Apple's privacy-proxy ranges to beside the database",
+    a = cmd(tps, "refresh-apple-ranges",
+            "download Apple's Mail Privacy Protection and iCloud Private Relay ranges to beside the database",
             "trackrelay tracker refresh-apple-ranges -c FILE",
-            "trackrelay tracker refresh-apple-ranges --file egress-ip-ranges.csv -c FILE")
+            "trackrelay tracker refresh-apple-ranges --only relay --file egress-ip-ranges.csv -c FILE")
+    a.add_argument("--only", choices=("mpp", "relay"),
+                   help="refresh one list: mpp (Mail Privacy Protection, from tracker.apple_mpp_ranges_url) "
+                        "or relay (iCloud Private Relay, from tracker.apple_private_relay_ranges_url); "
+                        "default both")
     src = a.add_mutually_exclusive_group()
-    src.add_argument("--url", help="where to download Apple's egress-ip-ranges.csv from")
-    src.add_argument("--file", help="read the list from this file instead of downloading it")
+    src.add_argument("--url", help="download the list from here instead of its configured URL "
+                                   "(the mpp list unless --only relay)")
+    src.add_argument("--file", help="read the list from this file instead of downloading it "
+                                    "(the mpp list unless --only relay)")
 
     qp = cmd(sub, "queue", "inspect and steer the delivery queue", "trackrelay queue list -c FILE",
              note="A message's id is the N of the relay's `250 2.0.0 OK: queued as N`; "
@@ -270,7 +277,7 @@ def _dispatch(args) -> int:
         return _serve(config_mod.load(path), args.only, args.metrics_listen)
     cfg = _load(args)
     if args.command == "check-config":
-        for w in config_mod.warnings_for(cfg):
+        for w in config_mod.warnings_for(cfg) + _apple_warnings(cfg):
             print(f"warning: {cfg.source}: {w}", file=sys.stderr)
         print(f"{os.path.abspath(cfg.source)}: OK")
         return 0
@@ -289,8 +296,15 @@ def _dispatch(args) -> int:
             raise UsageError(f"no user named {args.user!r} in {cfg.source}")
         return asyncio.run(_feed(cfg, args.user, args.follow, args.limit, args.json))
     if args.command == "tracker":
-        return asyncio.run(_refresh_apple(cfg, args.url, args.file))
+        only = args.only or ("mpp" if args.url or args.file else None)
+        return asyncio.run(_refresh_apple(cfg, only, args.url, args.file))
     raise UsageError(f"unknown command {args.command}")  # pragma: no cover
+
+
+def _apple_warnings(cfg: Config) -> list[str]:
+    from tracker_http import apple
+    stale = apple.stale_mpp_file(cfg)
+    return [apple.stale_warning(stale)] if stale else []
 
 
 def _hash_password() -> int:
@@ -731,23 +745,16 @@ async def _feed(cfg: Config, user: str | None, follow: bool, limit: int, as_json
                 await asyncio.sleep(0.5)
 
 
-async def _refresh_apple(cfg: Config, url: str | None, file: str | None) -> int:
-    from pathlib import Path
-
+async def _refresh_apple(cfg: Config, only: str | None, url: str | None, file: str | None) -> int:
     from tracker_http import apple
-    from core.links import key_file_path
-    source = file or url or apple.APPLE_EGRESS_URL
-    print(f"reading {source} …", file=sys.stderr)
     try:
-        text = Path(file).read_text() if file else await apple.fetch(source)
-    except Exception as e:
-        raise Failure(f"cannot read {source}: {type(e).__name__}: {e}") from None
-    nets = apple.parse_ranges(text)
-    if not nets:
-        raise Failure(f"{source} holds no IP networks")
-    out = key_file_path(cfg.storage.url).parent / "apple_mpp_ranges.txt"
-    apple.write_ranges(out, nets, source)
-    print(f"{len(nets)} networks written to {out}; restart the tracker to use them", file=sys.stderr)
+        written = await apple.refresh(cfg, only, url, file, say=lambda line: print(line, file=sys.stderr))
+    except apple.RangesError as e:
+        raise Failure(f"{e}; nothing written, the lists in use are kept") from None
+    for lst, count, path in written:
+        print(f"{lst.title}: {count} networks written to {path}", file=sys.stderr)
+    if written:
+        print("a running tracker reads them at its next SIGHUP or restart", file=sys.stderr)
     return 0
 
 

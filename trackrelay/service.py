@@ -53,6 +53,18 @@ _RESTART_KEYS = {
 ROLES = ("relay", "worker", "tracker")
 
 
+def _check_apple_ranges(config: Config) -> None:
+    """Apple's lists (tracker_http.apple): the tracker reads the Mail Privacy Protection ranges
+    (the refreshed file beside the database, else the shipped one) at start and on SIGHUP; the
+    iCloud Private Relay list makes no hit machine, so the tracker never loads it (the refresh
+    takes it out of the MPP list). Said here: an MPP file that is an older refresh's copy of the
+    Private Relay list."""
+    from tracker_http import apple
+    stale = apple.stale_mpp_file(config)
+    if stale:
+        log.warning("%s", apple.stale_warning(stale))
+
+
 @dataclass
 class Service:
     config: Config
@@ -108,6 +120,7 @@ class Service:
             if generated:
                 log.info("tracker.secret_keys not set: signing with the generated key in %s", generated)
         if "tracker" in self.roles:
+            _check_apple_ranges(c)
             self.tracker = Tracker(c, self.sessionmaker, keyring, self.bus, rewrite=instrument)
             self.tracker.ctx.service_metrics = self.metrics  # the API listener's /metrics shows it
             await self.tracker.start()
@@ -198,7 +211,8 @@ class Service:
             elif hasattr(part, "_config"):
                 part._config = new
         if self.tracker is not None:
-            await self.tracker.reconfigure(new)
+            _check_apple_ranges(new)
+            await self.tracker.reconfigure(new)  # reads the Mail Privacy Protection ranges again
         return restart
 
     async def stop(self) -> None:
