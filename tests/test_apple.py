@@ -95,10 +95,19 @@ async def test_refresh_only_one_list(tmp_path, sources):
     # the shipped MPP list (17.0.0.0/8) is written beside the database without the Private Relay part
     mpp = RangeSet.from_file(tmp_path / "apple_mpp_ranges.txt")
     assert MPP_ADDR in mpp and RELAY_IN_APPLE not in mpp and "198.51.100.1" not in mpp
+    assert (tmp_path / "apple_mpp_ranges.txt").read_text().startswith(
+        f"# Apple Mail Privacy Protection ranges, from {apple.MPP.shipped}\n")
     assert await cli("-c", str(cfg), "tracker", "refresh-apple-ranges", "--only", "mpp") == 0
     assert hits == ["/egress.csv", "/as714.json"]
     mpp = RangeSet.from_file(tmp_path / "apple_mpp_ranges.txt")
     assert "198.51.100.1" in mpp and RELAY_IN_APPLE not in mpp  # the Private Relay list in use, taken out
+    (tmp_path / "apple_private_relay_ranges.txt").write_text("17.58.0.0/16\n")  # a new Private Relay list
+    assert await cli("-c", str(cfg), "tracker", "refresh-apple-ranges", "--only", "relay",
+                     "--file", str(tmp_path / "apple_private_relay_ranges.txt")) == 0
+    mpp = RangeSet.from_file(tmp_path / "apple_mpp_ranges.txt")
+    assert MPP_ADDR not in mpp and "17.59.0.1" in mpp
+    assert (tmp_path / "apple_mpp_ranges.txt").read_text().startswith(
+        f"# Apple Mail Privacy Protection ranges, from {base}/as714.json\n")  # still where it came from
     assert await cli("-c", str(cfg), "tracker", "refresh-apple-ranges", "--only", "relay",
                      "--url", f"{base}/egress.csv") == 0
 

@@ -81,17 +81,16 @@ def _network(spec: str) -> str | None:
     return _cidrs(*span)[0] if span else None
 
 
-def _lines(text: str, source: str, first_field: bool) -> list[str]:
-    """One network per line (``#`` comments; with ``first_field`` a CSV line's first field); refused
-    when no line, or fewer than half of them, is a network (an HTML error page, another format)."""
+def _lines(text: str, source: str) -> list[str]:
+    """One network per line (``#`` comments; of a CSV line its first field); refused when no line,
+    or fewer than half of them, is a network (an HTML error page, another format)."""
     out: list[str] = []
     bad: list[tuple[int, str]] = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        spec = line.split(",", 1)[0] if first_field else line
-        net = _network(spec)
+        net = _network(line.split(",", 1)[0])
         if net is None:
             bad.append((n, line))
         else:
@@ -105,13 +104,12 @@ def _lines(text: str, source: str, first_field: bool) -> list[str]:
 
 def parse_ranges(text: str, source: str = "the list") -> list[str]:
     """Apple's Private Relay egress CSV (``prefix,country,region,city,``), or one network per line."""
-    return _lines(text, source, first_field=True)
+    return _lines(text, source)
 
 
 def parse_mpp(text: str, source: str = "the list") -> list[str]:
-    """RIPEstat's announced-prefixes JSON (``data.prefixes[].prefix``), or one network per line
-    (a CSV line's first field);
-    refused when a network is broader than ``MIN_PREFIX``."""
+    """RIPEstat's announced-prefixes JSON (``data.prefixes[].prefix``), or one network per line (of
+    a CSV line its first field); refused when a network is broader than ``MIN_PREFIX``."""
     if text.lstrip().startswith("{"):
         try:
             prefixes = json.loads(text)["data"]["prefixes"]
@@ -123,7 +121,7 @@ def parse_mpp(text: str, source: str = "the list") -> list[str]:
             raise RangesError(f"{source}: RIPEstat JSON without prefixes, or with one that is not a network")
         out = [n for n in nets if n is not None]
     else:
-        out = _lines(text, source, first_field=True)
+        out = _lines(text, source)
     for n in out:
         net = ipaddress.ip_network(n)
         if net.prefixlen < MIN_PREFIX[net.version]:
@@ -222,10 +220,22 @@ LISTS = {"mpp": MPP, "relay": RELAY}
 def read_networks(path: Path) -> list[str]:
     out = []
     for line in path.read_text().splitlines():
-        net = _network(line.split("#", 1)[0].split(",", 1)[0]) if line.split("#", 1)[0].strip() else None
+        line = line.split("#", 1)[0].strip()
+        net = _network(line.split(",", 1)[0]) if line else None
         if net:
             out.append(net)
     return out
+
+
+def _source_of(path: Path, title: str) -> str:
+    """Where a list the refresh wrote came from (its first line says), else the file itself."""
+    try:
+        with path.open() as f:
+            first = f.readline().rstrip("\n")
+    except OSError:
+        return str(path)
+    head = f"# {title}, from "
+    return first[len(head):] if first.startswith(head) else str(path)
 
 
 async def fetch(url: str, timeout: float = 120) -> str:
@@ -296,7 +306,7 @@ async def refresh(config, only: str | None = None, url: str | None = None,
         nets, source = got["mpp"]
     else:  # a new Private Relay list: the MPP list in use, without it
         current = MPP.path(config)
-        nets, source = read_networks(current), str(current)
+        nets, source = read_networks(current), _source_of(current, MPP.title)
     kept = subtract(nets, relay_nets)
     if "mpp" in got or kept != nets:
         out = MPP.refreshed(config)
