@@ -25,7 +25,8 @@ from relay.protocol import UNSAFE
 from core import idn
 from core.config import Config, User
 from core.mailaddr import quote_local, unquote_local
-from storage.spool import SpoolEntry, SpoolRecipient, transient
+from core.batcher import transient
+from storage.spool import SpoolEntry, SpoolRecipient
 
 #: Removed before delivery (SPEC §3): they steer us, not the recipient.
 CONTROL_HEADERS = {"x-track", "x-log", "x-log-associate"}

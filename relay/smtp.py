@@ -21,15 +21,11 @@ from relay import acceptance, maillog
 from relay import replies
 from relay.auth import Authenticator
 from relay.policy import ContactFacts
-from storage.spool import Batcher, SpoolEntry
+from core.batcher import Batcher
+from storage.spool import SpoolEntry
 from core.config import Config
-
-# The names this module held before the protocol and the acceptance steps moved out (the inbound
-# listener and tests import them from here).
-from relay.acceptance import (CONTROL_HEADERS, MAX_RECEIVED, canonical, recipient_problem,  # noqa: F401
-                              sender_problem)
-from relay.protocol import (CALL_LIMITS, DATA_CHUNK, RelaySMTP, SessionTracking, path_ok,  # noqa: F401
-                            protocol_factory as _protocol_factory, tls_context)
+from relay.acceptance import canonical, recipient_problem
+from relay.protocol import RelaySMTP, SessionTracking, protocol_factory as _protocol_factory, tls_context
 
 log = logging.getLogger("trackrelay.relay")
 

@@ -24,12 +24,12 @@ from typing import Callable, Protocol
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from relay import maillog
-from relay.handoff import HEARTBEAT_SECONDS, STALE_BEATS, Handoff  # noqa: F401  (their old home)
+from relay.handoff import Handoff
 from relay.upstream import Result
 from storage import queue as q
 from storage.engine import engine_of
 from storage.models import utcnow
-from storage.spool import Batcher, transient
+from core.batcher import Batcher, transient
 from core.config import Config
 
 log = logging.getLogger("trackrelay.worker")

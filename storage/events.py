@@ -17,7 +17,7 @@ from sqlalchemy import Boolean, and_, bindparam, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from core import events as em
-from core.events import Classification, EventType
+from core.events import Classification
 from storage import crm, direct
 from storage.engine import connection_of
 from storage.models import Event, Message, Recipient, UTCDateTime, utcnow
@@ -316,22 +316,8 @@ async def events_after(session: AsyncSession, user: str | None, cursor: Cursor, 
     return [em.Event.from_row(e, message_id, recipient) for e, message_id, recipient in rows.all()]
 
 
-#: The older name of ``events_after`` (it gave (stored row, Message-ID, recipient) triples before
-#: there were Events; its last caller that unpacked them, trackrelay/cli.py, reads Events now).
-list_after = events_after
-
-
 def cursor_of(event: Event | em.Event) -> Cursor:
     return Cursor(event.txid or 0, event.id)
-
-
-def event_json(event: Event | em.Event, message_id: str | None = None, recipient: str | None = None) -> dict:
-    """``core.events.Event.to_json`` of a stored event row (with its Message-ID and recipient),
-    or of an Event as ``events_after`` gives it. A shim (no caller left in the tree): new code
-    calls ``to_json`` itself."""
-    if not isinstance(event, em.Event):
-        event = em.Event.from_row(event, message_id, recipient)
-    return event.to_json()
 
 
 async def latest_cursor(session: AsyncSession, user: str | None) -> Cursor:

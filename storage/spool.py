@@ -18,7 +18,7 @@ from storage.engine import connection_of, engine_of
 from storage.models import CrmJob, Message, Recipient, utcnow
 from core.events import Event, EventType
 #: The group commit lives in core.batcher; imported here by name for the spool's users.
-from core.batcher import Batcher, message_fault, transient  # noqa: F401
+from core.batcher import Batcher
 
 
 @dataclass

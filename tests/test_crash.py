@@ -256,7 +256,7 @@ async def test_database_locked_longer_than_the_lease_while_a_lane_sends_delivers
 async def test_two_workers_one_killed_the_survivor_takes_its_copies_within_a_few_heartbeats(tmp_path, sink, pg_url):
     """`serve --only worker` twice beside a relay, the default lease (300 s): kill -9 the worker
     holding copies, and the other frees and delivers them within a few heartbeat intervals."""
-    from relay.worker import HEARTBEAT_SECONDS
+    from relay.handoff import HEARTBEAT_SECONDS
     from topology import Topology, send_many
 
     topo = Topology(pg_url, sink.url, tmp_path)
@@ -306,7 +306,7 @@ async def test_a_heartbeat_that_stands_still_frees_its_claims_one_that_moves_kee
     from datetime import timedelta
 
     from conftest import RelayFixture
-    from relay.worker import HEARTBEAT_SECONDS, STALE_BEATS
+    from relay.handoff import HEARTBEAT_SECONDS, STALE_BEATS
     from storage import queue as q
     from storage.models import utcnow
     from storage.spool import SpoolEntry, SpoolRecipient, add_entries
@@ -397,7 +397,7 @@ async def test_heartbeats_stalled_for_everyone_free_no_claim(tmp_path, sink, pg_
     """Two live workers whose heartbeats both stall (their table locked) for longer than the
     others need to judge a worker dead: a stall is one missed renewal, not several, so neither
     frees the other's copies, and every copy is delivered once."""
-    from relay.worker import HEARTBEAT_SECONDS, STALE_BEATS
+    from relay.handoff import HEARTBEAT_SECONDS, STALE_BEATS
     from topology import Topology, send_many
 
     topo = Topology(pg_url, sink.url, tmp_path)

@@ -199,7 +199,7 @@ async def test_ensure_contact_creates_once_with_its_company(db_url):
 
 async def _visible(sm, cursor, timeout: float = 15.0) -> list[Event]:
     """The events after ``cursor`` once there are any: on PostgreSQL an event is listed once every
-    older transaction of the cluster has ended (``storage.events.list_after``)."""
+    older transaction of the cluster has ended (``storage.events.events_after``)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not (found := await webhooks.events_after(sm, cursor, 10)) and loop.time() < deadline:

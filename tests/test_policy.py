@@ -255,3 +255,12 @@ def test_the_inbound_table():
     assert decide("mailer-daemon@ext.test", system_sender=True) == (True, False, False, ["log_bcc", "system_sender"])
     assert decide("carol@ext.test", config=config(crm={"create_contacts": False})) == \
         (True, False, False, ["log_bcc", "create_contacts_off"])
+
+
+def test_every_reason_has_words_on_the_pages():
+    """The reasons stored with a recipient are its audit trail: the message page says each in words."""
+    from tracker_http.pages import recipient_reason_words
+
+    for reason in Reason:
+        words = recipient_reason_words(reason)
+        assert words and words != reason.value.replace("_", " "), reason

@@ -287,7 +287,7 @@ async def test_data_dot_unstuffing_empty_body_and_a_command_pipelined_after_the_
 def test_fast_envelope_address_parse_agrees_with_aiosmtpd():
     from aiosmtpd.smtp import SMTP
 
-    from relay.smtp import RelaySMTP
+    from relay.protocol import RelaySMTP
     loop = asyncio.new_event_loop()  # aiosmtpd would make one per instance and leave it open
     ours, theirs = RelaySMTP(object(), hostname="x", loop=loop), SMTP(object(), hostname="x", loop=loop)
     loop.close()

@@ -26,6 +26,7 @@ from core.attempts import Attempt, AttemptBudgets
 from core.config import User
 from core.neverlog import normalise_entry
 from core.passwords import CHECKER, Busy, hash_for, token_hash
+from core.reasons import Reason
 from storage import api_tokens, dashboard, edits, feed, messages
 from storage import crm as q
 from tracker_http import charts, sessions
@@ -284,12 +285,17 @@ def reason_words(event: dict, sent_at: str | None = None) -> str:
     return reason or ""
 
 
+#: Words for each policy reason (``core.reasons.Reason``; X-Track and X-Log choices say what they chose).
 _RECIPIENT_REASONS = {
-    "tracking_disabled": "tracking is off for everybody", "default_untracked": "not tracked by default",
-    "x_track_invalid": "X-Track header not understood", "internal": "a colleague: neither tracked nor logged",
-    "do_not_track": "the contact asked not to be tracked", "gdpr_no_basis": "no legal basis to track (GDPR)",
-    "never_log": "on a Never Log list", "log_bcc": "logged: BCC to the log address",
-    "default_unlogged": "not logged by default",
+    Reason.TRACKING_DISABLED: "tracking is off for everybody", Reason.DEFAULT_UNTRACKED: "not tracked by default",
+    Reason.X_TRACK_INVALID: "X-Track header not understood",
+    Reason.INTERNAL: "a colleague: neither tracked nor logged",
+    Reason.OWN_ADDRESS: "one of your own addresses: neither tracked nor logged",
+    Reason.DO_NOT_TRACK: "the contact asked not to be tracked", Reason.GDPR_NO_BASIS: "no legal basis to track (GDPR)",
+    Reason.NEVER_LOG: "on a Never Log list", Reason.LOG_BCC: "logged: BCC to the log address",
+    Reason.DEFAULT_UNLOGGED: "not logged by default",
+    Reason.CREATE_CONTACTS_OFF: "logged only to an existing contact (contact creation is off)",
+    Reason.SYSTEM_SENDER: "a system sender: no contact created",
 }
 
 

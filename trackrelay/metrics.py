@@ -306,7 +306,7 @@ class _Collector:
 
 
 def _batcher(prefix: str, what: str, b) -> Iterable:
-    """A group-commit writer's backlog, batches and items (storage.spool.Batcher)."""
+    """A group-commit writer's backlog, batches and items (core.batcher.Batcher)."""
     if b is None:
         return
     yield GaugeMetricFamily(f"{prefix}_backlog", f"{what.capitalize()} waiting to be committed.",
