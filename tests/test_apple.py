@@ -35,7 +35,7 @@ async def sources():
     bodies = {"/as714.json": json.dumps(AS714), "/egress.csv": EGRESS,
               "/html": "<html><body><h1>503 Service Unavailable</h1></body></html>",
               "/error.json": json.dumps({"status": "error", "messages": [["error", "no such resource"]]}),
-              "/everything.txt": "0.0.0.0/0\n"}
+              "/list.json": json.dumps({"prefixes": ["17.0.0.0/8"]}), "/everything.txt": "0.0.0.0/0\n"}
     hits: list[str] = []
 
     async def serve(request):
@@ -114,7 +114,8 @@ async def test_refresh_only_one_list(tmp_path, sources):
 
 @pytest.mark.parametrize("mpp, relay, said", [
     ("/as714.json", "/html", "/html: not a list of IP networks (0 networks, 1 other lines; line 1: '<html>"),
-    ("/error.json", "/egress.csv", "/error.json: not RIPEstat announced-prefixes JSON"),
+    ("/error.json", "/egress.csv", "/error.json: RIPEstat answered status 'error'"),
+    ("/list.json", "/egress.csv", "/list.json: not RIPEstat announced-prefixes JSON (data.prefixes[].prefix)"),
     ("/everything.txt", "/egress.csv", "0.0.0.0/0 is broader than /8"),
     ("/missing", "/egress.csv", "cannot read http://127.0.0.1:"),
 ])

@@ -112,9 +112,15 @@ def parse_mpp(text: str, source: str = "the list") -> list[str]:
     a CSV line its first field); refused when a network is broader than ``MIN_PREFIX``."""
     if text.lstrip().startswith("{"):
         try:
-            prefixes = json.loads(text)["data"]["prefixes"]
+            body = json.loads(text)
+            if body.get("status", "ok") != "ok":
+                raise RangesError(f"{source}: RIPEstat answered status {body.get('status')!r}: "
+                                  f"{body.get('messages')}")
+            prefixes = body["data"]["prefixes"]
             nets = [_network(p["prefix"]) for p in prefixes]
-        except (ValueError, KeyError, TypeError) as e:
+        except RangesError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise RangesError(f"{source}: not RIPEstat announced-prefixes JSON "
                               f"(data.prefixes[].prefix): {type(e).__name__}: {e}") from None
         if not nets or None in nets:
