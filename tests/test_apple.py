@@ -145,6 +145,21 @@ async def test_check_config_validates_the_urls_and_names_an_old_refresh(tmp_path
     assert "is the iCloud Private Relay list written as Mail Privacy Protection ranges" in capsys.readouterr().err
 
 
+def test_an_old_refresh_of_private_relay_is_not_used_as_mpp_ranges(tmp_path):
+    from core.config import load as load_config
+    from tracker_http.netaddr import SHIPPED_APPLE_RANGES, apple_ranges_path
+
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'[storage]\nurl = "sqlite+aiosqlite:///{tmp_path}/t.db"\n[relay]\nhostname = "h.example"\n')
+    config = load_config(cfg)
+    refreshed = tmp_path / "apple_mpp_ranges.txt"
+    refreshed.write_text("# Apple privacy proxy egress ranges, from https://mask-api.icloud.com/egress-ip-ranges.csv\n"
+                         "172.224.226.0/27\n")
+    assert apple_ranges_path(config) == SHIPPED_APPLE_RANGES
+    refreshed.write_text(apple.MPP.shipped.read_text())  # what today's refresh writes: used
+    assert apple_ranges_path(config) == refreshed
+
+
 def test_shipped_lists_are_named_for_what_they_are():
     assert apple.MPP.shipped.name == "apple_mpp_ranges.txt" and apple.RELAY.shipped.name == "apple_private_relay_ranges.txt"
     mpp, relay = RangeSet.from_file(apple.MPP.shipped), RangeSet.from_file(apple.RELAY.shipped)

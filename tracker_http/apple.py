@@ -331,5 +331,5 @@ def _looks_like_relay_csv(text: str) -> bool:
 
 def stale_warning(path: Path) -> str:
     return (f"{path} is the iCloud Private Relay list written as Mail Privacy Protection ranges by "
-            "an older refresh: opens from Private Relay would count as machine; run "
+            "an older refresh: it is not used (the shipped list is); run "
             "`trackrelay tracker refresh-apple-ranges`")

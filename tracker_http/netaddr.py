@@ -15,9 +15,16 @@ SHIPPED_APPLE_RANGES = Path(__file__).parent / "data" / "apple_mpp_ranges.txt"
 
 
 def apple_ranges_path(config) -> Path:
-    """The refreshed list beside the database if there is one, else the one shipped."""
+    """The refreshed Mail Privacy Protection list beside the database if there is one, else the one
+    shipped. A file the refresh of before 2026-12 wrote there (from the Private Relay list: it
+    starts "# Apple privacy proxy egress ranges, from ") is not used: those ranges carry people's
+    browsing, and check-config and serve warn about it (``tracker_http.apple.stale_mpp_file``)."""
     refreshed = key_file_path(config.storage.url).parent / "apple_mpp_ranges.txt"
-    return refreshed if refreshed.is_file() else SHIPPED_APPLE_RANGES
+    if refreshed.is_file():
+        with refreshed.open(encoding="utf-8", errors="replace") as f:
+            if not f.readline().startswith("# Apple privacy proxy egress ranges, from "):
+                return refreshed
+    return SHIPPED_APPLE_RANGES
 
 
 def networks(specs: tuple[str, ...] | list[str]) -> list[Network]:
