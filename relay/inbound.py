@@ -24,8 +24,11 @@ refers to our mail. Before the 250, in one transaction:
   Log lists: the relay's own rules decide (``relay.policy.INBOUND_RULES``) and their reasons are
   logged;
 - a reply records ``replied`` (and an inferred open when no human open came first) only when its
-  In-Reply-To/References name one of that user's messages and its sender was a recipient of it,
-  and never when it is automatic (``relay.autoreply``).
+  In-Reply-To/References name one of that user's messages and its sender was a recipient of it;
+  an automatic one (``relay.autoreply``: out-of-office, autoresponder, read receipt) with the same
+  proof records ``replied`` classified ``machine``, reason ``auto_reply:<what was recognised>``
+  (``auto_reply:header Auto-Submitted: auto-replied``, ``auto_reply:subject: out of office``):
+  no inferred open, no engagement date moved, not counted as engagement anywhere.
 """
 
 from __future__ import annotations
@@ -240,10 +243,10 @@ class InboundHandler(SessionTracking):
             log.info("inbound mail for %s: %s (%s)", user.name, "logged" if logged is not None else "not logged",
                      ", ".join(d.reasons))
         why = automatic_reason(parsed)
-        if why is None and not mailaddr.is_system(sender):
-            await self._replied(s, parsed, sender, never, replied_to)
-        elif why is not None:
-            log.info("inbound automatic reply, no replied event: %s", why)
+        if not mailaddr.is_system(sender):
+            await self._replied(s, parsed, sender, never, replied_to, why)
+            if why is not None:
+                log.info("inbound automatic reply (%s): a machine replied for %d proven copies", why, len(replied_to))
 
     def decide(self, sender: str, mail_from: str | None, lists: q.NeverLogLists) -> policy.Decision:
         """Whether mail from ``sender`` to a user's log address is logged, and a contact created
@@ -262,13 +265,24 @@ class InboundHandler(SessionTracking):
         return ([parsed.in_reply_to] if parsed.in_reply_to else []) + parsed.references
 
     async def _replied(self, s: AsyncSession, parsed: ParsedEmail, sender: str, never: bool,
-                       rows: list[Copy]) -> None:
+                       rows: list[Copy], automatic: str | None = None) -> None:
         """``replied`` for the copies the reply proved to answer (its In-Reply-To/References name
         the message, its sender was the copy's recipient, the message is the addressed user's),
-        with an inferred open before it when no human open came first (``human_sequence``)."""
+        with an inferred open before it when no human open came first (``human_sequence``).
+
+        An automatic reply (``automatic``: what ``relay.autoreply.detect`` recognised) proves the
+        same but is no engagement: a ``replied`` classified machine with reason
+        ``auto_reply:<why>``, no inferred open, ``first`` unset, no contact date moved."""
         if not rows:
             return
         now = utcnow()
+        if automatic is not None:
+            reason = f"auto_reply:{automatic}"[:1000]
+            await ev.write_events(s, [Event(
+                type=EventType.REPLIED, at=now, message_pk=c.message_pk, recipient_pk=c.id, user=c.user,
+                classification=Classification.MACHINE, reason=reason,
+                dedupe_key=f"reply:{parsed.message_id or id(parsed)}:{c.id}") for c in rows])
+            return
         history = await ev.human_history(s, {c.id for c in rows})
         events: list[Event] = []
         for c in rows:
