@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
@@ -41,6 +42,7 @@ _RESTART_KEYS = {
     "relay.inbound_listen": lambda c: c.relay.inbound_listen,
     "relay.hostname": lambda c: c.relay.hostname,
     "relay.tls_cert_file (on or off)": lambda c: bool(c.relay.tls_cert_file),
+    "api.tls_cert_file (on or off)": lambda c: bool(c.api.tls_cert_file),
     "tracker.listen": lambda c: c.tracker.listen,
     "api.listen": lambda c: c.api.listen,
     "storage.url": lambda c: c.storage.url,
@@ -63,6 +65,27 @@ def _check_apple_ranges(config: Config) -> None:
     stale = apple.stale_mpp_file(config)
     if stale:
         log.warning("%s", apple.stale_warning(stale))
+
+
+def _check_certificates(new: Config, sections: tuple[str, ...]) -> None:
+    """A reload's certificate pairs load (into a scratch context) before anything is taken from
+    ``new``: a renewal gone wrong (a garbage file, a key of another certificate) is refused naming
+    the file, and the running certificates, users and the rest stay as they were."""
+    for section in sections:
+        sec = getattr(new, section)
+        if not sec.tls_cert_file:
+            continue
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_verify_locations(cafile=sec.tls_cert_file)  # parses the certificates alone
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(new.source, f"{section}.tls_cert_file",
+                              f"{sec.tls_cert_file} is not a PEM certificate ({e})") from None
+        try:
+            ctx.load_cert_chain(sec.tls_cert_file, sec.tls_key_file)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(new.source, f"{section}.tls_key_file",
+                              f"{sec.tls_key_file} is not the PEM key of {sec.tls_cert_file} ({e})") from None
 
 
 @dataclass
@@ -195,6 +218,10 @@ class Service:
         ranges — without dropping a session. Returns what still needs a restart to change."""
         old = self.config
         restart = [key for key, get in _RESTART_KEYS.items() if get(old) != get(new)]
+        _check_certificates(new, tuple(
+            section for section, running in (("relay", self.handler and self.handler.tls),
+                                             ("api", self.tracker and getattr(self.tracker, "api_tls", None)))
+            if running is not None))
         if self.handler is not None and self.handler.tls is not None and new.relay.tls_cert_file:
             self.handler.tls.load_cert_chain(new.relay.tls_cert_file, new.relay.tls_key_file)
         self.config = new
