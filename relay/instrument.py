@@ -17,10 +17,11 @@ import quopri
 import re
 from dataclasses import dataclass, field
 from email.message import Message as _HeaderParser
+from typing import NamedTuple
 
 from relay import message as m
 from relay.html_scan import AMBIGUOUS, has_visible_content, looks_like_url, scan, visible_text
-from core.links import Keyring, encode_target, is_http_url, pixel_url, representable, signed_click
+from core.links import Keyring, is_http_url, pixel_url, representable
 
 MAX_DEPTH = 30
 MAX_PARTS = 500
@@ -43,9 +44,9 @@ class Plan:
     skip_url_text_links: bool = True
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A link that may be wrapped: its href value span, target, and what could still skip it."""
+class Candidate(NamedTuple):
+    """A link that may be wrapped: its href value span, target, and what could still skip it.
+    (A NamedTuple: a frozen dataclass's __init__ cost more than the rest of a link's preparation.)"""
 
     start: int
     end: int
@@ -73,6 +74,9 @@ class HtmlPart:
     #: Copies' templates by (clicks, skip_url_text_links, where the pixel goes): built by the second
     #: copy of that kind, so every further copy only signs its URLs and joins bytes.
     templates: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+_b64 = binascii.b2a_base64  # ``links.encode_target`` as _prepare spells it (fewer calls per link)
 
 
 def _prepare(text: str, public_url: str, charset: str = "utf-8") -> tuple[
@@ -103,7 +107,8 @@ def _prepare(text: str, public_url: str, charset: str = "utf-8") -> tuple[
         inner = text[link.text_start:link.text_end] if link.text_start >= 0 else ""
         url_text = "." in inner and looks_like_url(visible_text(inner))  # a URL or domain has a dot
         candidates.append(Candidate(link.href.value_start, link.href.value_end, link.target,
-                                    encode_target(link.target), url_text))
+                                    _b64(link.target.encode("utf-8", "surrogatepass"), newline=False)
+                                    .translate(_TO_URLSAFE).rstrip(b"=").decode("ascii"), url_text))
     if sc.ambiguous_from is not None and AMBIGUOUS not in untouched:
         untouched.append(AMBIGUOUS)  # said even when the links after it cannot be told apart
     top = sc.body_open_end if sc.body_open_end is not None else 0
@@ -422,10 +427,16 @@ def render(parsed: Parsed, plan: Plan) -> Result:
             if not edits:
                 result.skipped += skipped
                 continue
+            if signer is None and plan.clicks:
+                signer = _Signer(plan, public)
             values = []
+            signed = iter(signer.strings(edits, link_index)) if signer is not None else None
             for a, b, new in edits:
                 if isinstance(new, tuple):
-                    new = _slot_value(new, plan, public, link_index)
+                    if new[0] == _LINK:
+                        new = next(signed)
+                    else:
+                        new = _pixel_tag(pixel_url(public, plan.token))
                 values.append((a, b, new))
             charset = "utf-8" if part.charset == "utf-8-as-ascii" else part.charset
             data = _apply(part.text, values).encode(charset)
@@ -494,6 +505,26 @@ class _Signer:
         self.prefix = f"{public}/c/".encode("ascii") + self.head
         self.inner = self.inner.copy()
         self.inner.update(self.head)
+        self.prefix_str = self.prefix.decode("ascii")
+
+    def strings(self, edits: list[tuple], base: int) -> list[str]:
+        """The plain path's signed URLs (str) of the link slots among ``edits``, in their order."""
+        inner, outer = self.inner, self.outer
+        tails, sigs = [], []
+        for _, _, slot in edits:
+            if slot.__class__ is tuple and slot[0] == _LINK:
+                tail = f"{base + slot[1]}.{slot[2]}"
+                h = inner.copy()
+                h.update(tail.encode("ascii"))
+                o = outer.copy()
+                o.update(h.digest())
+                sigs.append(o.digest()[:16] + b"\0\0")
+                tails.append(tail)
+        if not sigs:
+            return []
+        encoded = binascii.b2a_base64(b"".join(sigs), newline=False).translate(_TO_URLSAFE).decode("ascii")
+        prefix = self.prefix_str
+        return [f"{prefix}{tail}.{encoded[24 * k:24 * k + 22]}" for k, tail in enumerate(tails)]
 
     def fill(self, template: _Template, base: int, pixel_tag: bytes | None) -> list[bytes]:
         """The values of a part's slots: each link signed (its index is ``base`` + its own), the pixel."""
@@ -501,37 +532,27 @@ class _Signer:
         if tails is None:
             tails = template.tails[base] = [b"%d.%s" % (base + slot[1], slot[3]) if slot[0] == _LINK else None
                                             for slot in template.slots]
-        inner, outer, prefix, b64 = self.inner, self.outer, self.prefix, binascii.b2a_base64
-        sigs = []
+        inner, outer, prefix = self.inner, self.outer, self.prefix
+        sigs = bytearray()
         for rest in tails:
             if rest is not None:
                 h = inner.copy()
                 h.update(rest)
                 o = outer.copy()
                 o.update(h.digest())
-                sigs.append(o.digest()[:16] + b"\0\0")
+                sigs += o.digest()[:16]
+                sigs += b"\0\0"
         # One base64 pass for all of them: each MAC's 16 octets and two zero octets are 24
         # characters (a multiple of 3 octets, so the MACs do not run into each other), of which
         # the first 22 are the MAC's own unpadded base64 (the zeros fill its last character's
         # low bits as padding would).
-        encoded = b64(b"".join(sigs), newline=False).translate(_TO_URLSAFE) if sigs else b""
-        out, k = [], 0
-        for rest in tails:
-            if rest is None:
-                out.append(pixel_tag)
-            else:
-                out.append(b"%b%b.%b" % (prefix, rest, encoded[k:k + 22]))
-                k += 24
-        return out
+        encoded = binascii.b2a_base64(sigs, newline=False).translate(_TO_URLSAFE) if sigs else b""
+        k = -24
+        return [pixel_tag if rest is None else b"%b%b.%b" % (prefix, rest, encoded[(k := k + 24):k + 22])
+                for rest in tails]
 
 
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
-
-
-def _slot_value(slot: tuple, plan: Plan, public: str, link_index: int) -> str:
-    if slot[0] == _LINK:
-        return signed_click(public, plan.keyring, plan.token, link_index + slot[1], slot[2])
-    return _pixel_tag(pixel_url(public, plan.token))
 
 
 def _apply(text: str, edits: list[tuple[int, int, str]]) -> str:
