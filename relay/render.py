@@ -53,6 +53,8 @@ class CopyRenderer:
         self.keyring = keyring
         self.dkim = DkimSigner(config)
         self._cache: OrderedDict[int, instrument.Parsed] = OrderedDict()
+        #: Per message (by id): its spooled bytes and where a copy's reference goes (``_at``).
+        self._heads: OrderedDict[int, tuple[bytes, int | None]] = OrderedDict()
         self.parses = 0
         #: The upstream's advertised SIZE once known: a copy that instrumentation would push past
         #: it goes out untouched (a message accepted is a message delivered).
@@ -69,6 +71,26 @@ class CopyRenderer:
         else:
             self._cache.move_to_end(message.id)
         return parsed
+
+    def _at(self, raw: bytes, message: Spooled) -> int | None:
+        """Where every copy of this message gets its reference (``with_reference``'s offset), or
+        None when a copy must be looked at itself: the spooled header holds a DKIM-Signature (a
+        changed copy loses it, and with it maybe its first field) or a reference. Instrumentation
+        changes nothing before a part's own header, and a part's header only in its
+        Content-Transfer-Encoding field, so the first field stays where it was in every copy."""
+        head = self._heads.get(message.id)
+        if head is not None and (head[0] is raw or head[0] == raw):
+            self._heads.move_to_end(message.id)
+            return head[1]
+        top = raw[:m.header_end(raw)].lower()
+        at = None
+        if b"x-trackrelay-ref" not in top and b"dkim-signature" not in top:
+            fs = m.fields(raw)
+            at = fs[0].end if fs and fs[0].name == "received" else 0
+        self._heads[message.id] = (raw, at)
+        while len(self._heads) > CACHE_SIZE:
+            self._heads.popitem(last=False)
+        return at
 
     def __call__(self, raw: bytes, message: Spooled, copy: Claimed) -> tuple[bytes, str | None]:
         note = None
@@ -87,11 +109,13 @@ class CopyRenderer:
                 note = f"instrumented copy of {len(data)} octets would pass the upstream's SIZE " \
                        f"{self.upstream_size}: delivered untouched"
                 data = raw
-            elif data is not raw:
+            elif data is not raw and self._at(raw, message) is None:
                 # A body change breaks every signature that came with the message.
                 data = m.remove(data, {"dkim-signature"})
         if message.kind == "mail":
-            data = with_reference(data, reference.header_line(self.keyring, copy.id))
+            line = reference.header_line(self.keyring, copy.id)
+            at = self._at(raw, message)
+            data = with_reference(data, line) if at is None else data[:at] + line + b"\r\n" + data[at:]
         if self.dkim:
             data = self.dkim.sign(data)
         return data, note
