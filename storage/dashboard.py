@@ -36,7 +36,8 @@ def _human(kind: EventType):
 
 
 def _replied():
-    return exists().where(Event.recipient_pk == Recipient.id, Event.type == REPLIED)
+    return exists().where(Event.recipient_pk == Recipient.id, Event.type == REPLIED,
+                          Event.classification == Classification.HUMAN)  # an auto-reply is no reply
 
 
 @dataclass

@@ -386,19 +386,24 @@ async def test_corpus_bounces_through_the_inbound_listener(relay, sink):
     assert await relay.rows("SELECT id FROM logged_emails WHERE direction = 'incoming'") == []
 
 
-async def test_auto_replies_record_no_reply_and_no_inferred_open(relay, sink):
+async def test_auto_replies_record_a_machine_reply_and_no_inferred_open(relay, sink):
     from test_crm import alice_with_log_key, start
     await start(relay, inbound=True, users=alice_with_log_key(relay))
     await _send_all(relay, [(e["in_reply_to"], ["carol@ext.test"]) for e in AUTO_EXPECTED.values()])
     for name in sorted(AUTO_EXPECTED):
         await inbound_send(relay, (AUTOREPLIES / f"{name}.eml").read_bytes(), mail_from="carol@ext.test")
-    rows = await relay.rows("SELECT m.message_id, e.type FROM events e JOIN messages m ON m.id = e.message_pk "
-                            "WHERE e.type IN ('replied', 'opened')")
+    rows = await relay.rows("SELECT m.message_id, e.type, e.classification, e.reason FROM events e "
+                            "JOIN messages m ON m.id = e.message_pk WHERE e.type IN ('replied', 'opened')")
     by_mid: dict[str, set[str]] = {}
-    for mid, kind in rows:
-        by_mid.setdefault(mid, set()).add(kind)
+    machine: dict[str, set[tuple[str, bool]]] = {}
+    for mid, kind, cls, reason in rows:
+        if cls == "human":
+            by_mid.setdefault(mid, set()).add(kind)
+        else:  # what was recognised is stored with the event: a machine replied (issue 21)
+            machine.setdefault(mid, set()).add((kind, (reason or "").startswith("auto_reply:")))
     for name, e in AUTO_EXPECTED.items():
         assert by_mid.get(e["in_reply_to"], set()) == (set() if e["automatic"] else {"replied", "opened"}), name
+        assert machine.get(e["in_reply_to"], set()) == ({("replied", True)} if e["automatic"] else set()), name
 
 
 async def test_mail_from_system_senders_or_the_null_sender_makes_no_contact(relay, sink):

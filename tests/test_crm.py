@@ -322,14 +322,20 @@ async def test_inbound_second_reply_is_not_the_first_and_infers_no_second_open(r
         ("opened", True, True), ("replied", True, False), ("replied", False, False)]
 
 
-async def test_inbound_out_of_office_is_logged_but_not_a_reply(relay, sink):
+async def test_inbound_out_of_office_is_logged_and_a_machine_reply_not_a_human_one(relay, sink):
     await start(relay, inbound=True, users=alice_with_log_key(relay))
     await send(relay, ["carol@ext.test"], HTML_MSG.replace(b"Subject: Offer", b"Message-ID: <offer-2@example.com>\r\nSubject: Offer"))
     await sink.wait_for(1)
     ooo = (b"From: carol@ext.test\r\nTo: alice@example.com\r\nSubject: Automatic reply: Offer\r\n"
            b"Auto-Submitted: auto-replied\r\nIn-Reply-To: <offer-2@example.com>\r\n\r\nI am away.\r\n")
     await inbound_send(relay, ooo)
-    assert await relay.rows("SELECT id FROM events WHERE type IN ('replied', 'opened')") == []
+    # not a reply: no human replied, no inferred open; what was recognised is stored with a
+    # machine replied (issue 21)
+    assert await relay.rows("SELECT id FROM events WHERE type IN ('replied', 'opened') "
+                            "AND classification = 'human'") == []
+    rows = await relay.rows("SELECT type, classification, reason FROM events WHERE type IN ('replied', 'opened')")
+    assert [(t, c) for t, c, _ in rows] == [("replied", "machine")]
+    assert rows[0][2].startswith("auto_reply:") and "Auto-Submitted" in rows[0][2]
 
 
 async def test_inbound_dsn_records_bounced(relay, sink):

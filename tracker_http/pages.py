@@ -280,6 +280,8 @@ def reason_words(event: dict, sent_at: str | None = None) -> str:
         return f"link scanner: {verb} right after delivery"
     if reason in _REASONS:
         return _REASONS[reason]
+    if reason and reason.startswith("auto_reply:"):
+        return f"an automatic reply ({reason.split(':', 1)[1].strip()}): not a person's answer"
     if event.get("inferred"):
         return "a click without an earlier open: the open is inferred"
     return reason or ""
