@@ -39,6 +39,7 @@ import pickle
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections import deque
@@ -163,9 +164,9 @@ class WriterClient:
         # has set them to ignored, which discards it.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _CHILD, str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, env=_child_env())
+            proc = _Child(subprocess.Popen(
+                [sys.executable, "-c", _CHILD, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=_child_env()))
         except BaseException:
             ours.close()
             raise
@@ -241,7 +242,40 @@ def _child_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
 
 
-async def _reap(proc: asyncio.subprocess.Process) -> None:
+class _Child:
+    """The writer process, awaited through its pidfd on any event loop.
+
+    Spawned by ``subprocess`` rather than the loop's ``subprocess_exec``: uvloop's (libuv's
+    ``uv_spawn``) clears the signal mask in the child before exec, which would let a group-wide
+    SIGINT or SIGTERM during the child's start-up kill it (_HELD_SIGNALS); ``subprocess`` keeps
+    the mask, on asyncio's loop and uvloop alike. A fork at start and at a restart only."""
+
+    def __init__(self, popen: subprocess.Popen):
+        self._popen = popen
+        self.pid = popen.pid
+
+    async def wait(self) -> int:
+        if self._popen.poll() is not None:
+            return self._popen.returncode
+        loop = asyncio.get_running_loop()
+        fd = os.pidfd_open(self.pid)
+        try:
+            exited = loop.create_future()
+            loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+            try:
+                if self._popen.poll() is None:
+                    await exited
+            finally:
+                loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+        return self._popen.wait()
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+
+async def _reap(proc: _Child) -> None:
     try:
         await asyncio.wait_for(proc.wait(), EXIT_SECONDS)
     except asyncio.TimeoutError:
@@ -294,7 +328,8 @@ async def _child(fd: int) -> None:
 
 
 def main() -> None:
-    asyncio.run(_child(int(sys.argv[1])))
+    from core import aio
+    aio.run(_child(int(sys.argv[1])))  # the serving process's loop (TRACKRELAY_EVENT_LOOP, inherited)
 
 
 #: Held (blocked) across the child's start: it must never die of the group's stop signals.

@@ -774,7 +774,13 @@ def _serve(cfg: Config, only: str | None, metrics_listen: str | None = None) -> 
             config_mod.parse_hostport(metrics_listen)
         except ValueError as e:
             raise Failure(f"--metrics-listen: {e}, got {metrics_listen!r}") from None
-    return asyncio.run(_run(cfg, only, metrics_listen))
+    # The event loop: uvloop when installed, unless TRACKRELAY_EVENT_LOOP=asyncio (core.aio).
+    from core import aio
+    try:
+        aio.loop_factory()
+    except (ValueError, ImportError) as e:
+        raise Failure(f"{aio.EVENT_LOOP_ENV}: {e}") from None
+    return aio.run(_run(cfg, only, metrics_listen))
 
 
 async def _run(cfg: Config, only: str | None, metrics_listen: str | None = None) -> int:
@@ -798,7 +804,9 @@ async def _run(cfg: Config, only: str | None, metrics_listen: str | None = None)
     except OSError as e:
         await service.stop()
         raise Failure(f"cannot start: {e.strerror or e}") from None
-    log.info("trackrelay running (%s); SIGTERM stops it, SIGHUP reloads the config", ", ".join(service.roles))
+    from core.aio import loop_name
+    log.info("trackrelay running (%s) on %s's event loop; SIGTERM stops it, SIGHUP reloads the config",
+             ", ".join(service.roles), loop_name())
     # Everything loaded so far (modules, compiled statements, regexes, ranges) lives as long as the
     # process: out of the collector's sight, a full collection no longer walks it every time.
     gc.freeze()
