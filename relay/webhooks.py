@@ -7,12 +7,21 @@ backoff from ``retry_initial_seconds``; after 24 hours of failing, that event is
 A 4xx answer is final for that event. Several workers share the table under a lease. A slow or
 dead receiver never slows the relay or the tracker: this runs on its own.
 
-Header ``X-Trackrelay-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of "t.body">``.
+Signed by Standard Webhooks (https://www.standardwebhooks.com/): ``webhook-id`` (the event's
+``id``, the same on every retry: receivers deduplicate on it), ``webhook-timestamp`` (unix seconds
+of this attempt) and ``webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">``. The
+HMAC key is the UTF-8 bytes of the configured ``secret``; Standard Webhooks libraries take it as
+``whsec_`` + base64 of those bytes (``Webhook("whsec_" + b64encode(secret.encode()).decode())``)
+or as the raw bytes (``Webhook(secret.encode())``).
+
+Deprecated, kept for one release: ``X-Trackrelay-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
+"t.body">`` (same key, same timestamp).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -45,8 +54,27 @@ BATCH = 50
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
+    """The deprecated ``X-Trackrelay-Signature`` value (kept for one release)."""
     mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
     return f"t={timestamp},v1={mac}"
+
+
+def standard_signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The Standard Webhooks ``webhook-signature`` value: ``v1,`` + base64 HMAC-SHA256 of
+    ``{msg_id}.{timestamp}.{body}``, keyed with the secret's UTF-8 bytes."""
+    mac = hmac.new(secret.encode(), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def signed_headers(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """The headers of one delivery attempt: Standard Webhooks' and the deprecated one."""
+    return {
+        "Content-Type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": standard_signature(secret, msg_id, timestamp, body),
+        "X-Trackrelay-Signature": signature(secret, timestamp, body),
+    }
 
 
 class WebhookSender:
@@ -102,7 +130,7 @@ class WebhookSender:
                 cursor = ev.cursor_of(e)
                 continue
             payload = dict(e.to_json(), user=e.user)
-            outcome = await self._post(hook, http, json.dumps(payload, ensure_ascii=False).encode())
+            outcome = await self._post(hook, http, str(e.id), json.dumps(payload, ensure_ascii=False).encode())
             if outcome == "ok":
                 delivered += 1
             elif outcome == "final":
@@ -121,11 +149,10 @@ class WebhookSender:
             return 0.5
         return 0.0 if len(rows) == BATCH else 1.0
 
-    async def _post(self, hook: Webhook, http: aiohttp.ClientSession, body: bytes) -> str:
+    async def _post(self, hook: Webhook, http: aiohttp.ClientSession, msg_id: str, body: bytes) -> str:
         t = int(time.time())
         try:
-            async with http.post(hook.url, data=body, headers={
-                    "Content-Type": "application/json", "X-Trackrelay-Signature": signature(hook.secret, t, body)}) as r:
+            async with http.post(hook.url, data=body, headers=signed_headers(hook.secret, msg_id, t, body)) as r:
                 await r.read()
                 if 200 <= r.status < 300:
                     return "ok"
