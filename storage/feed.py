@@ -11,6 +11,7 @@ from core.events import ENGAGEMENT, Classification, EventType, recipient_status
 from storage.models import Company, Event, LoggedEmail, Message, Recipient
 
 HUMAN = Classification.HUMAN
+SELF = Classification.SELF
 OPENED, CLICKED, REPLIED = EventType.OPENED, EventType.CLICKED, EventType.REPLIED
 
 
@@ -107,12 +108,15 @@ async def feed_json(session: AsyncSession, messages: list[Message]) -> list[dict
     for r in rcpts:
         human_open = agg.get((r.id, OPENED, HUMAN))
         status = recipient_status(r.status, [k for k in ENGAGEMENT if agg.get((r.id, k, HUMAN))])
-        machine = sum(v[0] for k, v in agg.items() if k[0] == r.id and k[1] == OPENED and k[2] != HUMAN)
+        # the sender's own opens are theirs, not a machine's: counted apart (shown as "you")
+        machine = sum(v[0] for k, v in agg.items() if k[0] == r.id and k[1] == OPENED and k[2] not in (HUMAN, SELF))
+        self_opens = sum(v[0] for k, v in agg.items() if k[0] == r.id and k[1] == OPENED and k[2] == SELF)
         machine_clicks = sum(v[0] for k, v in agg.items() if k[0] == r.id and k[1] == CLICKED and k[2] != HUMAN)
         by_msg.setdefault(r.message_pk, []).append({
             "id": r.id, "address": r.address, "status": str(status), "tracked_opens": bool(r.track_opens),
             "tracked_clicks": bool(r.track_clicks), "reasons": list(r.reasons or []),
             "opens": human_open[0] if human_open else 0, "machine_opens": machine,
+            "self_opens": self_opens,
             "first_opened_at": _iso(_aware(human_open[1])) if human_open else None,
             "last_opened_at": _iso(_aware(human_open[2])) if human_open else None,
             "clicks": sorted(per_url.get(r.id, []), key=lambda c: c["first_clicked_at"] or ""),

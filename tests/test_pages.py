@@ -310,6 +310,16 @@ async def test_feed_filters_and_search_over_http(relay, sink):
         assert await subjects("?q=dave%40ext") == {"Offer"}
         assert await subjects("?q=ext.test&status=clicked") == {"Offer"}
         assert await subjects("?q=100%25") == set()  # LIKE wildcards are literal
+        async with s.get(base(relay) + "/") as r:
+            page = await r.text()
+
+        def row(address: str) -> str:
+            part = page[page.index(f'data-recipient="{address}"'):]
+            return part[:part.index("</tr>")]
+
+        # the sender's own open is shown as such, not as a machine's (issue 21); the HEAD is a machine's
+        assert "+1 you" in row("carol@ext.test") and 'class="machine"' not in row("carol@ext.test")
+        assert "+1 machine" in row("dave@ext.test") and 'class="self"' not in row("dave@ext.test")
         import csv
         import io
         async with s.get(base(relay) + "/export/feed.csv?status=clicked") as r:

@@ -63,7 +63,7 @@ SCHEMAS = {
         "status": {"type": "string", "enum": RECIPIENT_STATUSES},
         "tracked_opens": {"type": "boolean"}, "tracked_clicks": {"type": "boolean"},
         "reasons": {"type": "array", "items": {"type": "string"}}, "opens": {"type": "integer"},
-        "machine_opens": {"type": "integer"}, "first_opened_at": TIME, "last_opened_at": TIME,
+        "machine_opens": {"type": "integer"}, "self_opens": {"type": "integer"}, "first_opened_at": TIME, "last_opened_at": TIME,
         "clicks": {"type": "array", "items": {"type": "object", "properties": {
             "url": {"type": "string"}, "count": {"type": "integer"}, "first_clicked_at": TIME}}},
         "machine_clicks": {"type": "integer"}, "sent_at": TIME,

@@ -72,10 +72,11 @@
         if (!first.textContent.trim()) { setTime(first, ev.at); }
         setTime(row.querySelector(".last-open"), ev.at);
       } else {
-        var m = row.querySelector(".machine");
-        if (!m) { m = document.createElement("span"); m.className = "machine"; m.dataset.n = "0"; row.querySelector(".opens").after(m); }
+        var kind = ev.classification === "self" ? "self" : "machine", label = kind === "self" ? " you" : " machine";
+        var m = row.querySelector("." + kind);
+        if (!m) { m = document.createElement("span"); m.className = kind; m.dataset.n = "0"; row.querySelector(".opens").after(m); }
         m.dataset.n = String(parseInt(m.dataset.n || m.textContent.replace(/\D/g, "") || "0", 10) + 1);
-        m.textContent = " +" + m.dataset.n + " machine";
+        m.textContent = " +" + m.dataset.n + label;
       }
     }
     if (ev.type === "clicked" && human) {
