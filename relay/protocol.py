@@ -21,6 +21,7 @@ from aiosmtpd.smtp import MISSING, SMTP, syntax
 from relay import replies
 from relay.auth import AsyncAuth, Authenticator
 from core.config import Config
+from core.tls import server_context
 from core.mailaddr import quote_local, unquote_local
 
 
@@ -254,11 +255,7 @@ class SessionTracking:
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
     """The submission listener's certificate (``relay.tls_cert_file``), or None without one."""
-    if not config.relay.tls_cert_file:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(config.relay.tls_cert_file, config.relay.tls_key_file)
-    return ctx
+    return server_context(config.relay.tls_cert_file, config.relay.tls_key_file)
 
 
 def protocol_factory(handler: SessionTracking, *, hostname: str, data_size_limit: int | Callable[[], int],

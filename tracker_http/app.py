@@ -9,6 +9,7 @@ import ssl
 from aiohttp import web
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from core.tls import server_context
 from core.bus import EventBus
 from core.config import Config, parse_hostport
 from core.links import Keyring
@@ -28,11 +29,7 @@ SHUTDOWN_SECONDS = 5.0
 
 def api_tls_context(config: Config) -> ssl.SSLContext | None:
     """``api.tls_cert_file``/``tls_key_file``: the API and pages over https on api.listen itself."""
-    if not config.api.tls_cert_file:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(config.api.tls_cert_file, config.api.tls_key_file)
-    return ctx
+    return server_context(config.api.tls_cert_file, config.api.tls_key_file)
 
 
 class Tracker:

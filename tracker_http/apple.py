@@ -29,7 +29,7 @@ from typing import Callable
 import aiohttp
 
 from core.links import key_file_path
-from tracker_http.netaddr import SHIPPED_APPLE_RANGES
+from tracker_http.netaddr import SHIPPED_APPLE_RANGES, written_by_old_refresh
 
 MPP_URL = "https://stat.ripe.net/data/announced-prefixes/data.json?resource=AS714"
 RELAY_URL = "https://mask-api.icloud.com/egress-ip-ranges.csv"
@@ -262,19 +262,11 @@ def write_ranges(path: Path, networks: list[str], header: str) -> None:
     os.replace(tmp, path)
 
 
-STALE_HEADER = "# Apple privacy proxy egress ranges, from "  # the refresh's, before there were two lists
-
-
 def stale_mpp_file(config) -> Path | None:
     """A Mail Privacy Protection file written by the refresh before there were two lists, from
-    the Private Relay list: its opens would all be machine. Said at start and by check-config."""
+    the Private Relay list (not used: ``netaddr.apple_ranges_path``). Said at start and by check-config."""
     path = MPP.refreshed(config)
-    try:
-        with path.open() as f:
-            first = f.readline().rstrip("\n")
-    except OSError:
-        return None
-    return path if first.startswith(STALE_HEADER) else None
+    return path if written_by_old_refresh(path) else None
 
 
 async def refresh(config, only: str | None = None, url: str | None = None,

@@ -14,16 +14,30 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 SHIPPED_APPLE_RANGES = Path(__file__).parent / "data" / "apple_mpp_ranges.txt"
 
 
+#: The first line the refresh wrote before there were two lists (from the Private Relay list).
+OLD_REFRESH_HEADER = "# Apple privacy proxy egress ranges, from "
+
+
+def refreshed_mpp_path(config) -> Path:
+    return key_file_path(config.storage.url).parent / SHIPPED_APPLE_RANGES.name
+
+
+def written_by_old_refresh(path: Path) -> bool:
+    """Whether ``path`` is the Private Relay list an older refresh wrote as MPP ranges."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            return f.readline().startswith(OLD_REFRESH_HEADER)
+    except OSError:
+        return False
+
+
 def apple_ranges_path(config) -> Path:
     """The refreshed Mail Privacy Protection list beside the database if there is one, else the one
-    shipped. A file the refresh of before 2026-12 wrote there (from the Private Relay list: it
-    starts "# Apple privacy proxy egress ranges, from ") is not used: those ranges carry people's
-    browsing, and check-config and serve warn about it (``tracker_http.apple.stale_mpp_file``)."""
-    refreshed = key_file_path(config.storage.url).parent / "apple_mpp_ranges.txt"
-    if refreshed.is_file():
-        with refreshed.open(encoding="utf-8", errors="replace") as f:
-            if not f.readline().startswith("# Apple privacy proxy egress ranges, from "):
-                return refreshed
+    shipped. A file an older refresh wrote there from the Private Relay list is not used: those
+    ranges carry people's browsing (check-config and serve warn: ``tracker_http.apple.stale_mpp_file``)."""
+    refreshed = refreshed_mpp_path(config)
+    if refreshed.is_file() and not written_by_old_refresh(refreshed):
+        return refreshed
     return SHIPPED_APPLE_RANGES
 
 

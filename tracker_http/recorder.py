@@ -16,7 +16,6 @@ import secrets
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from operator import itemgetter
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -79,8 +78,6 @@ class Stats:
 
 
 OPENED, CLICKED = EventType.OPENED, EventType.CLICKED
-_TYPE, _CLASSIFICATION = itemgetter(0), itemgetter(9)
-assert Event._fields[0] == "type" and Event._fields[9] == "classification"
 
 
 class Recorder:
@@ -212,9 +209,9 @@ class Recorder:
             asked = dict.fromkeys(unknown, time.monotonic())
             events, dates = self._events(batch, info, history)
             await hits.write(events, dates)
-        # The batch is committed: its events count, by (type, classification), counted in C.
+        # The batch is committed: its events count, by (type, classification).
         counts = self.stats.classified
-        for key, n in Counter(zip(map(_TYPE, events), map(_CLASSIFICATION, events))).items():
+        for key, n in Counter((e.type, e.classification) for e in events).items():
             counts[key] = counts.get(key, 0) + n
         if len(self._human) > HUMAN_CACHE_MAX or len(self._asked) > HUMAN_CACHE_MAX:
             self._human.clear()
