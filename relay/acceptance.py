@@ -10,6 +10,7 @@ spool) → the commit (the one step that awaits, in ``relay.smtp``) → ``accept
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from dataclasses import dataclass
@@ -73,15 +74,30 @@ def sender_problem(fs: list[m.Field], owned: set[str]) -> str | None:
         if f.name not in ("from", "sender"):
             continue
         label = "From:" if f.name == "from" else "Sender:"
-        found = m.mailboxes(f.value)
-        if found is None:
+        named = _named(f.value) if len(f.value) <= _CACHED_VALUE else _named.__wrapped__(f.value)
+        if named is None:
             return replies.header_rule(label, "is not a valid address list (RFC 5322)")
-        if not found:
+        if not named:
             return replies.header_rule(label, "must contain the authenticated user's address")
-        seen = found + m.addresses(f.value) + m.addresses(m.decoded(f.value))
-        if any(canonical(a) not in owned for a in seen):
+        if any(a not in owned for a in named):
             return replies.header_rule(label, "names an address not owned by the authenticated user")
     return None
+
+
+#: A sender's From: repeats from message to message: the reading of values up to this long is kept.
+_CACHED_VALUE = 512
+
+
+@functools.lru_cache(maxsize=2048)
+def _named(value: str) -> tuple[str, ...] | None:
+    """Every address a From:/Sender: value names, canonical, as every reader sees it: None when a
+    modern parser finds no valid address list, () when it finds no address. A pure function of
+    the value (the parse with ``policy.default`` is most of the cost of the binding check)."""
+    found = m.mailboxes(value)
+    if not found:
+        return found
+    seen = found + m.addresses(value) + m.addresses(m.decoded(value))
+    return tuple(dict.fromkeys(canonical(a) for a in seen))
 
 
 # -- DATA, step by step ---------------------------------------------------------------------------
@@ -123,6 +139,13 @@ class Recipients:
     def lookup_keys(self) -> set[str]:
         """What the CRM lookup is asked about (lower-cased addresses)."""
         return {r.lower() for r in self.addresses}
+
+
+def contact_keys(config: Config, rcpts: Recipients) -> set[str]:
+    """The recipients the CRM lookup is asked about: their contact facts (do_not_track, the legal
+    basis) only matter to the tracking rules, so none while ``tracking.allow`` is false (the Never
+    Log lists are still read)."""
+    return rcpts.lookup_keys() if config.tracking.allow else set()
 
 
 def recipients(config: Config, rcpt_tos: list[str]) -> Recipients:

@@ -82,7 +82,7 @@ class SubmissionHandler(SessionTracking):
         if refused:
             return refused
         rcpts = acceptance.recipients(config, envelope.rcpt_tos)
-        known = await self._known_contacts(user.name, rcpts)
+        known = await self._known_contacts(user.name, acceptance.contact_keys(config, rcpts))
         if known is None:
             return replies.TEMP_FAILURE
         facts = acceptance.facts(config, mail, rcpts, envelope.mail_from, known)
@@ -92,13 +92,13 @@ class SubmissionHandler(SessionTracking):
                                   acceptance.client_ip(session))
         return await self._commit(entry)
 
-    async def _known_contacts(self, user: str, rcpts: acceptance.Recipients):
+    async def _known_contacts(self, user: str, addresses: set[str]):
         """The CRM's answer about the recipients (``acceptance.NO_CONTACTS`` without a CRM), or
         None when the lookup failed (the message is then answered 451)."""
         if self.crm_lookup is None:
             return acceptance.NO_CONTACTS
         try:
-            return await self.crm_lookup(user, rcpts.lookup_keys())
+            return await self.crm_lookup(user, addresses)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

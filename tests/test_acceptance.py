@@ -42,6 +42,30 @@ def test_recipients_set_the_log_bcc_apart(tmp_path):
     assert rcpts.lookup_keys() == {"carol@ext.test"}
 
 
+def test_the_sender_binding_reads_a_repeated_from_value_the_same_every_time(tmp_path):
+    alice = acceptance.user_of(_config(tmp_path), _session())
+    acceptance._named.cache_clear()
+    for _ in range(3):  # the second and third reading come from the cache: the same answers
+        assert acceptance.refusal(acceptance.read(simple_message()), alice) is None
+        assert "not owned" in acceptance.refusal(acceptance.read(simple_message(frm="eve@example.com")), alice)
+        bad = simple_message(frm="alice@")
+        assert "not a valid address list" in acceptance.refusal(acceptance.read(bad), alice)
+    assert acceptance._named.cache_info().hits >= 6
+    long_value = "x" * 600 + "@example.com"  # too long to be kept: read afresh, same rules
+    assert "not owned" in acceptance.refusal(acceptance.read(simple_message(frm=long_value)), alice)
+
+
+def test_contacts_are_looked_up_only_where_tracking_can_apply(tmp_path):
+    config = _config(tmp_path)
+    rcpts = acceptance.recipients(config, ["Carol@Ext.Test", "dave@ext.test"])
+    assert acceptance.contact_keys(config, rcpts) == {"carol@ext.test", "dave@ext.test"}
+    off = make_config(base_config(db_url=f"sqlite+aiosqlite:///{tmp_path}/t.db", relay_port=2525,
+                                  upstream_url="smtp://127.0.0.1:2526", tmp=tmp_path,
+                                  tracking={"allow": False}))
+    assert not off.tracking.allow
+    assert acceptance.contact_keys(off, rcpts) == set()
+
+
 def test_decide_gives_the_entry_to_spool(tmp_path):
     config = _config(tmp_path)
     alice = acceptance.user_of(config, _session())
