@@ -60,11 +60,18 @@ def html_message(i: int, size: int = 10_000) -> bytes:
 
 
 class CountingSink:
+    """The upstream: aiosmtpd, offering PIPELINING as real smarthosts (Postfix, Exchange, the big
+    providers) do — aiosmtpd reads pipelined commands in order; aiosmtplib never pipelines."""
+
     def __init__(self):
         self.count = 0
         self.copies = 0
         self.done = asyncio.Event()
         self.want = 0
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        return responses[:-1] + ["250-PIPELINING", responses[-1]]
 
     async def handle_DATA(self, server, session, envelope):
         self.count += 1

@@ -1,4 +1,5 @@
-"""Where copies go: an SMTP smarthost over pooled, reused aiosmtplib connections, or a maildir.
+"""Where copies go: an SMTP smarthost over pooled, reused connections (``relay.smtp_client``), or a
+maildir.
 
 ``send`` never raises for a delivery problem: it returns what happened as a ``Result`` —
 ``sent`` (2xx), ``deferred`` (4xx, 421, connection, TLS or timeout failure) or ``bounced`` (5xx).
@@ -15,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import aiosmtplib
-
 from core.config import UpstreamSection
+from relay.smtp_client import Connection, Disconnected, Refused, SmtpError
 
 log = logging.getLogger("trackrelay.upstream")
 
@@ -67,163 +67,137 @@ class SmtpUpstream:
         self._cfg = cfg
         self._local_hostname = local_hostname
         self._sem = asyncio.Semaphore(cfg.max_connections)
-        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        self._idle: list[tuple[Connection, float]] = []
         self._pacer = Pacer(cfg.max_messages_per_minute)
+        self._tls: ssl.SSLContext | None = None
         self.connections_opened = 0
 
     def describe(self) -> str:
         return f"{'smtps' if self._implicit_tls else 'smtp'}://{self._host}:{self._port}"
 
-    def _client(self) -> aiosmtplib.SMTP:
-        return aiosmtplib.SMTP(
-            hostname=self._host, port=self._port, use_tls=self._implicit_tls,
-            # starttls = true: STARTTLS is required, never a silent fallback to plaintext.
-            start_tls=False if self._implicit_tls else (True if self._cfg.starttls else False),
-            username=self._cfg.username, password=self._cfg.password,
-            local_hostname=self._local_hostname, timeout=self._cfg.timeout_seconds,
-        )
+    def _context(self) -> ssl.SSLContext:
+        """The system's trust store and host name check (made once, at the first TLS connection)."""
+        if self._tls is None:
+            self._tls = ssl.create_default_context()
+        return self._tls
 
-    async def _connect(self) -> aiosmtplib.SMTP:
-        client = self._client()
-        await client.connect()
+    async def _connect(self) -> Connection:
+        cfg = self._cfg
+        tls = self._context() if self._implicit_tls or cfg.starttls else None
+        conn = await Connection.open(
+            self._host, self._port, local_hostname=self._local_hostname, timeout=cfg.timeout_seconds,
+            tls=tls if self._implicit_tls else None,
+            # starttls = true: STARTTLS is required, never a silent fallback to plaintext.
+            starttls=tls if not self._implicit_tls else None,
+            username=cfg.username, password=cfg.password)
         self.connections_opened += 1
-        return client
+        return conn
 
     async def advertised_size(self) -> int | None:
         """The SIZE the upstream advertises, or None (no limit, or unreachable)."""
         try:
             async with self._sem:
-                client = await self._connect()
-                try:
-                    if not client.esmtp_extensions:
-                        await client.ehlo()
-                    size = client.esmtp_extensions.get("size", "")
-                finally:
-                    client.close()
+                conn = await self._connect()
+                size = conn.extensions.get("size", "")
+                await conn.quit()
             return int(size) if size and size.strip().isdigit() and int(size) > 0 else None
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError):
+        except _BROKEN:
             return None
 
     async def send(self, mail_from: str, rcpt: str, data: bytes) -> Result:
         await self._pacer.wait()
         async with self._sem:
-            client = self._take_idle()
+            conn = self._take_idle()
             try:
-                if client is None:
-                    client = await self._connect()
-                result, keep = await self._transaction(client, mail_from, rcpt, data)
+                if conn is None:
+                    conn = await self._connect()
+                result, keep = await self._transaction(conn, mail_from, rcpt, data)
             except _RetryFresh:
                 # An idle connection the server had closed: one more try on a new one.
-                _close(client)
+                _close(conn)
+                conn = None
                 try:
-                    client = await self._connect()
-                    result, keep = await self._transaction(client, mail_from, rcpt, data)
+                    conn = await self._connect()
+                    result, keep = await self._transaction(conn, mail_from, rcpt, data)
                 except _RetryFresh as e:
-                    _close(client)
-                    return Result("deferred", f"connection lost: {e}")
-                except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as e:
-                    _close(client)
+                    _close(conn)
+                    return Result("deferred", str(e.__cause__ or e))
+                except _BROKEN as e:
+                    _close(conn)
                     return _failure(e)
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as e:
-                _close(client)
+            except _BROKEN as e:
+                _close(conn)
                 return _failure(e)
             except BaseException:  # anything else: the connection's state is unknown
-                _close(client)
+                _close(conn)
                 raise
             if keep:
-                self._idle.append((client, time.monotonic()))
+                self._idle.append((conn, time.monotonic()))
             else:
-                _close(client)
+                _close(conn)
             return result
 
-    def _take_idle(self) -> aiosmtplib.SMTP | None:
+    def _take_idle(self) -> Connection | None:
         now = time.monotonic()
         while self._idle:
-            client, since = self._idle.pop()
-            if client.is_connected and now - since < IDLE_SECONDS:
-                return client
-            _close(client)
+            conn, since = self._idle.pop()
+            if conn.usable and now - since < IDLE_SECONDS:
+                return conn
+            _close(conn)
         return None
 
-    async def _transaction(self, client: aiosmtplib.SMTP, mail_from: str, rcpt: str,
+    async def _transaction(self, conn: Connection, mail_from: str, rcpt: str,
                            data: bytes) -> tuple[Result, bool]:
         """One MAIL/RCPT/DATA. Returns the result and whether the connection may be reused."""
         options = []
-        encoding = "ascii"
+        utf8 = not (mail_from.isascii() and rcpt.isascii())
+        if any(c in a for a in (mail_from, rcpt) for c in "\r\n\x00"):  # never a second command
+            return Result("bounced", "501 5.1.3 An envelope address holds a line break"), True
+        if conn.supports("size"):
+            options.append(f"SIZE={len(data)}")
+        if utf8:
+            # An internationalised address (accepted with SMTPUTF8) goes on only with SMTPUTF8;
+            # without it no upstream can take it: a permanent failure (RFC 6531 §3.2).
+            if not conn.supports("smtputf8"):
+                return Result("bounced", "553 5.6.7 Non-ASCII address, and the upstream does not "
+                                         "offer SMTPUTF8"), True
+            options.append("SMTPUTF8")
         try:
-            if client.is_ehlo_or_helo_needed:  # the options below depend on the extensions
-                await _greet(client)
-            if client.supports_extension("size"):
-                options.append(f"SIZE={len(data)}")
-            if not (mail_from.isascii() and rcpt.isascii()):
-                # An internationalised address (accepted with SMTPUTF8) goes on only with SMTPUTF8;
-                # without it no upstream can take it: a permanent failure (RFC 6531 §3.2).
-                if not client.supports_extension("smtputf8"):
-                    return Result("bounced", "553 5.6.7 Non-ASCII address, and the upstream does not "
-                                             "offer SMTPUTF8"), True
-                options.append("SMTPUTF8")
-                encoding = "utf-8"
-            await client.mail(mail_from, options=options, encoding=encoding)
-        except aiosmtplib.SMTPResponseException as e:
-            return await _refused(client, e)
-        except aiosmtplib.SMTPServerDisconnected as e:
-            raise _RetryFresh(str(e)) from e
-        try:
-            await client.rcpt(rcpt, encoding=encoding)
-        except aiosmtplib.SMTPResponseException as e:
-            return await _refused(client, e)
-        try:
-            response = await client.data(data)
-        except aiosmtplib.SMTPResponseException as e:
-            return _classify(e.code, e.message), e.code != 421
-        return _classify(response.code, response.message), True
+            reply, keep = await conn.transaction(mail_from, rcpt, data, options, utf8)
+        except Disconnected as e:
+            if not conn.answered:  # closed before MAIL was answered (an idle connection timed out)
+                raise _RetryFresh(str(e)) from e
+            raise
+        return _classify(reply.code, reply.text), keep
 
     async def close(self) -> None:
         while self._idle:
-            client, _ = self._idle.pop()
-            try:
-                await asyncio.wait_for(client.quit(), 2)
-            except Exception:
-                client.close()
+            conn, _ = self._idle.pop()
+            await conn.quit()
+
+
+#: What a broken session raises: the socket, TLS, a timeout, the SMTP session itself.
+_BROKEN = (SmtpError, OSError, asyncio.TimeoutError, TimeoutError, ssl.SSLError)
 
 
 class _RetryFresh(Exception):
     pass
 
 
-async def _greet(client: aiosmtplib.SMTP) -> None:
-    """EHLO, or HELO from a server that refuses EHLO (what aiosmtplib does before MAIL)."""
-    try:
-        await client.ehlo()
-    except aiosmtplib.SMTPHeloError:
-        if not client.is_connected:
-            raise
-        await client.helo()
-
-
-async def _refused(client: aiosmtplib.SMTP, e: aiosmtplib.SMTPResponseException) -> tuple[Result, bool]:
-    if e.code == 421:
-        return _classify(e.code, e.message), False
-    try:
-        await client.rset()
-        return _classify(e.code, e.message), True
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
-        return _classify(e.code, e.message), False
-
-
 def _failure(e: BaseException) -> Result:
-    if isinstance(e, aiosmtplib.SMTPResponseException):
-        return Result("deferred" if e.code < 500 or isinstance(e, aiosmtplib.SMTPConnectResponseError)
-                      else "bounced", f"{e.code} {e.message}")
+    """A session that broke or could not be set up: deferred, as Postfix defers (a refused
+    greeting, EHLO, STARTTLS or AUTH included: a smarthost's wrong password must not bounce mail)."""
+    if isinstance(e, Refused):
+        return Result("deferred", f"{e.reply.code} {e.reply.text} (at {e.step})")
     kind = type(e).__name__
     text = str(e).replace("\r", " ").replace("\n", " ")[:200]
     return Result("deferred", f"{kind}: {text}" if text else kind)
 
 
-def _close(client: aiosmtplib.SMTP | None) -> None:
-    if client is not None:
+def _close(conn: Connection | None) -> None:
+    if conn is not None:
         try:
-            client.close()
+            conn.close()
         except Exception:
             pass
 

@@ -59,6 +59,8 @@ class SinkBehaviour:
     data_delay: float = 0.0
     #: offer SMTPUTF8 (internationalised addresses)
     smtputf8: bool = True
+    #: offer PIPELINING (RFC 2920), as real smarthosts do (aiosmtpd reads pipelined commands in order)
+    pipelining: bool = True
     #: the longest line taken, CRLF included (aiosmtpd's default: RFC 5321's 1,001; Postfix takes more)
     line_length_limit: int = 1001
 
@@ -69,6 +71,12 @@ class SinkHandler:
         self.received: list[Received] = []
         self.connections = 0
         self.arrived = asyncio.Event()
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.b.pipelining:
+            responses = responses[:-1] + ["250-PIPELINING", responses[-1]]
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         reply = self.b.rcpt_replies.get(address.lower())

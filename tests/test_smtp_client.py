@@ -1,0 +1,261 @@
+"""relay.smtp_client on the wire: pipelining (RFC 2920) where offered and only there, replies read
+whole however they arrive, refusals inside a pipelined transaction, dot-stuffing. Scripted
+servers over real loopback sockets, and the tests' aiosmtpd upstream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from helpers import Sink
+from relay.smtp_client import Connection, _stuffed
+from relay.upstream import SmtpUpstream
+from core.config import UpstreamSection
+
+MESSAGE = b"From: a@example.com\r\nTo: c@ext.test\r\nSubject: x\r\n\r\nHello\r\n"
+
+
+class Scripted:
+    """A TCP server whose per-connection coroutine ``script(reader, writer)`` plays the upstream."""
+
+    def __init__(self, script):
+        self.script = script
+        self.server = None
+        self.port = 0
+        self._sessions: list[tuple[asyncio.Task, asyncio.StreamWriter]] = []
+
+    async def _session(self, reader, writer):
+        self._sessions.append((asyncio.current_task(), writer))
+        try:
+            await self.script(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        for task, writer in self._sessions:  # every session ends before the loop does
+            writer.close()
+            try:
+                await asyncio.wait_for(task, 2)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                pass
+        await self.server.wait_closed()
+
+
+async def _greet(reader, writer, extensions=("PIPELINING",)):
+    writer.write(b"220 scripted.test ESMTP\r\n")
+    line = await reader.readline()
+    assert line.startswith(b"EHLO ")
+    writer.write(b"".join(b"250-" + e.encode() + b"\r\n" for e in ("scripted.test",) + tuple(extensions))
+                 + b"250 HELP\r\n")
+    await writer.drain()
+
+
+async def _data(reader) -> bytes:
+    body = b""
+    while True:
+        line = await reader.readline()
+        if line == b".\r\n":
+            return body
+        body += line
+
+
+def _open(port, timeout=5.0):
+    return Connection.open("127.0.0.1", port, local_hostname="relay.test", timeout=timeout)
+
+
+async def test_with_pipelining_mail_rcpt_and_data_go_out_before_any_reply():
+    seen = []
+
+    async def script(reader, writer):
+        await _greet(reader, writer)
+        # Nothing is answered until all three commands are in: a client waiting for the reply
+        # to MAIL would wait for ever (and time out).
+        for _ in range(3):
+            seen.append(await reader.readline())
+        writer.write(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 go on\r\n")
+        seen.append(await _data(reader))
+        writer.write(b"250 2.0.0 queued\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with Scripted(script) as srv:
+        conn = await _open(srv.port, timeout=2.0)
+        reply, keep = await conn.transaction("a@example.com", "c@ext.test", MESSAGE, ["SIZE=10"], False)
+        conn.close()
+    assert (reply.code, reply.text, keep) == (250, "2.0.0 queued", True)
+    assert seen[:3] == [b"MAIL FROM:<a@example.com> SIZE=10\r\n", b"RCPT TO:<c@ext.test>\r\n", b"DATA\r\n"]
+    assert seen[3] == MESSAGE
+
+
+async def test_without_pipelining_each_command_waits_for_its_reply():
+    early = []
+
+    async def script(reader, writer):
+        await _greet(reader, writer, extensions=("SIZE 1000000",))
+        for reply in (b"250 2.1.0 OK\r\n", b"250 2.1.5 OK\r\n", b"354 go on\r\n"):
+            await reader.readline()
+            await asyncio.sleep(0.05)  # a pipelining client would have written the next command by now
+            try:
+                early.append(await asyncio.wait_for(reader.read(1), 0.01))
+            except asyncio.TimeoutError:
+                pass
+            writer.write(reply)
+        await _data(reader)
+        writer.write(b"250 2.0.0 queued\r\n")
+        await reader.read()
+
+    async with Scripted(script) as srv:
+        conn = await _open(srv.port)
+        reply, keep = await conn.transaction("a@example.com", "c@ext.test", MESSAGE, [], False)
+        conn.close()
+    assert reply.code == 250 and keep
+    assert early == []
+
+
+async def test_a_refused_recipient_in_a_pipelined_transaction_is_its_answer_and_the_connection_is_reset():
+    sink = await Sink().start()
+    sink.behaviour.rcpt_replies["nobody@ext.test"] = "550 5.1.1 No such user"
+    up = SmtpUpstream(UpstreamSection(url=sink.url, starttls=False, max_connections=1), "relay.test")
+    try:
+        refused = await up.send("a@example.com", "nobody@ext.test", MESSAGE)
+        sent = await up.send("a@example.com", "c@ext.test", MESSAGE)
+    finally:
+        await up.close()
+        await sink.stop()
+    assert refused.status == "bounced" and refused.reply == "550 5.1.1 No such user"
+    assert sent.status == "sent"
+    assert up.connections_opened == 1  # the same connection, reset, carried the next copy
+    assert [r.rcpt_tos for r in sink.received] == [["c@ext.test"]]
+
+
+async def test_a_server_that_takes_data_after_refusing_the_recipient_gets_an_empty_message_ended():
+    seen = []
+
+    async def script(reader, writer):
+        await _greet(reader, writer)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(b"250 OK\r\n550 5.1.1 No such user\r\n354 go on\r\n")  # a non-conforming server
+        seen.append(await reader.readline())  # the client ends the (empty) message at once
+        writer.write(b"554 5.5.1 No valid recipients\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"250 2.0.0 reset\r\n")
+        await reader.read()
+
+    async with Scripted(script) as srv:
+        conn = await _open(srv.port)
+        reply, keep = await conn.transaction("a@example.com", "nobody@ext.test", MESSAGE, [], False)
+        conn.close()
+    assert (reply.code, reply.text) == (550, "5.1.1 No such user") and keep
+    assert seen == [b".\r\n", b"RSET\r\n"]
+
+
+async def test_a_refused_sender_decides_a_pipelined_transaction():
+    async def script(reader, writer):
+        await _greet(reader, writer)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(b"553 5.7.1 Sender refused\r\n503 5.5.1 No sender\r\n503 5.5.1 No recipients\r\n")
+        assert await reader.readline() == b"RSET\r\n"
+        writer.write(b"250 OK\r\n")
+        await reader.read()
+
+    async with Scripted(script) as srv:
+        conn = await _open(srv.port)
+        reply, keep = await conn.transaction("a@example.com", "c@ext.test", MESSAGE, [], False)
+        conn.close()
+    assert (reply.code, reply.text, keep) == (553, "5.7.1 Sender refused", True)
+
+
+async def test_replies_are_read_whole_however_the_bytes_arrive():
+    async def script(reader, writer):
+        for chunk in (b"22", b"0-scripted.test\r", b"\n220 ready\r\n"):  # a multi-line greeting, split
+            writer.write(chunk)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        await reader.readline()
+        for byte in b"250-scripted.test\r\n250-PIPELINING\r\n250-SIZE 5000\r\n250 HELP\r\n":
+            writer.write(bytes([byte]))  # one byte at a time
+            await writer.drain()
+        for _ in range(3):
+            await reader.readline()
+        writer.write(b"250 OK\r\n250 OK\r\n354 go on\r\n")
+        await _data(reader)
+        writer.write(b"250-2.0.0 queued\r\n250 2.0.0 as 42\r\n")
+        await reader.read()
+
+    async with Scripted(script) as srv:
+        conn = await _open(srv.port)
+        assert conn.supports("pipelining") and conn.extensions["size"] == "5000"
+        reply, keep = await conn.transaction("a@example.com", "c@ext.test", MESSAGE, [], False)
+        conn.close()
+    assert (reply.code, reply.text) == (250, "2.0.0 queued\n2.0.0 as 42")
+
+
+async def test_no_reply_at_all_is_a_timeout_not_a_hang():
+    async def script(reader, writer):
+        await reader.read()  # says nothing, not even a greeting
+
+    async with Scripted(script) as srv:
+        with pytest.raises(TimeoutError):
+            await _open(srv.port, timeout=0.3)
+
+
+@pytest.mark.parametrize("data, sent", [
+    (b"a\r\n.\r\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+    (b".start\r\n..two\r\n", b"..start\r\n...two\r\n.\r\n"),
+    (b"no end", b"no end\r\n.\r\n"),
+    (b"bare\nlf\n.\n", b"bare\r\nlf\r\n..\r\n.\r\n"),
+    (b"bare\rcr\r\n", b"bare\r\ncr\r\n.\r\n"),
+    (b"", b".\r\n"),
+])
+def test_data_is_sent_with_crlf_line_ends_dot_stuffed_and_ended(data, sent):
+    assert _stuffed(data) == sent
+
+
+async def test_dot_lines_arrive_at_the_upstream_as_written():
+    sink = await Sink().start()
+    up = SmtpUpstream(UpstreamSection(url=sink.url, starttls=False), "relay.test")
+    body = b"Subject: dots\r\n\r\n.\r\n..\r\n.leading\r\nend\r\n"
+    try:
+        assert (await up.send("a@example.com", "c@ext.test", body)).status == "sent"
+    finally:
+        await up.close()
+        await sink.stop()
+    assert sink.received[0].data == body
+
+
+async def test_data_sent_ahead_of_the_starttls_handshake_ends_the_session():
+    """The STARTTLS injection: bytes after "220 ready" would be read as if they came over TLS."""
+    async def script(reader, writer):
+        await _greet(reader, writer, extensions=("STARTTLS",))
+        assert await reader.readline() == b"STARTTLS\r\n"
+        writer.write(b"220 2.0.0 Ready to start TLS\r\n250 2.1.0 injected\r\n")
+        await reader.read()
+
+    import ssl
+    async with Scripted(script) as srv:
+        with pytest.raises(Exception, match="before TLS began"):
+            await Connection.open("127.0.0.1", srv.port, local_hostname="relay.test", timeout=2,
+                                  starttls=ssl.create_default_context())
+
+
+async def test_an_envelope_address_with_a_line_break_is_never_sent():
+    sink = await Sink().start()
+    up = SmtpUpstream(UpstreamSection(url=sink.url, starttls=False), "relay.test")
+    try:
+        result = await up.send("a@example.com", "c@ext.test>\r\nRCPT TO:<eve@evil.test", MESSAGE)
+    finally:
+        await up.close()
+        await sink.stop()
+    assert result.status == "bounced" and result.reply.startswith("501 5.1.3")
+    assert sink.received == []
