@@ -61,13 +61,28 @@ async def run(conn: AsyncConnection, fn: Callable[..., T], *args: Any) -> T:
     return await driver._execute(fn, driver._conn, *args)
 
 
-async def transaction(engine: AsyncEngine, fn: Callable[..., T], *args: Any) -> T:
+async def transaction(engine: AsyncEngine, fn: Callable[..., T], *args: Any, durable: bool = True) -> T:
     """``fn(sqlite3_connection, *args)`` and its commit (or rollback, if it raised) in one trip.
 
     The connection comes from the engine's pool outside any SQLAlchemy transaction; the engine
-    must not roll back on return (``storage.engine.make_engine`` sets that for SQLite)."""
+    must not roll back on return (``storage.engine.make_engine`` sets that for SQLite).
+
+    ``durable=False``: the commit does not wait for the disk (``synchronous=NORMAL`` for it), for
+    work that is done again when it is lost — the CRM logger's, whose job stays pending in the same
+    transaction. A process crash loses nothing either way (the WAL is written before the commit
+    returns); a power loss may lose such a commit, but never one made after it (the next durable
+    commit's fsync of the WAL carries the earlier frames too). It keeps SQLite's one writer from
+    waiting on an fsync of background work while the spool's commits queue behind it."""
     async with engine.connect() as conn:
-        return await run(conn, _committed, fn, *args)
+        return await run(conn, _committed if durable else _committed_lazily, fn, *args)
+
+
+def _committed_lazily(db: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+    db.execute("PRAGMA synchronous=NORMAL")
+    try:
+        return _committed(db, fn, *args)
+    finally:
+        db.execute("PRAGMA synchronous=FULL")  # storage.engine's setting, for the next user
 
 
 def _committed(db: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:

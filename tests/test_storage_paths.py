@@ -195,3 +195,22 @@ async def test_both_paths_store_the_same_rows(write, tmp_path, monkeypatch):
     for table in TABLES:
         assert fast[table] == core[table], table
     assert fast != {table: [] for table in TABLES}
+
+
+async def test_a_lazy_commit_is_not_waited_to_disk_and_the_connection_is_durable_again_after(tmp_path):
+    """``direct.transaction(durable=False)`` (the CRM logger's): synchronous=NORMAL for its own
+    commit only; the next user of the pooled connection commits with storage.engine's FULL."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/lazy.db")
+    try:
+        seen = lambda db: db.execute("PRAGMA synchronous").fetchone()[0]  # noqa: E731
+        assert await direct.transaction(engine, seen) == 2  # FULL
+        assert await direct.transaction(engine, seen, durable=False) == 1  # NORMAL
+        assert await direct.transaction(engine, seen) == 2
+
+        def fails(db):
+            raise RuntimeError("rolled back")
+        with pytest.raises(RuntimeError):
+            await direct.transaction(engine, fails, durable=False)
+        assert await direct.transaction(engine, seen) == 2
+    finally:
+        await engine.dispose()
