@@ -2,8 +2,16 @@
 
 The HTTP benchmark (tracker_bench.py) measures the whole server, but this machine's speed drifts by
 up to 40 % between runs. This script isolates trackrelay's own work for one request: the handler
-(called with aiohttp's test request, so no socket work) and the recording of its event (classifying
-the batch, then writing it to SQLite), against a handler that only builds the same response.
+(the public listener's, its path dispatched; called with aiohttp's test request, so no socket
+work) and the recording of its event (classifying the batch, then writing it to SQLite; the
+recorder in process, ``tracker.writer_process = false``), against a handler that only builds the
+same response. Then whole requests, the bare app's (tracker_bench.py's: aiohttp's application and
+router) and trackrelay's public listener: the request's bytes handed to aiohttp's protocol on a
+transport that keeps nothing, parsed, dispatched, handled and the response written, one request
+in flight as a keep-alive client sends them (no socket, no kernel; recording not included). A
+whole request plus its recording is what one core spends per request with the writer beside it,
+but for the kernel's socket work, which is the same for both servers, and the hand-over to the
+writer process (a pickled tuple: well under a microsecond a hit).
 
     .venv/bin/python bench/tracker_cost.py [--requests 20000]             # CPU µs (process time)
     .venv/bin/python bench/tracker_cost.py --requests 3000 --instructions  # under valgrind: exact
@@ -26,6 +34,7 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -66,6 +75,50 @@ class Meter:
         raise RuntimeError(f"no callgrind dump at {out}")
 
 
+class Sink(asyncio.Transport):
+    """What aiohttp's protocol asks of a connection's transport; it counts the responses written
+    (a status line of 200 or 302 each) and wakes the client when the one it waits for is out."""
+
+    def __init__(self):
+        super().__init__()
+        self.ok = 0
+        self._waiter: asyncio.Future | None = None
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8080)}.get(name, default)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data) -> None:
+        if data.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 302 ")):
+            self.ok += 1
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+
+    def writelines(self, chunks) -> None:
+        self.write(b"".join(chunks))
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    async def serve(self, protocol, requests: list[bytes], n: int) -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(n):
+            self._waiter = loop.create_future()
+            protocol.data_received(requests[i % len(requests)])
+            await self._waiter
+
+
 async def main(n: int, instructions: bool) -> None:
     from aiohttp import web
     from aiohttp.test_utils import make_mocked_request
@@ -79,7 +132,8 @@ async def main(n: int, instructions: bool) -> None:
     relay_port = free_port()
     cfg = config_mod.from_dict(tomllib.loads(CONFIG.format(  # the HTTP benchmark's configuration
         relay_port=relay_port, t_port=free_port(), a_port=free_port(), tmp=tmp,
-        db_url=f"sqlite+aiosqlite:///{tmp}/t.db", password_hash=hash_password("pw"))), "tracker_cost")
+        db_url=f"sqlite+aiosqlite:///{tmp}/t.db", password_hash=hash_password("pw"),
+        writer_process="false")), "tracker_cost")  # the recorder in process: measured part by part
     service = Service(cfg)
     await service.start()
     try:
@@ -99,16 +153,16 @@ async def main(n: int, instructions: bool) -> None:
             def is_closing(self):
                 return False
 
-        app = service.tracker._runners[0].app
+        listener = public.listener(service.tracker.ctx, "")  # the public listener's one handler
         recorder = service.tracker.recorder
         recorder._task.cancel()  # flushed here, part by part
 
         def requests(kind: str) -> list:
             if kind == "pixel":
-                return [make_mocked_request("GET", f"/o/{t}.gif", headers={"User-Agent": UA}, app=app,
-                                            match_info={"token": t}, transport=Peer()) for t in pixels]
-            return [make_mocked_request("GET", f"/c/{c}", headers={"User-Agent": UA}, app=app,
-                                        match_info={"rest": c}, transport=Peer()) for c in clicks]
+                return [make_mocked_request("GET", f"/o/{t}.gif", headers={"User-Agent": UA}, transport=Peer())
+                        for t in pixels]
+            return [make_mocked_request("GET", f"/c/{c}", headers={"User-Agent": UA}, transport=Peer())
+                    for c in clicks]
 
         async def bare_pixel(request):  # the responses of tracker_bench.py's bare app
             return web.Response(body=public.GIF, content_type="image/gif",
@@ -127,9 +181,9 @@ async def main(n: int, instructions: bool) -> None:
         meter = Meter(instructions)
         results: list[tuple[str, float, int | None]] = []
         for name, handler, kind in (("bare pixel (the response only)", bare_pixel, "pixel"),
-                                    ("trackrelay pixel handler", public.pixel, "pixel"),
+                                    ("trackrelay pixel handler (its path dispatched)", listener, "pixel"),
                                     ("bare redirect (the response only)", bare_redirect, "redirect"),
-                                    ("trackrelay redirect handler", public.click, "redirect")):
+                                    ("trackrelay redirect handler (its path dispatched)", listener, "redirect")):
             reqs = requests(kind)
             for i in range(1000):  # warm-up
                 await handler(reqs[i % len(reqs)])
@@ -144,6 +198,35 @@ async def main(n: int, instructions: bool) -> None:
                 await flush()
                 results.append((f"  its event recorded ({kind}: classified, written to SQLite)", *await meter.stop()))
                 assert recorder.stats.written - written == n, "every event written"
+
+        # Whole requests in process: aiohttp's protocol, its parser, the routing, the handler and
+        # the response written, from the request's bytes to the response's (a transport that
+        # keeps nothing: no socket, no kernel), one request in flight as a keep-alive client does.
+        bare_app = web.Application()
+        bare_app.router.add_get("/o/{token}.gif", bare_pixel)
+        bare_app.router.add_get("/c/{rest}", bare_redirect)
+        bare_runner = web.AppRunner(bare_app, access_log=None)
+        await bare_runner.setup()
+        ours = service.tracker._runners[0]
+        paths = {"pixel": [urlsplit(u).path for u in pixel_urls], "redirect": [urlsplit(u).path for u in click_urls]}
+        for name, runner, kind in (("bare pixel, whole request", bare_runner, "pixel"),
+                                   ("trackrelay pixel, whole request", ours, "pixel"),
+                                   ("bare redirect, whole request", bare_runner, "redirect"),
+                                   ("trackrelay redirect, whole request", ours, "redirect")):
+            reqs = [f"GET {p} HTTP/1.1\r\nHost: t.example\r\nUser-Agent: {UA}\r\n\r\n".encode()
+                    for p in paths[kind]]
+            sink = Sink()
+            protocol = runner.server()
+            protocol.connection_made(sink)
+            await sink.serve(protocol, reqs, 1000)  # warm-up
+            await flush()
+            await meter.start()
+            await sink.serve(protocol, reqs, n)
+            results.append((name, *await meter.stop()))
+            assert sink.ok == n + 1000, (name, sink.ok)
+            protocol.connection_lost(None)
+            await flush()
+        await bare_runner.cleanup()
     finally:
         await service.stop()
         shutil.rmtree(tmp, ignore_errors=True)

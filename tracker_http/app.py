@@ -1,5 +1,5 @@
 """The tracker role: both aiohttp listeners and the event recorder, started and stopped together
-(what each listener opens and closes is in its ``cleanup_ctx``, ``tracker_http.routes``)."""
+(the recorder before the public listener listens, and after it has shut down: ``tracker_http.routes``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from core.config import Config, parse_hostport
 from core.links import Keyring
 from tracker_http.netaddr import RangeSet, apple_ranges_path, networks
 from tracker_http.recorder import Recorder, SignedInIps
-from tracker_http.routes import create_api_app, create_public_app
+from tracker_http.routes import create_api_app, create_public_server, start_recorder, stop_recorder
 from tracker_http.sessions import end_for_config
 from tracker_http.state import Context, Rewrite
 from tracker_http.writer import WriterClient
@@ -47,15 +47,19 @@ class Tracker:
         self.ctx = Context(config, keyring, sessionmaker, self.recorder,
                            networks(config.tracker.trusted_proxies), signed_in, bus,
                            service_metrics=metrics, rewrite=rewrite)
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.BaseRunner] = []
+        self._recording = False  # the recorder started and not stopped yet
 
     async def start(self) -> None:
         c = self.ctx.config
         self.api_tls = api_tls_context(c)
-        for app, listen, tls in ((create_public_app(self.ctx), c.tracker.listen, None),
-                                 (create_api_app(self.ctx), c.api.listen, self.api_tls)):
-            runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                   shutdown_timeout=SHUTDOWN_SECONDS)
+        start_recorder(self.ctx)
+        self._recording = True
+        for runner, listen, tls in (
+                (web.ServerRunner(create_public_server(self.ctx), shutdown_timeout=SHUTDOWN_SECONDS),
+                 c.tracker.listen, None),
+                (web.AppRunner(create_api_app(self.ctx), access_log=None, handle_signals=False,
+                               shutdown_timeout=SHUTDOWN_SECONDS), c.api.listen, self.api_tls)):
             await runner.setup()
             host, port = parse_hostport(listen)
             await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls).start()
@@ -79,6 +83,12 @@ class Tracker:
             log.info("reload ended %d page sessions of removed or changed users", ended)
 
     async def stop(self) -> None:
-        for runner in self._runners:  # the public listener's first: the recorder writes what it holds
+        for runner in self._runners:  # the public listener's first, then the recorder writes what it holds
             await runner.cleanup()
+            if self._recording:
+                self._recording = False
+                await stop_recorder(self.ctx)
         self._runners.clear()
+        if self._recording:  # the public listener never listened (start failed): the recorder still stops
+            self._recording = False
+            await stop_recorder(self.ctx)

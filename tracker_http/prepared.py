@@ -13,7 +13,7 @@ stream writer, making the same decisions aiohttp makes for such a response:
 - no body for HEAD, with the Content-Length a GET would get;
 - a Date header (RFC 9110 §6.6.1), formatted once a second; no Server header.
 
-What it does not do: ``on_response_prepare`` signals, compression, cookies — the public app has
+What it does not do: ``on_response_prepare`` signals, compression, cookies — the public listener has
 none. A handler returning one must have checked the header values it builds in (``header_safe``).
 """
 
@@ -22,8 +22,10 @@ from __future__ import annotations
 import re
 import time
 from email.utils import formatdate
+from types import MappingProxyType
 
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 _REASONS = {200: b" 200 OK\r\n", 302: b" 302 Found\r\n"}
 _VERSIONS = {(1, 1): b"HTTP/1.1", (1, 0): b"HTTP/1.0"}
@@ -57,11 +59,20 @@ class Prepared(web.StreamResponse):
     """A response of ``status`` (200 or 302): the header lines ``head``, which include the
     Content-Length of ``body`` (built once, with ``headers``), then ``body``."""
 
+    #: StreamResponse's own state, never filled here: read-only and shared (its ``__init__``, a
+    #: header multidict, a state dict and the reason looked up, is not run: aiohttp's protocol asks
+    #: a handler's response only for ``prepare``, ``write_eof`` and ``keep_alive``).
+    _headers = CIMultiDictProxy(CIMultiDict())
+    _state = MappingProxyType({})
+    _keep: bool | None = None  # decided by prepare()
+    _written = 0
+
     def __init__(self, status: int, head: bytes, body: bytes = b""):
-        super().__init__(status=status)
-        self._head, self._body = head, body
-        self._keep: bool | None = None  # decided by prepare()
-        self._written = 0
+        self._status, self._head, self._body = status, head, body
+
+    @property
+    def reason(self) -> str:
+        return _REASONS[self._status][5:-2].decode("ascii")
 
     @property
     def keep_alive(self) -> bool | None:

@@ -1,9 +1,17 @@
-"""The public listener's handlers: the open pixel, the click redirect and /healthz — nothing
-else (``tracker_http.routes`` lists them).
+"""The public listener: the open pixel, the click redirect and /healthz — nothing else.
 
 It faces the internet. Handlers answer from memory: the GIF is a constant, the redirect target is
 in the signed URL; the event goes to the recorder's buffer. A GET here changes nothing but the
 event log.
+
+The listener is aiohttp's low-level server (``web.Server``) with one handler, ``listener``, that
+dispatches by the path itself: no application, router, match info or middleware chain for its
+three paths (callgrind, bench/tracker_cost.py). It answers as those routes did: ``/o/{token}.gif``
+and ``/c/{rest}`` (a segment of one or more characters but ``/``, ``{``, ``}``), also under
+``tracker.public_url``'s path, and ``/healthz``, each to GET and HEAD; another method on one of
+them a 405 with ``Allow: GET,HEAD``, any other path a 404; the path matched as aiohttp's router
+matches it (``path_safe``: percent-decoded but for ``%2F``); ``Expect`` as aiohttp's default
+expect handler answers it.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from aiohttp import web
 
 from tracker_http.netaddr import client_ip
 from tracker_http.prepared import Prepared, header_safe, headers
-from tracker_http.state import CTX, Context
+from tracker_http.state import Context
 from core.links import Unrepresentable, to_uri, verify_click
 
 #: The 43-byte transparent 1×1 GIF.
@@ -31,26 +39,23 @@ _REDIRECT_HEAD = headers(Content_Length="0", Cache_Control=NO_STORE, Referrer_Po
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
-def _who(request: web.Request, ctx: Context) -> tuple[str, str]:
+def _who(request: web.BaseRequest, ctx: Context) -> tuple[str, str]:
     # request.remote: the socket's peer, which aiohttp looks up once per connection
     ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), ctx.trusted_proxies)
     return ip, request.headers.get("User-Agent", "")
 
 
-async def pixel(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[CTX]
+async def pixel(request: web.BaseRequest, ctx: Context, token: str) -> web.StreamResponse:
     ctx.metrics.inc("pixel")
-    token = request.match_info["token"]
     if _TOKEN.match(token):
         ip, ua = _who(request, ctx)
         ctx.recorder.add(("open", token, request.method, ip, ua, time(), None, None))  # a recorder.Hit
     return Prepared(200, _PIXEL_HEAD, GIF)
 
 
-async def click(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[CTX]
+async def click(request: web.BaseRequest, ctx: Context, rest: str) -> web.StreamResponse:
     ctx.metrics.inc("click")
-    found = verify_click(ctx.keyring, request.match_info["rest"])
+    found = verify_click(ctx.keyring, rest)
     head = _redirect_head(found.target) if found is not None else None
     if head is None:
         ctx.metrics.inc("click_rejected")
@@ -58,6 +63,62 @@ async def click(request: web.Request) -> web.StreamResponse:
     ip, ua = _who(request, ctx)
     ctx.recorder.add(("click", found.token, request.method, ip, ua, time(), found.target, found.index))
     return Prepared(302, head)
+
+
+async def healthz(request: web.BaseRequest, ctx: Context | None = None, _: str = "") -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+_METHODS = frozenset(("GET", "HEAD"))
+
+
+def _segment(text: str) -> bool:
+    """What the router's ``{name}`` matched: one or more characters, none of ``/``, ``{``, ``}``."""
+    return bool(text) and "/" not in text and "{" not in text and "}" not in text
+
+
+def _route(path: str):
+    """The handler of a path without the public URL's prefix, and its one parameter; else None."""
+    if path.startswith("/c/"):
+        rest = path[3:]
+        return (click, rest) if _segment(rest) else None
+    if path.startswith("/o/") and path.endswith(".gif"):
+        token = path[3:-4]
+        return (pixel, token) if _TOKEN.match(token) or _segment(token) else None
+    return None
+
+
+def listener(ctx: Context, prefix: str):
+    """The public listener's one handler (for ``web.Server``): ``prefix`` is ``tracker.public_url``'s
+    path without its trailing slash ("" for none)."""
+    under = prefix + "/" if prefix else None
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if request.headers.get("Expect"):  # as aiohttp's application: before any route's answer
+            await _expect(request)
+        path = request.rel_url.path_safe
+        found = _route(path)
+        if found is None:
+            if under is not None and path.startswith(under):
+                found = _route(path[len(prefix):])
+            if found is None:
+                if path != "/healthz":
+                    raise web.HTTPNotFound()
+                found = (healthz, "")
+        if request.method not in _METHODS:
+            raise web.HTTPMethodNotAllowed(request.method, _METHODS)
+        return await found[0](request, ctx, found[1])
+
+    return handle
+
+
+async def _expect(request: web.BaseRequest) -> None:
+    """An ``Expect`` header as aiohttp's default expect handler answers it on its routes."""
+    if request.version == (1, 1):
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="Unknown Expect: %s" % request.headers.get("Expect", ""))
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
 
 
 @lru_cache(maxsize=4096)
@@ -74,6 +135,3 @@ def _redirect_head(target: str) -> bytes | None:
         return None
     return b"Location: " + location.encode("ascii") + b"\r\n" + _REDIRECT_HEAD if header_safe(location) else None
 
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})

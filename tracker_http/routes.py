@@ -1,9 +1,10 @@
 """Every route of the tracker's two listeners, in one place, each with what it needs
-(``tracker_http.web.Access``), and the resources each listener opens and closes
-(``app.cleanup_ctx``).
+(``tracker_http.web.Access``), and the resources each listener opens and closes (the API's
+``app.cleanup_ctx``; the public listener's recorder, ``start_recorder``/``stop_recorder``).
 
 The public listener (``tracker.listen``) faces the internet: the pixel, the click redirect and
-/healthz, nothing else. The API listener (``api.listen``) serves the team: the JSON API under
+/healthz, nothing else (``create_public_server``: one handler dispatching by path,
+``tracker_http.public.listener``). The API listener (``api.listen``) serves the team: the JSON API under
 /api/v1, the live stream, the pages, /metrics, /healthz and /readyz.
 """
 
@@ -76,22 +77,13 @@ API_ROUTES: list[tuple[str, str, object, Access]] = [
 ADMIN_REFUSALS = {crm_api.delete_contact: "a GDPR erase is for admins"}
 
 
-def public_routes(prefix: str) -> list[tuple[str, str, object]]:
-    """The public listener's routes; the pixel and click also under ``tracker.public_url``'s path."""
-    out = [("GET", "/healthz", public.healthz), ("HEAD", "/healthz", public.healthz)]
-    for base in {prefix, ""}:
-        out += [("GET", f"{base}/o/{{token}}.gif", public.pixel), ("HEAD", f"{base}/o/{{token}}.gif", public.pixel),
-                ("GET", f"{base}/c/{{rest}}", public.click), ("HEAD", f"{base}/c/{{rest}}", public.click)]
-    return out
-
-
-def create_public_app(ctx: Context) -> web.Application:
-    app = web.Application(client_max_size=1024)
-    app[CTX] = ctx
-    app.cleanup_ctx.append(_recorder)
-    for method, path, handler in public_routes(urlsplit(ctx.config.tracker.public_url).path.rstrip("/")):
-        _add(app, method, path, handler, head=False)
-    return app
+def create_public_server(ctx: Context) -> web.Server:
+    """The public listener: aiohttp's low-level server and ``public.listener``'s one handler (the
+    pixel, the click, /healthz; the first two also under ``tracker.public_url``'s path), no
+    application. What it opens and closes (the event recorder) is ``start_recorder`` and
+    ``stop_recorder``, run by ``tracker_http.app.Tracker`` around it. Called on the running loop."""
+    prefix = urlsplit(ctx.config.tracker.public_url).path.rstrip("/")
+    return web.Server(public.listener(ctx, prefix), access_log=None)
 
 
 def create_api_app(ctx: Context) -> web.Application:
@@ -119,15 +111,16 @@ def _add(app: web.Application, method: str, path: str, handler, head: bool = Tru
     return [resource.add_route(m, handler) for m in methods]
 
 
-async def _recorder(app: web.Application):
-    """The event recorder runs while the public listener does (its hits are the recorder's input);
-    at stop it writes what it still holds."""
-    recorder = app[CTX].recorder
-    if isinstance(recorder, Recorder):
+def start_recorder(ctx: Context) -> None:
+    """The event recorder runs while the public listener does (its hits are the recorder's input)."""
+    if isinstance(ctx.recorder, Recorder):
         classify.warm_up()  # the writer process builds its own
-    recorder.start()
-    yield
-    await recorder.stop()
+    ctx.recorder.start()
+
+
+async def stop_recorder(ctx: Context) -> None:
+    """At stop, once the public listener has shut down, the recorder writes what it still holds."""
+    await ctx.recorder.stop()
 
 
 async def _end_streams(app: web.Application) -> None:
