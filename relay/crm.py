@@ -13,6 +13,7 @@ import asyncio
 import email
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,7 +27,7 @@ from storage import crm as q
 from storage.models import utcnow
 from storage.engine import engine_of
 from core.config import Config
-from core.companies import normalise_domains
+from core.companies import normalise_domains, registrable
 from core.mailaddr import canonical
 from core.neverlog import normalise_entry
 from core.aio import finish
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("trackrelay.crm")
 
 MAX_JOB_ATTEMPTS = 5
+#: CRM jobs logged in one commit on SQLite (each parse between them yields to the event loop).
+BATCH = 8
 #: Never Log lists change rarely and are read for every message: a change takes effect within this.
 NEVER_LOG_CACHE_SECONDS = 2.0
 _MSGID = re.compile(r"<[^<>\s]+>")
@@ -137,23 +140,30 @@ _POLICY = _MemoPolicy()
 
 def parse_email(raw: bytes) -> ParsedEmail:
     msg = email.message_from_bytes(raw, policy=_POLICY)
-    ids = _MSGID.findall(_h(msg, "Message-ID"))
+    # Names present, read once: each absent header costs nothing (Message.get scans every field).
+    present = {k.lower() for k in msg.keys()}
+
+    def h(name: str) -> str:
+        return _h(msg, name) if name in present else ""
+
+    ids = _MSGID.findall(h("message-id"))
     p = ParsedEmail(message_id=ids[0] if ids else "")
-    p.subject = _h(msg, "Subject")
-    p.from_, p.to, p.cc = _h(msg, "From"), _h(msg, "To"), _h(msg, "Cc")
+    p.subject = h("subject")
+    p.from_, p.to, p.cc = h("from"), h("to"), h("cc")
+    date = h("date")
     try:
-        p.date = parsedate_to_datetime(_h(msg, "Date")) if _h(msg, "Date") else None
+        p.date = parsedate_to_datetime(date) if date else None
         if p.date is not None and p.date.tzinfo is None:
             p.date = None
     except (TypeError, ValueError, IndexError):
         p.date = None
-    irt = _MSGID.findall(_h(msg, "In-Reply-To")) or _BARE_MSGID.findall(_h(msg, "In-Reply-To"))
+    irt = _MSGID.findall(h("in-reply-to")) or _BARE_MSGID.findall(h("in-reply-to"))
     p.in_reply_to = irt[0] if irt else None
-    p.references = _MSGID.findall(_h(msg, "References"))
+    p.references = _MSGID.findall(h("references"))
     for name in (*autoreply.HEADERS, "x-auto-response-suppress"):
         if name != "subject":
-            p.headers[name] = ", ".join(str(v) for v in msg.get_all(name, failobj=[])) \
-                if name == "delivered-to" else _h(msg, name)
+            p.headers[name] = "" if name not in present else \
+                ", ".join(str(v) for v in msg.get_all(name, failobj=[])) if name == "delivered-to" else h(name)
     for part in msg.walk():
         if part.is_multipart():
             continue
@@ -256,7 +266,8 @@ def outgoing_email(config: Config, job: q.LogJob) -> q.EmailToLog | None:
 
 
 class CrmLogger:
-    """Works through the CRM jobs; one job per transaction, claimed with SKIP LOCKED."""
+    """Works through the CRM jobs: on PostgreSQL one job per transaction, claimed with SKIP LOCKED;
+    on SQLite a few at a time (``BATCH``), claimed in one trip and logged in one commit."""
 
     def __init__(self, config: Config, sessionmaker: async_sessionmaker):
         self.config = config
@@ -271,6 +282,9 @@ class CrmLogger:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="crm-logger")
+        # The public suffix list is read at its first use (about 0.2 s of parsing): now, beside the
+        # loop, rather than on it when the first message is logged.
+        threading.Thread(target=registrable, args=("example.com",), name="trackrelay-psl", daemon=True).start()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -282,7 +296,7 @@ class CrmLogger:
         while not self._stopping:
             self._wake.clear()
             try:
-                while not self._stopping and await self.process_one():
+                while not self._stopping and await self.process_some():
                     # Background work: let the relay's commits and deliveries have the database
                     # between jobs (SQLite has one write connection).
                     await asyncio.sleep(0)
@@ -296,6 +310,32 @@ class CrmLogger:
                     await asyncio.sleep(0.1)  # gather the jobs of a burst of mail
             except asyncio.TimeoutError:
                 pass
+
+    async def process_some(self) -> bool:
+        """Log pending jobs — on SQLite up to ``BATCH`` claimed in one trip and ended in one commit,
+        elsewhere one; False when there was none."""
+        engine = engine_of(self.sessionmaker)
+        if not q.batches(engine):
+            return await self.process_one()
+        jobs = await q.next_jobs(engine, BATCH)
+        if not jobs:
+            return False
+        work = []
+        for job in jobs:
+            try:
+                work.append((job, outgoing_email(self.config, job)))
+            except Exception as exc:
+                log.error("CRM job %s (queue_id=%s) failed: %s", job.id, job.message_pk, maillog.error(exc))
+                await q.job_failed(engine, job.id, MAX_JOB_ATTEMPTS)
+            await asyncio.sleep(0)  # each parse is a slice of the loop: SMTP sessions go on between
+        for (job, _), outcome in zip(work, await q.finish_jobs(engine, work)):
+            if isinstance(outcome, Exception):
+                log.error("CRM job %s (queue_id=%s) failed: %s", job.id, job.message_pk, maillog.error(outcome))
+                await q.job_failed(engine, job.id, MAX_JOB_ATTEMPTS)
+            elif outcome is not None:
+                self.logged += 1
+                maillog.log.info("queue_id=%d status=crm_logged logged_email=%d", job.message_pk, outcome.id)
+        return True
 
     async def process_one(self) -> bool:
         """Log one pending job; False when there is none."""

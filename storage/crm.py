@@ -518,6 +518,43 @@ async def finish_job(job: LogJob, email: EmailToLog | None) -> Logged | None:
     return logged
 
 
+def batches(engine: AsyncEngine) -> bool:
+    """Whether ``next_jobs``/``finish_jobs`` serve this engine (SQLite: its one writer is never
+    held between the claim and the log). Elsewhere ``next_job`` claims one row lock at a time."""
+    return direct.usable(engine)
+
+
+async def next_jobs(engine: AsyncEngine, limit: int) -> list[LogJob]:
+    """Up to ``limit`` of the oldest pending CRM jobs and their messages, in one trip (SQLite);
+    ``finish_jobs`` ends them."""
+    async with engine.connect() as conn:
+        jobs = await direct.run(conn, _next_jobs_sqlite, limit)
+    return [dataclasses.replace(job, _db=engine) for job in jobs]
+
+
+async def finish_jobs(engine: AsyncEngine, work: list[tuple[LogJob, "EmailToLog | None"]]
+                      ) -> list[Logged | None | Exception]:
+    """Log each job's email and end the jobs in one commit (not waited to disk, as
+    ``finish_job``'s): per job the logged email, None (nothing logged, or ended meanwhile) or the
+    exception that failed it — a job that fails is done again alone, the others still commit."""
+    if not work:
+        return []
+    now = utcnow()
+    try:
+        pks = await direct.transaction(engine, _finish_jobs_sqlite, work, now, durable=False)
+        return [None if pk is None else Logged(pk) for pk in pks]
+    except Exception:
+        if len(work) == 1:
+            raise
+    results: list[Logged | None | Exception] = []
+    for job, email in work:  # the batch failed as a whole: each alone, so one bad job fails alone
+        try:
+            results.append(await finish_job(job, email))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
 async def job_failed(engine: AsyncEngine, job_id: int, max_attempts: int) -> None:
     """One more failed attempt of the job; at ``max_attempts`` it is given up (state failed)."""
     async with engine.begin() as conn:
@@ -549,25 +586,37 @@ async def _next_job_core(conn: AsyncConnection) -> LogJob | None:
     return LogJob(job_id, message_pk, *msg, addresses=addresses, _db=conn)
 
 
-_SQL_NEXT_JOB = "SELECT id, message_pk FROM crm_jobs WHERE state = 'pending' ORDER BY id LIMIT 1"
 _SQL_MESSAGE_TO_LOG = 'SELECT message_id, "user", raw, log_associate, accepted_at FROM messages WHERE id = ?'
 _SQL_ADDRESSES_TO_LOG = "SELECT address FROM recipients WHERE message_pk = ? AND log IS 1 ORDER BY id"
 _SQL_JOB_DONE = "UPDATE crm_jobs SET state = 'done' WHERE id = ? AND state = 'pending'"
 
 
 def _next_job_sqlite(db: direct.Db) -> LogJob | None:
-    row = db.execute(_SQL_NEXT_JOB).fetchone()
-    if row is None:
-        return None
-    job_id, message_pk = row
-    msg = db.execute(_SQL_MESSAGE_TO_LOG, (message_pk,)).fetchone()
-    if msg is None:
-        return LogJob(job_id, message_pk)
-    message_id, user, raw, log_associate, accepted_at = msg
-    addresses = () if raw is None else \
-        tuple(a for (a,) in db.execute(_SQL_ADDRESSES_TO_LOG, (message_pk,)).fetchall())
-    return LogJob(job_id, message_pk, message_id, user, raw, log_associate, direct.parse_time(accepted_at),
-                  addresses)
+    jobs = _next_jobs_sqlite(db, 1)
+    return jobs[0] if jobs else None
+
+
+def _next_jobs_sqlite(db: direct.Db, limit: int) -> list[LogJob]:
+    jobs = []
+    for job_id, message_pk in db.execute(_SQL_NEXT_JOBS, (limit,)).fetchall():
+        msg = db.execute(_SQL_MESSAGE_TO_LOG, (message_pk,)).fetchone()
+        if msg is None:
+            jobs.append(LogJob(job_id, message_pk))
+            continue
+        message_id, user, raw, log_associate, accepted_at = msg
+        addresses = () if raw is None else \
+            tuple(a for (a,) in db.execute(_SQL_ADDRESSES_TO_LOG, (message_pk,)).fetchall())
+        jobs.append(LogJob(job_id, message_pk, message_id, user, raw, log_associate,
+                           direct.parse_time(accepted_at), addresses))
+    return jobs
+
+
+_SQL_NEXT_JOBS = "SELECT id, message_pk FROM crm_jobs WHERE state = 'pending' ORDER BY id LIMIT ?"
+
+
+def _finish_jobs_sqlite(db: direct.Db, work: list[tuple[LogJob, EmailToLog | None]], now: datetime
+                        ) -> list[int | None]:
+    return [_finish_job_sqlite(db, job.id, email, now) for job, email in work]
 
 
 def _finish_job_sqlite(db: direct.Db, job_id: int, email: EmailToLog | None, now: datetime) -> int | None:

@@ -178,6 +178,31 @@ async def test_sqlites_single_trip_path_stores_the_rows_sqlalchemy_core_stores(t
         assert fast[table] == core[table], table
 
 
+async def test_on_sqlite_jobs_are_claimed_and_logged_a_batch_at_a_time_and_a_bad_one_fails_alone(tmp_path):
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/batch.db")
+    try:
+        await upgrade(engine)
+        ids = await _seed(engine)
+        assert crm.batches(engine)
+        jobs = await crm.next_jobs(engine, 8)
+        assert [j.message_pk for j in jobs] == [ids["message1"], ids["message2"]]
+        assert jobs[0].addresses == ("Carol@Acme.test", "erin@newco.test") and jobs[1].addresses == ()
+        assert [j.message_pk for j in await crm.next_jobs(engine, 1)] == [ids["message1"]]
+        bad = email(message_pk=jobs[1].message_pk, subject=object())  # no database can store it
+        good = email(message_pk=jobs[0].message_pk, contact_emails=("carol@acme.test",))
+        outcome = await crm.finish_jobs(engine, [(jobs[0], good), (jobs[1], bad)])
+        assert isinstance(outcome[0], crm.Logged) and isinstance(outcome[1], Exception)
+        # The good one is logged and done; the bad one is still pending, nothing of it stored.
+        assert [j.message_pk for j in await crm.next_jobs(engine, 8)] == [ids["message2"]]
+        assert await crm.finish_jobs(engine, [(jobs[1], None)]) == [None]
+        assert await crm.next_jobs(engine, 8) == []
+        async with engine.connect() as conn:
+            logged = (await conn.execute(text("SELECT message_pk FROM logged_emails"))).scalars().all()
+        assert logged == [ids["message1"]]
+    finally:
+        await engine.dispose()
+
+
 async def test_ensure_contact_creates_once_with_its_company(db_url):
     engine = make_engine(db_url)
     try:
