@@ -64,10 +64,12 @@ class SubmissionHandler(SessionTracking):
         if problem:
             return problem
         key = canonical(address)
-        if any(canonical(r) == key for r in envelope.rcpt_tos):
+        keys = _recipient_keys(envelope)
+        if key in keys:
             return replies.DUPLICATE_RECIPIENT  # one copy, as Postfix does
         if len(envelope.rcpt_tos) >= self.config.relay.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
+        keys.add(key)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return replies.OK_RECIPIENT
@@ -135,6 +137,15 @@ class SubmissionHandler(SessionTracking):
     async def handle_exception(self, error: Exception) -> str:
         log.error("SMTP session error: %s", maillog.error(error), exc_info=(type(error), error, None))
         return replies.TEMP_FAILURE
+
+
+def _recipient_keys(envelope) -> set[str]:
+    """The canonical forms of the envelope's recipients so far, kept on the envelope (aiosmtpd
+    makes a new one per transaction): each RCPT compares against a set, not every earlier one."""
+    keys = getattr(envelope, "trackrelay_keys", None)
+    if keys is None or len(keys) != len(envelope.rcpt_tos):
+        keys = envelope.trackrelay_keys = {canonical(r) for r in envelope.rcpt_tos}
+    return keys
 
 
 class Handoff(Protocol):

@@ -58,6 +58,26 @@ async def test_three_recipients_arrive_as_three_single_recipient_transactions(re
         assert r.data[body_from:] == msg.replace(b"X-Track: none\r\n", b"")
 
 
+async def test_a_recipient_given_twice_gets_one_copy_and_a_new_transaction_starts_afresh(relay, sink):
+    await relay.start()
+    reader, writer, cmd = await authed_raw(relay.port)
+    assert (await cmd(b"MAIL FROM:<alice@example.com>")).startswith(b"250")
+    for rcpt, reply in ((b"carol@ext.test", b"Recipient OK"), (b"Carol@EXT.test", b"already given"),
+                        (b"dave@ext.test", b"Recipient OK"), (b"carol@ext.test", b"already given")):
+        assert reply in await cmd(b"RCPT TO:<" + rcpt + b">")
+    assert (await cmd(b"RSET")).startswith(b"250")  # a new envelope: nobody given yet
+    assert (await cmd(b"MAIL FROM:<alice@example.com>")).startswith(b"250")
+    assert b"Recipient OK" in await cmd(b"RCPT TO:<Carol@ext.test>")
+    assert b"already given" in await cmd(b"RCPT TO:<carol@ext.test>")
+    assert (await cmd(b"DATA")).startswith(b"354")
+    writer.write(simple_message() + b".\r\n")
+    assert (await cmd(b"QUIT")).startswith(b"250 2.0.0 OK: queued")
+    writer.close()
+    await writer.wait_closed()
+    got = await sink.wait_for(1)
+    assert [r.rcpt_tos for r in got] == [["Carol@ext.test"]]
+
+
 async def test_message_id_added_when_missing_and_control_headers_removed(relay, sink):
     await relay.start()
     c = await client(relay.port)
