@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import operator
 import secrets
 import time
 from collections import Counter, deque
@@ -78,6 +79,8 @@ class Stats:
 
 
 OPENED, CLICKED = EventType.OPENED, EventType.CLICKED
+_TYPE_CLASS = operator.itemgetter(0, 9)  # an Event's (type, classification)
+assert Event._fields[0] == "type" and Event._fields[9] == "classification"
 
 
 class Recorder:
@@ -124,6 +127,17 @@ class Recorder:
             dropped(self.stats)
             return
         buf.append(hit)
+        if len(buf) >= BATCH_MAX:
+            self._wake.set()
+
+    def add_many(self, hits: list[Hit]) -> None:
+        """``add`` of each hit, in one step while they fit (the writer process's batches)."""
+        buf = self._buf
+        if len(buf) + len(hits) > BUFFER_MAX:
+            for hit in hits:
+                self.add(hit)
+            return
+        buf.extend(hits)
         if len(buf) >= BATCH_MAX:
             self._wake.set()
 
@@ -190,8 +204,11 @@ class Recorder:
             if self.on_flushed:
                 self.on_flushed()
             return False
-        for _ in batch:
-            self._buf.popleft()
+        if len(batch) == len(self._buf):
+            self._buf.clear()
+        else:
+            for _ in batch:
+                self._buf.popleft()
         self._flushed += len(batch)
         self.stats.written += written
         self.stats.batches += 1
@@ -211,7 +228,7 @@ class Recorder:
             await hits.write(events, dates)
         # The batch is committed: its events count, by (type, classification).
         counts = self.stats.classified
-        for key, n in Counter((e.type, e.classification) for e in events).items():
+        for key, n in Counter(map(_TYPE_CLASS, events)).items():
             counts[key] = counts.get(key, 0) + n
         if len(self._human) > HUMAN_CACHE_MAX or len(self._asked) > HUMAN_CACHE_MAX:
             self._human.clear()
@@ -253,7 +270,7 @@ class Recorder:
                                                        clicked_with_others, recent_sign_in(ip, at), window)
             etype = OPENED if kind == "open" else CLICKED
             event = Event(etype, t.message_pk, at, t.recipient_pk, t.user, url, request[1], request[2], request[3],
-                          cls, reason, False, False, f"{key_prefix}{position + i:012x}")
+                          cls, reason, False, False, key_prefix + str(position + i))
             if cls == HUMAN:
                 events += human_sequence(event, history)
                 address = times[2]

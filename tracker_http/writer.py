@@ -219,8 +219,11 @@ class WriterClient:
         try:
             while True:
                 _, position, *counts, classified = await _receive(reader)
-                for _ in range(position - self._acked):
-                    self._inflight.popleft()
+                if position - self._acked == len(self._inflight):
+                    self._inflight.clear()
+                else:
+                    for _ in range(position - self._acked):
+                        self._inflight.popleft()
                 self._acked = position
                 for name, count in zip(_COUNTERS, counts):
                     setattr(stats, name, getattr(stats, name) + count - last[name])
@@ -314,8 +317,7 @@ async def _child(fd: int) -> None:
         while True:
             _, hits, seen = await _receive(reader)
             signed_in.merge(seen)
-            for hit in hits:
-                recorder.add(hit)
+            recorder.add_many(hits)
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
     await recorder.stop(GRACE)
