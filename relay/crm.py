@@ -124,12 +124,40 @@ class _MemoPolicy(email_policy.EmailPolicy):
         key = (name, value)
         header = _HEADERS.get(key)
         if header is None:
+            simple = _simple_value(name.lower(), value)
+            if simple is not None:
+                return simple
             header = super().header_fetch_parse(name, value)
             if len(value) <= _MEMO_MAX_VALUE:
                 if len(_HEADERS) >= _MEMO_SIZE:
                     _HEADERS.pop(next(iter(_HEADERS)))
                 _HEADERS[key] = header
         return header
+
+
+#: Headers parse_email only reads as text, and the readings that are plain enough to need no
+#: parse: a value ``policy.default`` would render exactly so (``tests/test_perf_paths.py`` checks
+#: both against it, on the corpus and on generated values). Everything else is parsed.
+_TEXT_ONLY = {"subject", "in-reply-to", "references", "auto-submitted", "precedence", "delivered-to"}
+_PLAIN_TEXT = re.compile(r"[ -~\t]*")
+_DOT_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_ADDR = rf"{_DOT_ATOM}@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+_PLAIN_MAILBOX = re.compile(rf"(?:[A-Za-z0-9'_-]+(?: [A-Za-z0-9'_-]+)* <{_ADDR}>|{_ADDR})")
+_PLAIN_MSGID = re.compile(rf"<{_DOT_ATOM}@{_DOT_ATOM}>")
+
+
+def _simple_value(name: str, value: str) -> str | None:
+    """What ``str()`` of ``policy.default``'s header object gives, where that needs no parse; else None."""
+    if "=?" in value or not value.isascii():
+        return None
+    if name in _TEXT_ONLY or name.startswith("x-"):  # unstructured, as every X- header is
+        return value if _PLAIN_TEXT.fullmatch(value) else None
+    if name in ("from", "to", "cc"):
+        items = [item.strip() for item in value.split(",")]
+        return ", ".join(items) if all(_PLAIN_MAILBOX.fullmatch(i) for i in items) else None
+    if name == "message-id":
+        return value if _PLAIN_MSGID.fullmatch(value) else None
+    return None
 
 
 _HEADERS: dict = {}

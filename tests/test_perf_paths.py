@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay import crm, instrument
 from core.links import Keyring, encode_target, signed_click, verify_click
@@ -163,3 +165,47 @@ def _reference_parse(raw: bytes):
         return crm.parse_email(raw)
     finally:
         crm._POLICY = saved
+
+
+_WORDS = ["Alice", "O'Brien", "Q.", "Smith,", "\"Quoted\"", "(comment)", "=?utf-8?q?Gr=C3=BC=C3=9Fe?=", "Grüße",
+          "a@b.c", "<a@b.c>", "carol1@ext.test", "<m1@relay.test>", "<a@b@c.d>", "<a.@b>", "<a..b@c>", "x-y_z", "\\", ";", ":", "[x]", "@", "<", ">",
+          ",", "  ", "\t", "Re:", "bench", "1", "\x7f", "\x01", ""]
+_NAMES = ["subject", "from", "to", "cc", "message-id", "in-reply-to", "references", "x-mailer", "x-autoreply",
+          "auto-submitted", "precedence", "delivered-to", "date"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(name=st.sampled_from(_NAMES),
+       value=st.one_of(
+           st.lists(st.sampled_from(_WORDS), max_size=6).map(" ".join),
+           st.lists(st.sampled_from(_WORDS), max_size=6).map("".join),
+           st.lists(st.sampled_from(["Alice <alice@example.com>", "carol1@ext.test", "John Q. Public <j@x.org>",
+                                     "O'Brien <o@x.org>", "D E <d@e.f>", " a@b.c ", "x@[127.0.0.1]",
+                                     "\"a b\"@c.d", "Undisclosed:;", "a@b", "-@x-.y"]),
+                    min_size=1, max_size=3).map(lambda xs: ",".join(xs)),
+           st.text(alphabet=st.characters(max_codepoint=0x7f), max_size=40)))
+def test_header_values_read_without_a_parse_are_what_policy_default_gives(name, value):
+    """parse_email's plain-value readings (crm._simple_value) against the email package's own."""
+    crm._HEADERS.clear()
+    try:
+        expected = str(email.policy.default.header_fetch_parse(name, value))
+    except Exception as e:  # the package cannot read it: ours must not read it either
+        expected = type(e).__name__
+    simple = crm._simple_value(name, value)
+    if simple is not None:
+        assert simple == expected, (name, value)
+    try:
+        got = str(crm._POLICY.header_fetch_parse(name, value))
+    except Exception as e:
+        got = type(e).__name__
+    assert got == expected, (name, value)
+
+
+def test_plain_header_values_are_read_without_the_email_packages_parse():
+    assert crm._simple_value("to", "carol1@ext.test,  Alice <alice@example.com>") == \
+        "carol1@ext.test, Alice <alice@example.com>"
+    assert crm._simple_value("subject", "bench 7") == "bench 7"
+    assert crm._simple_value("message-id", "<m1@relay.test>") == "<m1@relay.test>"
+    for name, value in (("to", "John Q. Public <j@x.org>"), ("subject", "=?utf-8?q?x?="), ("subject", "Grüße"),
+                        ("date", "Mon, 07 Dec 2026 10:00:00 +0000"), ("content-type", "text/plain")):
+        assert crm._simple_value(name, value) is None  # parsed as before
