@@ -76,6 +76,10 @@ class _Protocol(asyncio.Protocol):
                 break
             line = bytes(buf[start:end])
             start = end + 2
+            if not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b""):
+                self._lost = SmtpError("an unreadable reply: " + line[:100].decode("ascii", "replace"))
+                self.transport.close()
+                break
             self._lines.append(line)
             if line[3:4] != b"-":  # the last line of a reply ("250 x", or a bare "250")
                 lines, self._lines = self._lines, []
@@ -148,10 +152,7 @@ def _expire(waiter: asyncio.Future) -> None:
 
 
 def _reply(lines: list[bytes]) -> Reply:
-    code = lines[-1][:3]
-    if not code.isdigit():
-        return Reply(500, "unreadable reply: " + lines[-1][:200].decode("utf-8", "replace"))
-    return Reply(int(code), "\n".join(line[4:].decode("utf-8", "replace") for line in lines).strip())
+    return Reply(int(lines[-1][:3]), "\n".join(line[4:].decode("utf-8", "replace") for line in lines).strip())
 
 
 class Connection:
@@ -240,7 +241,8 @@ class Connection:
 
     @property
     def usable(self) -> bool:
-        return not self._p.closing
+        """Open, and nothing said by the server unasked (an idle connection's 421, say)."""
+        return not self._p.closing and not self._p.pending
 
     async def transaction(self, mail_from: str, rcpt: str, data: bytes, options: list[str],
                           utf8: bool) -> tuple[Reply, bool]:

@@ -259,3 +259,45 @@ async def test_an_envelope_address_with_a_line_break_is_never_sent():
         await sink.stop()
     assert result.status == "bounced" and result.reply.startswith("501 5.1.3")
     assert sink.received == []
+
+
+async def test_an_unreadable_reply_ends_the_session_and_the_copy_is_deferred():
+    async def script(reader, writer):
+        await _greet(reader, writer)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(b"hello, this is no SMTP\r\n")
+        await reader.read()
+
+    async with Scripted(script) as srv:
+        up = SmtpUpstream(UpstreamSection(url=f"smtp://127.0.0.1:{srv.port}", starttls=False, timeout_seconds=2),
+                          "relay.test")
+        result = await up.send("a@example.com", "c@ext.test", MESSAGE)
+        await up.close()
+    assert result.status == "deferred" and "unreadable reply" in result.reply
+
+
+async def test_a_pooled_connection_the_server_spoke_on_unasked_is_not_reused():
+    connections = []
+
+    async def script(reader, writer):
+        connections.append(1)
+        await _greet(reader, writer)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(b"250 OK\r\n250 OK\r\n354 go on\r\n")
+        await _data(reader)
+        writer.write(b"250 2.0.0 queued\r\n")
+        await writer.drain()
+        if len(connections) == 1:
+            writer.write(b"421 4.4.2 Idle too long, closing soon\r\n")  # said unasked, connection kept
+        await reader.read()
+
+    async with Scripted(script) as srv:
+        up = SmtpUpstream(UpstreamSection(url=f"smtp://127.0.0.1:{srv.port}", starttls=False, timeout_seconds=2),
+                          "relay.test")
+        assert (await up.send("a@example.com", "c@ext.test", MESSAGE)).status == "sent"
+        await asyncio.sleep(0.1)
+        second = await up.send("a@example.com", "d@ext.test", MESSAGE)
+        await up.close()
+    assert second.status == "sent" and len(connections) == 2
