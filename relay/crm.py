@@ -61,12 +61,14 @@ class CrmLookup:
         self._personal_cfg = {u.name: tuple(normalise_entry(e) for e in u.never_log) for u in config.users}
         self._lists: dict[str, tuple[float, q.NeverLogLists]] = {}
         self._batcher: Batcher[set[str], dict[str, ContactFacts]] = Batcher(self._contacts, name="crm-lookup")
+        self._facts = q.FactsReader(engine_of(sessionmaker))
 
     def start(self) -> None:
         self._batcher.start()
 
     async def stop(self) -> None:
         await self._batcher.stop()
+        await self._facts.close()
 
     async def __call__(self, user: str, addresses: set[str]):
         contacts = await self._batcher.submit(addresses) if addresses else {}
@@ -78,8 +80,7 @@ class CrmLookup:
         return contacts, cached[1].team, cached[1].personal
 
     async def _contacts(self, requests: list[set[str]]) -> list[dict[str, ContactFacts]]:
-        async with engine_of(self.sessionmaker).connect() as conn:
-            rows = await q.contact_facts(conn, set().union(*requests))
+        rows = await self._facts(set().union(*requests))
         found = {e: ContactFacts(basis, bool(dnt)) for e, basis, dnt in rows}
         return [{a: found[a] for a in wanted if a in found} for wanted in requests]
 

@@ -47,6 +47,34 @@ async def contact_facts(session: AsyncSession, emails: set[str]) -> list[tuple[s
     return [tuple(r) for r in rows.all()]
 
 
+class FactsReader:
+    """``contact_facts`` for the relay's look-up at acceptance, called once per group of messages.
+    On SQLite it keeps one query-only connection checked out (a pool checkout cost as much as the
+    query; the direct path's SELECTs open no transaction, so the held connection pins no WAL
+    snapshot); elsewhere a connection per call (a held one would sit idle in a transaction)."""
+
+    def __init__(self, engine: AsyncEngine):
+        self._engine = engine
+        self._conn: AsyncConnection | None = None
+
+    async def __call__(self, emails: set[str]) -> list[tuple[str, str | None, bool]]:
+        if not direct.usable(self._engine):
+            async with self._engine.connect() as conn:
+                return await contact_facts(conn, emails)
+        if self._conn is None:
+            self._conn = await self._engine.connect()
+        try:
+            return await contact_facts(self._conn, emails)
+        except BaseException:
+            await self.close()  # its state is unknown: the next call opens another
+            raise
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+
 def _contact_facts_sqlite(db: direct.Db, emails: list[str]) -> list[tuple[str, str | None, bool]]:
     return [(e, basis, bool(dnt)) for e, basis, dnt in direct.select_in(
         db, "SELECT email, legal_basis, do_not_track FROM contacts WHERE email IN ({in})", emails)]

@@ -203,6 +203,32 @@ async def test_on_sqlite_jobs_are_claimed_and_logged_a_batch_at_a_time_and_a_bad
         await engine.dispose()
 
 
+async def test_the_relays_contact_look_up_answers_on_one_held_connection_and_recovers(db_url):
+    from storage.engine import make_read_engine
+    engine = make_engine(db_url)
+    reader_engine = make_read_engine(db_url, engine)
+    try:
+        await upgrade(engine)
+        await _seed(engine)
+        facts = crm.FactsReader(reader_engine)
+        for _ in range(3):
+            assert sorted(await facts({"carol@acme.test", "dave@other.test", "nobody@x.test"})) == [
+                ("carol@acme.test", None, False), ("dave@other.test", None, False)]
+        if direct.usable(reader_engine):
+            held = facts._conn
+            assert held is not None and not held.in_transaction()  # no snapshot pinned between calls
+            await held.close()  # a broken connection: the call fails, the next opens another
+            with pytest.raises(Exception):
+                await facts({"carol@acme.test"})
+            assert await facts({"carol@acme.test"}) == [("carol@acme.test", None, False)]
+            assert facts._conn is not held
+        await facts.close()
+    finally:
+        if reader_engine is not engine:
+            await reader_engine.dispose()
+        await engine.dispose()
+
+
 async def test_ensure_contact_creates_once_with_its_company(db_url):
     engine = make_engine(db_url)
     try:
