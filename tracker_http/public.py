@@ -84,7 +84,7 @@ def _route(path: str):
         return (click, rest) if _segment(rest) else None
     if path.startswith("/o/") and path.endswith(".gif"):
         token = path[3:-4]
-        return (pixel, token) if _TOKEN.match(token) or _segment(token) else None
+        return (pixel, token) if _segment(token) else None  # the pixel's handler checks _TOKEN
     return None
 
 
