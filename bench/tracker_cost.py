@@ -15,6 +15,7 @@ writer process (a pickled tuple: well under a microsecond a hit).
 
     .venv/bin/python bench/tracker_cost.py [--requests 20000]             # CPU µs (process time)
     .venv/bin/python bench/tracker_cost.py --requests 3000 --instructions  # under valgrind: exact
+    .venv/bin/python bench/tracker_cost.py --requests 3000 --instructions --loop uvloop  # as `serve` runs
 
 With ``--instructions`` the script runs itself under callgrind and counts the instructions of each
 part (all threads, SQLite's included), which repeat to the instruction whatever else the machine
@@ -231,7 +232,8 @@ async def main(n: int, instructions: bool) -> None:
         await service.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"{n} requests per part, after 1,000 warm-up requests; in one process on SQLite\n")
+    print(f"{n} requests per part, after 1,000 warm-up requests; in one process on SQLite, "
+          f"on {type(asyncio.get_running_loop()).__module__.split('.')[0]}'s event loop\n")
     print("| part | CPU µs per request |" + (" instructions per request |" if instructions else "")
           + "\n|---|---:|" + ("---:|" if instructions else ""))
     for name, cpu, ir in results:
@@ -242,6 +244,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--instructions", action="store_true", help="count instructions under valgrind's callgrind")
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                    help="the event loop every part runs on (`serve` runs on uvloop, tracker_bench.py's bare app on asyncio's)")
     args = ap.parse_args()
     if args.instructions and "TRACKRELAY_COST_OUT" not in os.environ:
         if not shutil.which("valgrind"):
@@ -249,6 +253,12 @@ if __name__ == "__main__":
         with tempfile.TemporaryDirectory() as out:
             base = f"{out}/callgrind.out"
             sys.exit(subprocess.call(["valgrind", "--tool=callgrind", "-q", f"--callgrind-out-file={base}",
-                                      sys.executable, __file__, "--requests", str(args.requests), "--instructions"],
+                                      sys.executable, __file__, "--requests", str(args.requests), "--instructions",
+                                      "--loop", args.loop],
                                      env=dict(os.environ, TRACKRELAY_COST_OUT=base)))
-    asyncio.run(main(args.requests, args.instructions))
+    if args.loop == "uvloop":
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main(args.requests, args.instructions))
+    else:
+        asyncio.run(main(args.requests, args.instructions))
