@@ -20,8 +20,12 @@ import ssl
 from collections import deque
 from dataclasses import dataclass
 
-#: A reply line longer than this is no SMTP server's (RFC 5321 allows 512 octets).
+#: A reply line longer than this is no SMTP server's (RFC 5321 allows 512 octets); nor a reply of
+#: more lines, nor more replies waiting than a transaction asks for.
 MAX_LINE = 64 * 1024
+MAX_LINES = 1000
+#: The message goes out in pieces of this size, each written (drained) within the timeout.
+CHUNK = 1024 * 1024
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 
 
@@ -67,15 +71,17 @@ class _Protocol(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self._lost is not None:
+            return
         buf = self._buffer
         buf += data
         start = 0
         while True:
-            end = buf.find(b"\r\n", start)
+            end = buf.find(b"\n", start)
             if end < 0:
                 break
-            line = bytes(buf[start:end])
-            start = end + 2
+            line = bytes(buf[start:end]).removesuffix(b"\r")
+            start = end + 1
             if not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b""):
                 self._lost = SmtpError("an unreadable reply: " + line[:100].decode("ascii", "replace"))
                 self.transport.close()
@@ -86,8 +92,8 @@ class _Protocol(asyncio.Protocol):
                 self._replies.append(_reply(lines))
         if start:
             del buf[:start]
-        if len(buf) > MAX_LINE:
-            self._lost = SmtpError("a reply line longer than any SMTP server writes")
+        if len(buf) > MAX_LINE or len(self._lines) > MAX_LINES or len(self._replies) > MAX_LINES:
+            self._lost = SmtpError("more reply than any SMTP server writes")
             self.transport.close()
         self._wake()
 
@@ -146,6 +152,13 @@ class _Protocol(asyncio.Protocol):
         return self._lost is not None or self.transport is None or self.transport.is_closing()
 
 
+def _expect(reply: Reply, classes: str) -> Reply:
+    """The reply, if its class is one the command can have; else the replies are out of step."""
+    if not (200 <= reply.code < 600 and str(reply.code)[0] in classes):
+        raise SmtpError(f"a reply out of step with the commands: {reply.code} {reply.text[:100]}")
+    return reply
+
+
 def _expire(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError("no reply from the upstream in time"))
@@ -182,6 +195,8 @@ class Connection:
             greeting = await protocol.reply(timeout)
             if greeting.code != 220:
                 raise Refused("greeting", greeting)
+            if protocol.pending:  # a second greeting would put every reply after it out of step
+                raise SmtpError("the upstream greeted more than once")
             await conn._greet(local_hostname)
             if starttls is not None and tls is None:
                 if "starttls" not in conn.extensions:
@@ -194,6 +209,8 @@ class Connection:
                 transport = await asyncio.wait_for(
                     loop.start_tls(protocol.transport, protocol, starttls, server_hostname=host), timeout)
                 protocol.transport = transport
+                if protocol.pending:  # arrived in plaintext while start_tls was being scheduled
+                    raise SmtpError("the upstream sent more than its STARTTLS reply before TLS began")
                 await conn._greet(local_hostname)
             if username:
                 await conn._login(username, password or "")
@@ -259,10 +276,17 @@ class Connection:
         self.answered = False
         if "pipelining" in self.extensions:
             await p.write(mail + to + b"DATA\r\n", timeout)
-            r_mail = await p.reply(timeout)
-            self.answered = True
-            r_rcpt = await p.reply(timeout)
-            r_data = await p.reply(timeout)
+            got: list[Reply] = []
+            try:
+                for allowed in ("245", "245", "345"):
+                    got.append(_expect(await p.reply(timeout), allowed))
+                    self.answered = True
+            except Disconnected:
+                first = next((r for r in got if r.code // 100 != 2), None)
+                if first is None:
+                    raise
+                return first, False  # a refusal, then the server hung up (Exim's "drop")
+            r_mail, r_rcpt, r_data = got
             refused = next((r for r in (r_mail, r_rcpt) if r.code // 100 != 2), None)
             if refused is not None or r_data.code // 100 != 3:
                 if r_data.code // 100 == 3:  # a server that took DATA with no recipient: an empty message
@@ -271,12 +295,14 @@ class Connection:
                 return await self._refused(refused or r_data)
         else:
             for line, expected in ((mail, 2), (to, 2), (b"DATA\r\n", 3)):
-                r = await self._command(line)
+                r = _expect(await self._command(line), "245" if expected == 2 else "345")
                 self.answered = True
                 if r.code // 100 != expected:
                     return await self._refused(r)
-        await p.write(_stuffed(data), timeout)
-        final = await p.reply(timeout)
+        body = _stuffed(data)
+        for at in range(0, len(body), CHUNK):  # each chunk's drain within the timeout, not the whole
+            await p.write(body[at:at + CHUNK], timeout)
+        final = _expect(await p.reply(timeout), "245")
         return final, final.code != 421
 
     async def _refused(self, reply: Reply) -> tuple[Reply, bool]:

@@ -125,6 +125,9 @@ class SmtpUpstream:
                 except _BROKEN as e:
                     _close(conn)
                     return _failure(e)
+                except BaseException:
+                    _close(conn)
+                    raise
             except _BROKEN as e:
                 _close(conn)
                 return _failure(e)
@@ -177,7 +180,7 @@ class SmtpUpstream:
 
 
 #: What a broken session raises: the socket, TLS, a timeout, the SMTP session itself.
-_BROKEN = (SmtpError, OSError, asyncio.TimeoutError, TimeoutError, ssl.SSLError)
+_BROKEN = (SmtpError, OSError, asyncio.TimeoutError, TimeoutError, ssl.SSLError, UnicodeError)
 
 
 class _RetryFresh(Exception):

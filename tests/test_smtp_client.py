@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from helpers import Sink
-from relay.smtp_client import Connection, _stuffed
+from relay.smtp_client import Connection, SmtpError, _stuffed
 from relay.upstream import SmtpUpstream
 from core.config import UpstreamSection
 
@@ -301,3 +301,169 @@ async def test_a_pooled_connection_the_server_spoke_on_unasked_is_not_reused():
         second = await up.send("a@example.com", "d@ext.test", MESSAGE)
         await up.close()
     assert second.status == "sent" and len(connections) == 2
+
+
+# -- found in review: replies out of step, hang-ups after a refusal, bare LF, the STARTTLS race ----
+
+async def _answer(reader, writer, got, ehlo=(), crlf=b"\r\n"):
+    """A plain in-order responder: one reply per command line; bodies appended to ``got``."""
+    while line := await reader.readline():
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            writer.write(b"".join(b"250-" + e + crlf for e in (b"srv.test",) + tuple(ehlo)) + b"250 HELP" + crlf)
+        elif verb in (b"HELO", b"MAIL", b"RCPT", b"RSET"):
+            writer.write(b"250 OK" + crlf)
+        elif verb == b"DATA":
+            writer.write(b"354 go on" + crlf)
+            got.append(await _data(reader))
+            writer.write(b"250 2.0.0 queued" + crlf)
+        elif verb == b"QUIT":
+            writer.write(b"221 bye" + crlf)
+            return
+        else:
+            writer.write(b"500 what" + crlf)
+
+
+def _upstream(port, timeout=2.0):
+    return SmtpUpstream(UpstreamSection(url=f"smtp://127.0.0.1:{port}", starttls=False, timeout_seconds=timeout,
+                                        max_connections=1), "relay.test")
+
+
+async def _send(script, timeout=2.0):
+    async with Scripted(script) as srv:
+        up = _upstream(srv.port, timeout)
+        try:
+            return await up.send("a@example.com", "c@ext.test", MESSAGE)
+        finally:
+            await up.close()
+
+
+async def test_replies_out_of_step_never_report_a_copy_sent_that_was_not():
+    got = []
+
+    async def script(reader, writer):  # two greetings: every later reply answers the command before
+        writer.write(b"220 srv.test ESMTP\r\n220 srv.test ready\r\n")
+        await _answer(reader, writer, got)
+
+    result = await _send(script)
+    assert result.status == "deferred" and got == []
+
+
+async def test_a_2xx_reply_to_data_is_no_delivery():
+    got = []
+
+    async def script(reader, writer):
+        await _greet(reader, writer)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(b"250 OK\r\n250 OK\r\n250 OK\r\n")  # DATA answered 250, not 354
+        await _answer(reader, writer, got)
+
+    result = await _send(script)
+    assert result.status == "deferred" and "out of step" in result.reply and got == []
+
+
+@pytest.mark.parametrize("replies, code", [(b"554 5.7.1 Sender blocked\r\n", "554"),
+                                           (b"250 OK\r\n550 5.7.1 Relaying denied\r\n", "550")])
+async def test_a_refusal_then_a_hang_up_inside_a_pipelined_group_is_that_refusal(replies, code):
+    async def script(reader, writer):  # Exim's "drop": the refusal, then the connection closed
+        await _greet(reader, writer)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(replies)
+        await writer.drain()
+        writer.close()
+
+    result = await _send(script)
+    assert result.status == "bounced" and result.reply.startswith(code)
+
+
+async def test_replies_with_bare_lf_line_ends_are_read():
+    got = []
+
+    async def script(reader, writer):
+        writer.write(b"220 srv.test ESMTP\n")
+        await _answer(reader, writer, got, crlf=b"\n")
+
+    assert (await _send(script, timeout=1.0)).status == "sent" and got == [MESSAGE]
+
+
+async def test_a_send_cancelled_during_its_retry_on_a_fresh_connection_closes_that_connection():
+    sessions, second_closed = [], asyncio.Event()
+
+    async def script(reader, writer):
+        sessions.append(1)
+        writer.write(b"220 srv.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250 srv.test\r\n")  # no PIPELINING
+        await reader.readline()  # MAIL
+        if len(sessions) == 1:
+            return  # closed unanswered: the send retries on a fresh connection
+        await reader.read()  # the second is never answered: does it see the client close?
+        second_closed.set()
+
+    async with Scripted(script) as srv:
+        up = _upstream(srv.port, timeout=30)
+        task = asyncio.create_task(up.send("a@example.com", "c@ext.test", MESSAGE))
+        while len(sessions) < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(second_closed.wait(), 5)
+        await up.close()
+
+
+@pytest.fixture
+def self_signed(tmp_path):
+    import shutil
+    import subprocess
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed (it makes the test's certificate)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_plaintext_arriving_just_after_the_starttls_reply_is_never_read_as_a_tls_reply(self_signed):
+    import socket
+    import ssl
+    cert, key = self_signed
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair()  # orders the injection right after the client read the 220
+    a.setblocking(False)
+    b.setblocking(False)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def script(reader, writer):
+        writer.write(b"220 srv.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-srv.test\r\n250-STARTTLS\r\n250 HELP\r\n")
+        assert await reader.readline() == b"STARTTLS\r\n"
+        injected = asyncio.Event()
+
+        def inject():
+            loop.remove_reader(b)
+            b.recv(1)
+            writer.transport.write(b"250 injected-ehlo-reply\r\n")
+            injected.set()
+        loop.add_reader(b, inject)
+        writer.write(b"220 2.0.0 Ready to start TLS\r\n")
+        a.send(b"x")
+        await injected.wait()
+        await writer.start_tls(server_ctx)
+        await _answer(reader, writer, [], ehlo=(b"AUTH PLAIN",))
+
+    try:
+        async with Scripted(script) as srv:
+            with pytest.raises(SmtpError, match="before TLS began"):
+                conn = await Connection.open("127.0.0.1", srv.port, local_hostname="relay.test", timeout=2,
+                                             starttls=ssl.create_default_context(cafile=str(cert)))
+                await conn.quit()
+    finally:
+        a.close()
+        b.close()
