@@ -10,8 +10,9 @@ three paths (callgrind, bench/tracker_cost.py). It answers as those routes did: 
 and ``/c/{rest}`` (a segment of one or more characters but ``/``, ``{``, ``}``), also under
 ``tracker.public_url``'s path, and ``/healthz``, each to GET and HEAD; another method on one of
 them a 405 with ``Allow: GET,HEAD``, any other path a 404; the path matched as aiohttp's router
-matches it (``path_safe``: percent-decoded but for ``%2F``); ``Expect`` as aiohttp's default
-expect handler answers it.
+matches it (``path_safe``: percent-decoded but for ``%2F``; the router then decoded a ``%2F`` in
+the matched segment, here it stays as sent: neither a token nor a signed click has one, so the
+answer is the same); ``Expect`` as aiohttp's default expect handler answers it.
 """
 
 from __future__ import annotations
