@@ -190,3 +190,35 @@ async def test_a_client_that_pipelines_and_never_reads_gets_a_bounded_write_buff
     sock.close()
     assert still >= 10 and served() < n, (served(), still)
     assert buffered <= 64 * 1024 + 1024, buffered
+
+
+async def test_other_methods_get_405_with_allow_and_unknown_paths_404_on_the_same_connection(relay, sink):
+    pixel, click = await tracked_paths(relay)
+    c = await Conn.open(relay)
+    for method, path in [("POST", pixel), ("PUT", click), ("DELETE", "/healthz")]:
+        await c.request(method, path, extra="Content-Length: 0\r\n")
+        status, fields, _ = await c.response()
+        assert status == "HTTP/1.1 405 Method Not Allowed", (method, path)
+        assert names(fields)["allow"].replace(" ", "") in ("GET,HEAD", "HEAD,GET")
+    for path in ("/nothing", "/o/", "/c/x", "/api/v1/events"):
+        await c.request("GET", path)
+        assert (await c.response())[0] == "HTTP/1.1 404 Not Found", path
+    await c.request("GET", pixel)  # the connection still serves
+    assert (await c.response())[0] == "HTTP/1.1 200 OK"
+    await c.close()
+    rows = await events(relay)
+    await asyncio.sleep(0.3)  # a refused method's event, had one been recorded, would be written by now
+    assert [r[0] for r in await events(relay)] == ["opened"] == [r[0] for r in rows]
+
+
+async def test_expect_100_continue_is_answered_and_an_unknown_expectation_refused(relay, sink):
+    pixel, _ = await tracked_paths(relay)
+    c = await Conn.open(relay)
+    await c.request("GET", pixel, extra="Expect: 100-continue\r\n")
+    interim = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"  # the interim answer, then the response
+    status, _, body = await c.response()
+    assert status == "HTTP/1.1 200 OK" and body == GIF
+    await c.request("GET", pixel, extra="Expect: something-else\r\n")
+    assert (await c.response())[0] == "HTTP/1.1 417 Expectation Failed"
+    await c.close()
