@@ -73,8 +73,14 @@ async def transaction(engine: AsyncEngine, fn: Callable[..., T], *args: Any, dur
     returns); a power loss may lose such a commit, but never one made after it (the next durable
     commit's fsync of the WAL carries the earlier frames too). It keeps SQLite's one writer from
     waiting on an fsync of background work while the spool's commits queue behind it."""
-    async with engine.connect() as conn:
-        return await run(conn, _committed if durable else _committed_lazily, fn, *args)
+    # The pooled DBAPI connection itself, not a SQLAlchemy Connection around it: the checkout and
+    # check-in of a Connection (greenlets, a task to shield its close) cost as much as the trip.
+    pooled = await engine.raw_connection()
+    try:
+        driver = pooled.driver_connection
+        return await driver._execute(_committed if durable else _committed_lazily, driver._conn, fn, *args)
+    finally:
+        pooled.close()  # back to the pool (the write engine resets nothing on return)
 
 
 def _committed_lazily(db: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
