@@ -142,6 +142,10 @@ class _Protocol(asyncio.Protocol):
             return self._replies.popleft()
         raise self._lost
 
+    def queued(self) -> Reply | None:
+        """A reply already received and not yet read, if there is one."""
+        return self._replies.popleft() if self._replies else None
+
     @property
     def pending(self) -> bool:
         """Whether anything was received and not yet read as a reply."""
@@ -300,8 +304,14 @@ class Connection:
                 if r.code // 100 != expected:
                     return await self._refused(r)
         body = _stuffed(data)
-        for at in range(0, len(body), CHUNK):  # each chunk's drain within the timeout, not the whole
-            await p.write(body[at:at + CHUNK], timeout)
+        try:
+            for at in range(0, len(body), CHUNK):  # each chunk's drain within the timeout, not the whole
+                await p.write(body[at:at + CHUNK], timeout)
+        except Disconnected:
+            early = p.queued()  # what the server said before it hung up mid-message (a 552, say)
+            if early is None or early.code < 400:
+                raise
+            return early, False
         final = _expect(await p.reply(timeout), "245")
         return final, final.code != 421
 

@@ -467,3 +467,22 @@ async def test_plaintext_arriving_just_after_the_starttls_reply_is_never_read_as
     finally:
         a.close()
         b.close()
+
+
+async def test_a_refusal_mid_message_then_a_hang_up_is_that_refusal():
+    async def script(reader, writer):  # a large message refused while it is still being sent
+        await _greet(reader, writer)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(b"250 OK\r\n250 OK\r\n354 go on\r\n")
+        await reader.readexactly(64 * 1024)
+        writer.write(b"552 5.3.4 Message too big for this system\r\n")
+        await writer.drain()
+        writer.transport.abort()
+
+    big = MESSAGE + (b"y" * 998 + b"\r\n") * 8000  # ~8 MB
+    async with Scripted(script) as srv:
+        up = _upstream(srv.port, timeout=5)
+        result = await up.send("a@example.com", "c@ext.test", big)
+        await up.close()
+    assert result.status == "bounced" and result.reply.startswith("552 5.3.4")
