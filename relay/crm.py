@@ -191,8 +191,10 @@ def parse_email(raw: bytes) -> ParsedEmail:
     p.references = _MSGID.findall(h("references"))
     for name in (*autoreply.HEADERS, "x-auto-response-suppress"):
         if name != "subject":
-            p.headers[name] = "" if name not in present else \
-                ", ".join(str(v) for v in msg.get_all(name, failobj=[])) if name == "delivered-to" else h(name)
+            if name != "delivered-to":
+                p.headers[name] = h(name)
+            else:  # every Delivered-To, joined
+                p.headers[name] = ", ".join(str(v) for v in msg.get_all(name, failobj=[])) if name in present else ""
     for part in msg.walk():
         if part.is_multipart():
             continue
@@ -354,16 +356,13 @@ class CrmLogger:
             try:
                 work.append((job, outgoing_email(self.config, job)))
             except Exception as exc:
-                log.error("CRM job %s (queue_id=%s) failed: %s", job.id, job.message_pk, maillog.error(exc))
-                await q.job_failed(engine, job.id, MAX_JOB_ATTEMPTS)
+                await self._failed(engine, job.id, job.message_pk, exc)
             await asyncio.sleep(0)  # each parse is a slice of the loop: SMTP sessions go on between
         for (job, _), outcome in zip(work, await q.finish_jobs(engine, work)):
             if isinstance(outcome, Exception):
-                log.error("CRM job %s (queue_id=%s) failed: %s", job.id, job.message_pk, maillog.error(outcome))
-                await q.job_failed(engine, job.id, MAX_JOB_ATTEMPTS)
-            elif outcome is not None:
-                self.logged += 1
-                maillog.log.info("queue_id=%d status=crm_logged logged_email=%d", job.message_pk, outcome.id)
+                await self._failed(engine, job.id, job.message_pk, outcome)
+            else:
+                self._done(job.message_pk, outcome)
         return True
 
     async def process_one(self) -> bool:
@@ -376,15 +375,23 @@ class CrmLogger:
                     return False
                 job_id, message_pk = job.id, job.message_pk
                 logged = await q.finish_job(job, outgoing_email(self.config, job))
-            if logged is not None:
-                self.logged += 1
-                maillog.log.info("queue_id=%d status=crm_logged logged_email=%d", message_pk, logged.id)
+            self._done(message_pk, logged)
             return True
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if job_id is None:
                 raise
-            log.error("CRM job %s (queue_id=%s) failed: %s", job_id, message_pk, maillog.error(exc))
-        await q.job_failed(engine, job_id, MAX_JOB_ATTEMPTS)
+            await self._failed(engine, job_id, message_pk, exc)
         return True
+
+    def _done(self, message_pk: int, logged: q.Logged | None) -> None:
+        if logged is not None:
+            self.logged += 1
+            maillog.log.info("queue_id=%d status=crm_logged logged_email=%d", message_pk, logged.id)
+
+    @staticmethod
+    async def _failed(engine, job_id: int, message_pk: int | None, exc: BaseException) -> None:
+        """One more failed attempt of the job (given up at ``MAX_JOB_ATTEMPTS``), logged."""
+        log.error("CRM job %s (queue_id=%s) failed: %s", job_id, message_pk, maillog.error(exc))
+        await q.job_failed(engine, job_id, MAX_JOB_ATTEMPTS)

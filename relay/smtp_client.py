@@ -47,6 +47,10 @@ class Disconnected(SmtpError):
     """The server closed the connection."""
 
 
+class BadAddress(ValueError):
+    """An envelope address no command may carry (CR, LF or NUL): nothing was sent."""
+
+
 class Refused(SmtpError):
     """A reply refusing the session: the greeting, EHLO and HELO, STARTTLS or AUTH."""
 
@@ -272,7 +276,7 @@ class Connection:
         ``TimeoutError``, ``OSError``), ``answered`` then telling whether MAIL had its reply."""
         encoding = "utf-8" if utf8 else "ascii"
         if any(c in a for a in (mail_from, rcpt) for c in "\r\n\x00"):
-            raise ValueError("an envelope address with a line break")  # never a second command
+            raise BadAddress("an envelope address with a line break")  # never a second command
         mail = b"MAIL FROM:<" + mail_from.encode(encoding) + b">" + \
             b"".join(b" " + o.encode("ascii") for o in options) + b"\r\n"
         to = b"RCPT TO:<" + rcpt.encode(encoding) + b">\r\n"

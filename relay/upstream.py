@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from core.config import UpstreamSection
-from relay.smtp_client import Connection, Disconnected, Refused, SmtpError
+from relay.smtp_client import BadAddress, Connection, Disconnected, Refused, SmtpError
 
 log = logging.getLogger("trackrelay.upstream")
 
@@ -154,8 +154,6 @@ class SmtpUpstream:
         """One MAIL/RCPT/DATA. Returns the result and whether the connection may be reused."""
         options = []
         utf8 = not (mail_from.isascii() and rcpt.isascii())
-        if any(c in a for a in (mail_from, rcpt) for c in "\r\n\x00"):  # never a second command
-            return Result("bounced", "501 5.1.3 An envelope address holds a line break"), True
         if conn.supports("size"):
             options.append(f"SIZE={len(data)}")
         if utf8:
@@ -167,6 +165,8 @@ class SmtpUpstream:
             options.append("SMTPUTF8")
         try:
             reply, keep = await conn.transaction(mail_from, rcpt, data, options, utf8)
+        except BadAddress:  # refused before anything was written: the connection is as it was
+            return Result("bounced", "501 5.1.3 An envelope address holds a line break"), True
         except Disconnected as e:
             if not conn.answered:  # closed before MAIL was answered (an idle connection timed out)
                 raise _RetryFresh(str(e)) from e

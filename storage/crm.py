@@ -520,8 +520,7 @@ async def next_job(engine: AsyncEngine) -> AsyncIterator[LogJob | None]:
     at once (its one writer is never held while the message is parsed), and ``finish_job`` ends
     the job only if it is still pending."""
     if direct.usable(engine):
-        async with engine.connect() as conn:
-            job = await direct.run(conn, _next_job_sqlite)
+        job = await direct.call(engine, _next_job_sqlite)
         yield None if job is None else dataclasses.replace(job, _db=engine)
         return
     async with engine.connect() as conn:
@@ -555,9 +554,7 @@ def batches(engine: AsyncEngine) -> bool:
 async def next_jobs(engine: AsyncEngine, limit: int) -> list[LogJob]:
     """Up to ``limit`` of the oldest pending CRM jobs and their messages, in one trip (SQLite);
     ``finish_jobs`` ends them."""
-    async with engine.connect() as conn:
-        jobs = await direct.run(conn, _next_jobs_sqlite, limit)
-    return [dataclasses.replace(job, _db=engine) for job in jobs]
+    return [dataclasses.replace(job, _db=engine) for job in await direct.call(engine, _next_jobs_sqlite, limit)]
 
 
 async def finish_jobs(engine: AsyncEngine, work: list[tuple[LogJob, "EmailToLog | None"]]

@@ -5,8 +5,8 @@ per execute, per fetch and per commit; each trip wakes the event loop through it
 each statement costs SQLAlchemy's per-statement and per-row work. The spool's group commit and the
 delivery outcomes and the tracker's events run several statements per batch many times a second:
 on SQLite they run here as one plain function on the ``sqlite3`` connection, inside that
-connection's thread — either within a transaction the caller opened with SQLAlchemy (``run``), or
-with its own commit in the same trip (``transaction``).
+connection's thread — either within a transaction the caller opened with SQLAlchemy (``run``),
+with its own commit in the same trip (``transaction``), or alone on a pooled connection (``call``).
 
 Only SQLite goes this way (``usable``); PostgreSQL keeps the callers' SQLAlchemy Core path. Values
 are bound exactly as SQLAlchemy binds them on SQLite (``tests/test_storage_paths.py`` runs every
@@ -73,14 +73,21 @@ async def transaction(engine: AsyncEngine, fn: Callable[..., T], *args: Any, dur
     returns); a power loss may lose such a commit, but never one made after it (the next durable
     commit's fsync of the WAL carries the earlier frames too). It keeps SQLite's one writer from
     waiting on an fsync of background work while the spool's commits queue behind it."""
-    # The pooled DBAPI connection itself, not a SQLAlchemy Connection around it: the checkout and
-    # check-in of a Connection (greenlets, a task to shield its close) cost as much as the trip.
+    return await call(engine, _committed if durable else _committed_lazily, fn, *args)
+
+
+async def call(engine: AsyncEngine, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(sqlite3_connection, *args)`` in one trip on a connection of the engine's pool, outside
+    any SQLAlchemy transaction (nothing committed: for reads, or for ``transaction``).
+
+    The pooled DBAPI connection itself, not a SQLAlchemy Connection around it: the checkout and
+    check-in of a Connection (greenlets, a task to shield its close) cost as much as the trip."""
     pooled = await engine.raw_connection()
     try:
         driver = pooled.driver_connection
-        return await driver._execute(_committed if durable else _committed_lazily, driver._conn, fn, *args)
+        return await driver._execute(fn, driver._conn, *args)
     finally:
-        pooled.close()  # back to the pool (the write engine resets nothing on return)
+        pooled.close()  # back to the pool (SQLite's engines reset nothing on return)
 
 
 def _committed_lazily(db: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
